@@ -1,0 +1,460 @@
+"""Budget files: the versioned JSON that maps every absolute budget B to the per-layer vector K(B).
+
+Written by `vllm-alloc profile`, shipped under the top-level `configs/`, read once at start-up. The schema
+is pydantic with `extra="forbid"` (a typo is an error, not a silently ignored key) and finite floats only.
+Every problem a user can cause surfaces as `BudgetFileError` naming the file, the field and the fix;
+raw pydantic errors never reach the user from `load_budget_file` / `parse_budget_file`.
+
+No vLLM import here: the CLI (`show`, `profile`) and the tests use this on machines without vLLM.
+A little over 400 lines on purpose: schema, validation and error translation are one contract, read in
+one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_alloc.alloc_l import solve, uniform
+
+# Where shipped budget files live (the repo's top-level configs/). Looked up at call time, so tests
+# and deployments can point it elsewhere by assigning `vllm_alloc.budget.CONFIGS_DIR`.
+CONFIGS_DIR: Path = Path(__file__).resolve().parent.parent / "configs"
+
+FIX_PROFILE = "re-run `vllm-alloc profile` for this model"
+# floor(b·A) must not lose a whole activation to float error: 0.5·156 is exact, but e.g. (1/6)·156 is
+# 25.999999999999996. Budgets are user-given decimals, far coarser than this.
+_EPS = 1e-9
+
+
+class BudgetFileError(ValueError):
+    """A budget file that cannot be used: carries `path`, `field` (e.g. `allocations[3].k`), `message`
+    and `fix`. A ValueError, so pydantic validators may raise it and callers may catch either."""
+
+    def __init__(self, path: str | Path | None, field: str | None, message: str, fix: str = FIX_PROFILE):
+        # args mirror __init__ so the exception pickles across the processes vLLM spawns.
+        super().__init__(path, field, message, fix)
+        self.path = None if path is None else str(path)
+        self.field = field
+        self.message = message.rstrip(".")
+        self.fix = fix
+
+    def __str__(self) -> str:
+        where = f"budget file {self.path}" if self.path else "budget file"
+        field = f": field '{self.field}'" if self.field else ""
+        return f"{where}{field}: {self.message}. Fix: {self.fix}"
+
+
+def _fail(field: str, message: str, fix: str = FIX_PROFILE) -> typing.NoReturn:
+    raise BudgetFileError(None, field, message, fix)
+
+
+class _Schema(BaseModel):
+    # Inherited by every schema class: unknown keys (typos) and NaN/inf are errors, not silently kept.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ModelFingerprint(_Schema):
+    """What a budget file was profiled for; compared field by field with the loaded model."""
+
+    architecture: str = Field(min_length=1)
+    moe_layers: list[int] = Field(min_length=1)  # decoder indices of the MoE layers, sorted, unique
+    num_experts: int = Field(ge=1)  # E
+    top_k: int = Field(ge=1)  # K
+    hidden_size: int = Field(ge=1)  # H
+    intermediate_size: int = Field(ge=1)  # I (per expert)
+
+    @field_validator("moe_layers")
+    @classmethod
+    def _sorted_unique(cls, v: list[int]) -> list[int]:
+        if v != sorted(set(v)) or v[0] < 0:
+            raise ValueError("must be non-negative, sorted and unique decoder-layer indices")
+        return v
+
+    @model_validator(mode="after")
+    def _k_within_e(self) -> ModelFingerprint:
+        if self.top_k > self.num_experts:
+            _fail("top_k", f"top_k (K) = {self.top_k} is outside the valid range [1, E = {self.num_experts}]")
+        return self
+
+    @property
+    def num_moe_layers(self) -> int:
+        """L."""
+        return len(self.moe_layers)
+
+    @property
+    def full_activations(self) -> int:
+        """A = L·K, the routed activations per token of the stock model."""
+        return self.num_moe_layers * self.top_k
+
+
+class Calibration(_Schema):
+    source: str = Field(min_length=1)  # file or dataset description
+    tokens: int = Field(ge=1)
+    seq_len: int = Field(ge=1)
+    split: str | None = None  # e.g. "profile 0-80%, held-out 80-100%"
+
+
+class Sensitivity(_Schema):
+    """S[l][k-1] = metric of the model with MoE layer l at k experts, under `protocol` (DESIGN.md §2)."""
+
+    protocol: Literal["isolating", "operating-point"]
+    metric: str = Field(min_length=1)
+    matrix: list[list[float]]  # L rows of K
+    budget: int | None = None  # operating-point only: the B whose uniform allocation the others ran at
+    calibration: Calibration
+
+    @model_validator(mode="after")
+    def _budget_matches_protocol(self) -> Sensitivity:
+        if self.protocol == "operating-point" and self.budget is None:
+            _fail("budget", "an operating-point sensitivity needs the budget B it was measured at")
+        if self.protocol == "isolating" and self.budget is not None:
+            _fail("budget", f"the isolating protocol measures no single budget, got {self.budget}; use null")
+        return self
+
+
+class Candidate(_Schema):
+    name: str = Field(min_length=1)  # "uniform", "isolating", "operating-point", ...
+    allocation: list[int]
+    measured: float  # held-out metric, lower is better
+
+
+class Allocation(_Schema):
+    budget: int  # B
+    k: list[int]  # K(B), one entry per MoE layer
+    chosen: str = Field(min_length=1)
+    candidates: list[Candidate] = []
+
+    @model_validator(mode="after")
+    def _chosen_is_a_candidate(self) -> Allocation:
+        if not self.candidates:
+            return self
+        by_name: dict[str, Candidate] = {}
+        for j, c in enumerate(self.candidates):
+            if c.name in by_name:
+                _fail(f"candidates[{j}].name", f"candidate name {c.name!r} appears twice")
+            by_name[c.name] = c
+        chosen = by_name.get(self.chosen)
+        if chosen is None:
+            _fail("chosen", f"{self.chosen!r} is not one of the candidates {sorted(by_name)}")
+        if chosen.allocation != self.k:
+            _fail("k", f"k = {self.k} differs from the chosen candidate's allocation {chosen.allocation}")
+        # DESIGN.md §2: the file never serves an allocation that measured worse than uniform.
+        base = by_name.get("uniform")
+        if base is not None and chosen.measured > base.measured:
+            _fail(
+                "chosen",
+                f"{self.chosen!r} measured {chosen.measured} but uniform measured {base.measured} "
+                "(lower is better); an allocation worse than uniform must not be chosen",
+            )
+        return self
+
+
+def _check_k_base(k_base: int, K: int) -> None:
+    # Also called before alloc_l runs, so a bad k_base reads as a budget-file field, not as k_min.
+    if isinstance(k_base, bool) or not isinstance(k_base, int) or not 1 <= k_base <= K:
+        _fail("k_base", f"k_base = {k_base} is outside the valid range [1, K = {K}]", "set k_base in [1, K]")
+
+
+def _check_k(field: str, ks: list[int], B: int, K: int, k_base: int, L: int) -> None:
+    if len(ks) != L:
+        _fail(field, f"has {len(ks)} entries; the model has L = {L} MoE layers, so it needs exactly {L}")
+    for l, k in enumerate(ks):
+        if not k_base <= k <= K:
+            _fail(field, f"K_{l} = {k} is outside the valid range [k_base = {k_base}, K = {K}]")
+    if sum(ks) > B:
+        _fail(field, f"Σ K_l = {sum(ks)} exceeds the budget B = {B}")
+
+
+def _check_matrix(field: str, matrix: list[list[float]], L: int, K: int) -> None:
+    if len(matrix) != L:
+        _fail(field, f"has {len(matrix)} rows; the model has L = {L} MoE layers, so it needs exactly {L}")
+    for l, row in enumerate(matrix):
+        if len(row) != K:
+            _fail(f"{field}[{l}]", f"has {len(row)} entries; it needs K = {K} (k = 1..K)")
+
+
+class BudgetFile(_Schema):
+    """A validated budget file (format_version 1). Build with `parse_budget_file`, `load_budget_file`,
+    `uniform_budget_file` or `from_sensitivity`; direct construction raises pydantic errors instead."""
+
+    format_version: Literal[1]
+    model: ModelFingerprint
+    k_base: int = 1  # K_base: Alloc-T's per-token floor, and the smallest K_l
+    weights: Literal["topk", "kept", "raw"] = "topk"
+    scope: Literal["budget", "request"] = "budget"
+    default_budget: float = 1.0  # b for requests that name none
+    sensitivities: list[Sensitivity] = []
+    allocations: list[Allocation]  # one per integer B from L·k_base to A, sorted by B
+    notes: str = ""
+
+    _source: str | None = None  # private (leading underscore): the path it was loaded from, for errors
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetFile:
+        L, K, A = self.model.num_moe_layers, self.model.top_k, self.model.full_activations
+        _check_k_base(self.k_base, K)
+        lo = L * self.k_base
+        try:  # the same rule as a request's b, so the default is valid exactly when a request would be
+            self.absolute_budget(self.default_budget)
+        except ValueError:
+            _fail(
+                "default_budget",
+                f"default_budget = {self.default_budget} is outside the valid range {self._range_text()}",
+                "set default_budget within that range (1.0 serves the stock model)",
+            )
+        for i, a in enumerate(self.allocations):
+            if not lo <= a.budget <= A:
+                _fail(f"allocations[{i}].budget", f"B = {a.budget} is outside the valid range [{lo}, {A}]")
+            if a.budget != lo + i:  # all in range, so sorted + unique + complete <=> budget == lo + i
+                if a.budget < lo + i:
+                    what = f"B = {a.budget} appears twice (B = {lo + i} is expected here)"
+                else:
+                    what = f"B = {a.budget} comes where B = {lo + i} is expected (missing or out of order)"
+                fix = f"list every B from L·k_base = {lo} to A = {A} once, in order ({FIX_PROFILE})"
+                _fail(f"allocations[{i}].budget", what, fix)
+            _check_k(f"allocations[{i}].k", a.k, a.budget, K, self.k_base, L)
+            for j, c in enumerate(a.candidates):
+                field = f"allocations[{i}].candidates[{j}].allocation"
+                _check_k(field, c.allocation, a.budget, K, self.k_base, L)
+        first = lo + len(self.allocations)
+        if first <= A:  # every listed B is in place, so only the tail can be missing
+            gone = f"B = {first}" if first == A else f"B = {first} to {A}"
+            _fail("allocations", f"{gone} missing; need every B from L·k_base = {lo} to A = {A}")
+        if self.allocations[-1].k != [K] * L:
+            _fail(
+                f"allocations[{len(self.allocations) - 1}].k",
+                f"the full budget B = A = {A} must run K = {K} experts in every layer (b = 1.0 is the "
+                f"stock model), got {self.allocations[-1].k}",
+            )
+        for j, s in enumerate(self.sensitivities):
+            _check_matrix(f"sensitivities[{j}].matrix", s.matrix, L, K)
+            if s.budget is not None and not lo <= s.budget <= A:
+                _fail(f"sensitivities[{j}].budget", f"B = {s.budget} is outside the valid range [{lo}, {A}]")
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # pydantic's __eq__ also compares private attributes: the same file loaded from two paths is equal.
+        return isinstance(other, BudgetFile) and self.model_dump() == other.model_dump()
+
+    @property
+    def min_budget(self) -> float:
+        """The smallest valid b: L·k_base / A = k_base / K (absolute_budget maps it to B = L·k_base)."""
+        return self.k_base / self.model.top_k
+
+    def _range_text(self) -> str:
+        # Print the smallest 6-decimal b that is itself valid (1/3 -> 0.333334, not 0.333333).
+        shown = math.ceil(self.min_budget * 1e6 - 1e-6) / 1e6
+        lo = f"{shown:.6f}".rstrip("0").rstrip(".")
+        return (
+            f"[{lo}, 1] (the minimum is k_base/K = {self.k_base}/{self.model.top_k}: B = L·k_base = "
+            f"{self.model.num_moe_layers * self.k_base} of A = {self.model.full_activations})"
+        )
+
+    def absolute_budget(self, b: float) -> int:
+        """B = floor(b·A) for a request budget b in [min_budget, 1]; ValueError naming the range otherwise."""
+        if isinstance(b, bool) or not isinstance(b, numbers.Real):
+            raise ValueError(f"activation budget b = {b!r} is not a number; valid range {self._range_text()}")
+        b = float(b)
+        ok = math.isfinite(b) and 0.0 < b <= 1.0
+        B = math.floor(b * self.model.full_activations + _EPS) if ok else -1
+        if B < self.model.num_moe_layers * self.k_base:  # noqa: SIM300 (B is the DESIGN letter, not a constant)
+            raise ValueError(f"activation budget b = {b} is outside the valid range {self._range_text()}")
+        return B
+
+    def k_vector(self, b: float) -> list[int]:
+        """K(floor(b·A)): the per-layer budgets a request with budget b runs at."""
+        B = self.absolute_budget(b)
+        return list(self.allocations[B - self.model.num_moe_layers * self.k_base].k)
+
+    def allocation_table(self) -> torch.Tensor:
+        """int32 [A+1, L]: row B is K(B); rows below L·k_base are zero (row 0 = padding, nothing runs).
+        The integration gathers table[B_t, l] per token on device, so no host lookup per step."""
+        L, A = self.model.num_moe_layers, self.model.full_activations
+        table = torch.zeros(A + 1, L, dtype=torch.int32)
+        table[L * self.k_base :] = torch.tensor([a.k for a in self.allocations], dtype=torch.int32)
+        return table
+
+    def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:
+        """BudgetFileError on the first fingerprint field where this file and the loaded model differ."""
+        for name in ModelFingerprint.model_fields:
+            ours, theirs = getattr(self.model, name), getattr(fp, name)
+            if ours != theirs:
+                raise BudgetFileError(
+                    path or self._source,
+                    f"model.{name}",
+                    f"the file was profiled for {name} = {ours!r}, the loaded model has {theirs!r}",
+                    f"{FIX_PROFILE}, or pass the budget file made for it",
+                )
+
+    def dump(self, path: str | Path) -> None:
+        """Write pretty JSON (flat lists on one line, so a file stays readable at L = 60)."""
+        Path(path).write_text(_pretty(self.model_dump(mode="json")) + "\n", encoding="utf-8")
+
+    def fingerprint_hash(self) -> str:
+        """16 hex digits of sha256 over the canonical JSON of the whole file (keys compile caches)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _pretty(obj: Any, depth: int = 0) -> str:
+    flat = json.dumps(obj, ensure_ascii=False)
+    if not isinstance(obj, dict | list) or len(flat) + 2 * depth <= 100:
+        return flat
+    pad, end = "  " * (depth + 1), "  " * depth
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {_pretty(v, depth + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{end}}}"
+    if all(not isinstance(v, dict | list) for v in obj):
+        return flat  # a K vector or a matrix row: one line however long
+    return "[\n" + ",\n".join(pad + _pretty(v, depth + 1) for v in obj) + f"\n{end}]"
+
+
+def _loc_text(loc: tuple[int | str, ...]) -> str:
+    """('allocations', 3, 'k') -> 'allocations[3].k'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The schema class of the object at `loc`, to list its valid keys for an unknown one."""
+    cls: type[BaseModel] = BudgetFile
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = cls.model_fields.get(part)
+        if info is None:
+            return None
+        options = (info.annotation, *typing.get_args(info.annotation))  # Model, or list[Model]
+        models = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:
+            return None
+        cls = models[0]
+    return cls
+
+
+def _from_validation_error(exc: ValidationError, path: str | Path | None) -> BudgetFileError:
+    errors = exc.errors()
+    err = errors[0]
+    loc = _loc_text(err["loc"])
+    cause = err.get("ctx", {}).get("error")
+    fix = f"correct the value, or {FIX_PROFILE}"
+    if isinstance(cause, BudgetFileError):
+        field = ".".join(p for p in (loc, cause.field) if p) or None
+        message, fix = cause.message, cause.fix
+    elif err["type"] == "extra_forbidden":
+        field, message = loc, "unknown key"
+        schema = _schema_at(err["loc"][:-1])
+        known = f" (valid keys: {', '.join(schema.model_fields)})" if schema else ""
+        fix = f"remove the key or correct its spelling{known}"
+    elif err["type"] == "missing":
+        field, message, fix = loc, "required field is missing", f"add it, or {FIX_PROFILE}"
+    elif loc == "format_version":
+        field, message = loc, f"format_version {err.get('input')!r} is not supported; this vllm-alloc reads 1"
+        fix = "re-create the file with this version's `vllm-alloc profile`"
+    else:
+        detail = str(cause) if cause is not None else err["msg"]
+        shown = repr(err.get("input"))
+        field, message = loc or None, f"{detail} (got {shown[:80] + '…' if len(shown) > 80 else shown})"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s) after this one)"
+    return BudgetFileError(path, field, message, fix)
+
+
+def parse_budget_file(data: Any, path: str | Path | None = None) -> BudgetFile:
+    """Validate already-decoded JSON; every problem becomes a BudgetFileError naming `path`."""
+    if not isinstance(data, dict):
+        raise BudgetFileError(path, None, f"top level is a {type(data).__name__}, not a JSON object")
+    try:
+        budget_file = BudgetFile.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc, path) from None
+    budget_file._source = None if path is None else str(path)
+    return budget_file
+
+
+def _resolve(path_or_name: str | Path) -> Path:
+    """A path if one exists, else a shipped file `<name>` or `<name>.json` under CONFIGS_DIR."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    if Path(name).name == name:  # a bare name, not a path: try the shipped configs
+        for shipped in (CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.json"):
+            if shipped.is_file():
+                return shipped
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.json")) if CONFIGS_DIR.is_dir() else []
+    raise BudgetFileError(
+        path_or_name,
+        None,
+        f"no such file, and no shipped budget file of that name in {CONFIGS_DIR} "
+        f"(shipped: {', '.join(names) or 'none'})",
+        "pass the path of a budget file or a shipped name, or make one with `vllm-alloc profile`",
+    )
+
+
+def load_budget_file(path_or_name: str | Path) -> BudgetFile:
+    """Load and validate a budget file by path, or by the name of a shipped one (`<name>[.json]` in
+    CONFIGS_DIR; an existing path wins over a shipped name)."""
+    path = _resolve(path_or_name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BudgetFileError(
+            path, None, f"cannot read it ({exc})", "check the path and its permissions"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BudgetFileError(
+            path,
+            None,
+            f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+            f"repair the JSON, or {FIX_PROFILE}",
+        ) from None
+    return parse_budget_file(data, path)
+
+
+def _build(data: dict[str, Any]) -> BudgetFile:
+    return parse_budget_file({"format_version": 1, **data})
+
+
+def uniform_budget_file(model: ModelFingerprint, k_base: int = 1, **settings: Any) -> BudgetFile:
+    """The uniform budget file for `model`: K(B) = alloc_l.uniform for every B, no sensitivities.
+    `settings` are further BudgetFile fields (weights, scope, default_budget, notes)."""
+    L, K = model.num_moe_layers, model.top_k
+    _check_k_base(k_base, K)
+    allocations = [
+        {"budget": B, "k": uniform(L, K, B, k_min=k_base), "chosen": "uniform"}
+        for B in range(L * k_base, L * K + 1)
+    ]
+    return _build({"model": model, "k_base": k_base, "allocations": allocations, **settings})
+
+
+def from_sensitivity(
+    model: ModelFingerprint, sensitivity: Sensitivity, k_base: int = 1, **settings: Any
+) -> BudgetFile:
+    """The budget file whose K(B) = alloc_l.solve(sensitivity.matrix) for every B (chosen = protocol).
+
+    B = A is pinned to all K even where the DP would leave experts unused (a measured row that is not
+    decreasing in k): b = 1.0 is defined as the stock model. No held-out candidates are recorded here;
+    the profiler adds them.
+    """
+    L, K = model.num_moe_layers, model.top_k
+    _check_k_base(k_base, K)
+    _check_matrix("sensitivities[0].matrix", sensitivity.matrix, L, K)  # before solve() sees it
+    solved = solve(sensitivity.matrix, k_min=k_base)
+    solved[L * K] = [K] * L
+    allocations = [{"budget": B, "k": ks, "chosen": sensitivity.protocol} for B, ks in solved.items()]
+    data = {"model": model, "k_base": k_base, "sensitivities": [sensitivity], "allocations": allocations}
+    return _build({**data, **settings})
