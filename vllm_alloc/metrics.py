@@ -1,0 +1,62 @@
+"""Prometheus metrics of the plugin, exported on the server's /metrics.
+
+The MoE layers run in the worker process, the /metrics endpoint in the API server: worker-side values
+reach it through prometheus_client's multiprocess mode, which needs PROMETHEUS_MULTIPROC_DIR set before
+any vLLM process starts (`vllm-alloc serve` does that). Values are recorded only from real forward
+passes (never warm-up or dummy runs) and only on tensor-parallel rank 0.
+
+  vllm_alloc:routed_activations_total{layer, budget}  routed (token, expert) pairs computed
+  vllm_alloc:full_activations_total{layer, budget}    pairs the full model would have computed
+  vllm_alloc:request_budget                           histogram of request budgets b
+
+`layer` is the model's decoder-layer index; `budget` is B / A (the absolute budget as a fraction of the
+full activation count A), printed with 4 significant digits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BUDGET_BUCKETS = (0.1, 0.2, 0.25, 0.3, 0.33, 0.4, 0.5, 0.6, 0.67, 0.75, 0.8, 0.9, 0.95, 1.0)
+
+_metrics: dict[str, Any] = {}
+
+
+def _get() -> dict[str, Any]:
+    if not _metrics:
+        from prometheus_client import Counter, Histogram
+
+        _metrics["used"] = Counter(
+            "vllm_alloc:routed_activations",
+            "Routed (token, expert) pairs computed, per MoE layer and budget.",
+            ["layer", "budget"],
+        )
+        _metrics["full"] = Counter(
+            "vllm_alloc:full_activations",
+            "Routed (token, expert) pairs the full model would have computed, per MoE layer and budget.",
+            ["layer", "budget"],
+        )
+        _metrics["requests"] = Histogram(
+            "vllm_alloc:request_budget",
+            "Activation budget b of requests, as applied.",
+            buckets=BUDGET_BUCKETS,
+        )
+    return _metrics
+
+
+def budget_label(fraction: float) -> str:
+    return f"{fraction:.4g}"
+
+
+def add_activations(layer: int, budget: float, used: float, full: float) -> None:
+    m = _get()
+    labels = {"layer": str(layer), "budget": budget_label(budget)}
+    if used:
+        m["used"].labels(**labels).inc(used)
+    else:
+        m["used"].labels(**labels)  # make the series exist at 0
+    m["full"].labels(**labels).inc(full)
+
+
+def observe_request_budget(b: float) -> None:
+    _get()["requests"].observe(b)
