@@ -1,0 +1,150 @@
+"""Every private vLLM import of the plugin, pinned to vLLM 0.32.
+
+A vLLM upgrade should touch this file (and at most the rest of `integration/`). Everything here is
+imported lazily by `install()`, never by `import vllm_alloc`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUPPORTED_VLLM = "0.32"
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def check_version() -> None:
+    version = vllm_version()
+    if not version.startswith(SUPPORTED_VLLM + "."):
+        raise RuntimeError(
+            f"vllm-alloc supports vLLM {SUPPORTED_VLLM}.x, but vLLM {version} is installed. "
+            f"Install a matching build (`pip install 'vllm-alloc[cuda]'` or `[cpu]`), "
+            "or set VLLM_ALLOC_DISABLE=1 to run vLLM without the plugin."
+        )
+
+
+# -- the MoE layer ---------------------------------------------------------------------------------
+def moe_runner_cls() -> type:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    return MoERunner
+
+
+def unquantized_method_cls() -> type:
+    from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+
+    return UnquantizedFusedMoEMethod
+
+
+def register_oot_layer(base: type, replacement: type) -> None:
+    """`PluggableLayer.register_oot`, guarded: vLLM asserts on a duplicate name."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    if base.__name__ not in op_registry_oot:
+        base.register_oot(replacement)  # type: ignore[attr-defined]
+
+
+def current_vllm_config() -> Any:
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def extract_layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index as _extract
+
+    return int(_extract(layer_name))
+
+
+def tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, RuntimeError):  # process group not initialised (single-process tests)
+        return 0
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def logger(name: str) -> Any:
+    from vllm.logger import init_logger
+
+    return init_logger(name)
+
+
+# -- the model runners ------------------------------------------------------------------------------
+def v1_runner_cls() -> type:
+    """The V1 runner (`GPUModelRunner`; the CPU runner subclasses it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def cpu_runner_cls() -> type | None:
+    """The CPU build's V1 runner; it overrides `load_model` without calling the base class."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except Exception:  # absent from CUDA builds
+        return None
+    return CPUModelRunner
+
+
+def v2_runner_cls() -> type | None:
+    """The V2 runner used on CUDA when Triton is present; None where it cannot be imported."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except Exception:  # the V2 runner imports CUDA-only pieces; absent on some builds
+        return None
+    return GPUModelRunner
+
+
+def v1_batch(runner: Any) -> tuple[list[str], Any]:
+    """(request ids in batch order, query_start_loc as numpy [num_reqs + 1]) of the V1 runner's batch."""
+    num_reqs = runner.input_batch.num_reqs
+    return list(runner.input_batch.req_ids[:num_reqs]), runner.query_start_loc.np[: num_reqs + 1]
+
+
+def v1_request_extra_args(runner: Any, req_id: str) -> dict[str, Any] | None:
+    state = runner.requests.get(req_id)
+    params = getattr(state, "sampling_params", None)
+    return getattr(params, "extra_args", None)
+
+
+def v2_batch(input_batch: Any) -> tuple[list[str], Any, int]:
+    """(request ids, query_start_loc numpy, padded token count) of a V2 `InputBatch`."""
+    num_reqs = input_batch.num_reqs
+    return (
+        list(input_batch.req_ids[:num_reqs]),
+        input_batch.query_start_loc_np[: num_reqs + 1],
+        int(input_batch.num_tokens_after_padding),
+    )
+
+
+# -- requests -----------------------------------------------------------------------------------------
+def sampling_params_cls() -> type:
+    from vllm.sampling_params import SamplingParams
+
+    return SamplingParams
+
+
+def validation_error(message: str, parameter: str) -> Exception:
+    """vLLM's request-validation error: the OpenAI server answers it with HTTP 400."""
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(message, parameter=parameter)
+
+
+def worker_base_cls() -> type:
+    """Base class of every worker: `LLM.collective_rpc("name")` finds methods added here."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    return WorkerBase

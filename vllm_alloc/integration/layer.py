@@ -1,0 +1,276 @@
+"""The budget-aware MoE layer: vLLM's `MoERunner` with routing and expert compute under budgets.
+
+`BudgetMoERunner` replaces every `MoERunner` that `FusedMoEFactory` builds (PluggableLayer OOT swap).
+It keeps the stock router and runs it unchanged; only the call that computes routed experts goes
+through `moe_apply` below, which:
+  * in a pass where every token is at b = 1.0, calls the stock expert kernel with the stock routing
+    (outputs bit-identical to vLLM without the plugin);
+  * otherwise ranks each token's K candidates by the stock router's own selection score, runs Alloc-T
+    (`alloc_t.reallocate`) with the per-token K_l(B_t) of this layer, counts activations, and computes
+    only the kept (token, expert) pairs.
+
+On CPU, `moe_apply` is an opaque custom op: Dynamo traces the model's MoE code on CPU, and the branch
+and the data-dependent compute must run eagerly, every step. On CUDA the whole MoE layer already runs
+inside vLLM's opaque `moe_forward` op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm_alloc import alloc_t
+from vllm_alloc.integration import compat
+from vllm_alloc.integration.config import PluginConfig
+from vllm_alloc.integration.state import STATE, LayerInfo
+
+_RUNNERS: dict[str, Any] = {}  # layer name -> BudgetMoERunner, for the custom op's lookup
+
+
+def rank_keys(
+    router: Any, router_logits: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The stock router's ranking score of each token's K selected experts ([T, K] float32).
+
+    Without a score-correction bias the returned weights are a monotone function of the score the
+    router selected by (softmax, renormalised softmax, sigmoid, grouped top-k scores, routed scaling),
+    so they rank exactly as the router did. With a bias (DeepSeek-V3 "noaux_tc") the router selects
+    by score + bias but returns the unbiased score, so the key is rebuilt from the logits.
+    """
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is None:
+        return topk_weights.float()
+    ids = topk_ids.long().clamp_min(0)
+    return _scores(router, router_logits).gather(1, ids) + bias.float()[ids]
+
+
+def raw_weights(router: Any, router_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Router probabilities of the selected experts, not renormalised (weights mode `raw`)."""
+    ids = topk_ids.long().clamp_min(0)
+    scale = float(getattr(router, "routed_scaling_factor", 1.0) or 1.0)
+    return _scores(router, router_logits).gather(1, ids) * scale
+
+
+def _scores(router: Any, router_logits: torch.Tensor) -> torch.Tensor:
+    scoring = getattr(router, "scoring_func", "softmax")
+    logits = router_logits.float()
+    if scoring == "softmax":
+        return logits.softmax(dim=-1)
+    if scoring == "sigmoid":
+        return logits.sigmoid()
+    if scoring == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    raise RuntimeError(f"vllm-alloc: routing score function {scoring!r} is not supported")
+
+
+@torch.library.custom_op("vllm_alloc::moe_apply", mutates_args=())
+def moe_apply(
+    x: torch.Tensor,  # [T, H] hidden states entering the routed experts
+    router_logits: torch.Tensor,  # [T, E]
+    topk_weights: torch.Tensor,  # [T, K] stock routing weights
+    topk_ids: torch.Tensor,  # [T, K] stock routing ids
+    shared_experts_input: torch.Tensor | None,
+    layer_name: str,
+) -> torch.Tensor:
+    runner = _RUNNERS[layer_name]
+    if not STATE.budgeted:
+        return runner._stock_experts(x, topk_weights, topk_ids, shared_experts_input)
+    return runner._budget_experts(x, router_logits, topk_weights, topk_ids)
+
+
+@moe_apply.register_fake
+def _(x, router_logits, topk_weights, topk_ids, shared_experts_input, layer_name):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x)
+
+
+def make_runner_cls() -> type:
+    """Build `BudgetMoERunner` on top of the installed vLLM's `MoERunner` (imported lazily)."""
+    MoERunner = compat.moe_runner_cls()
+
+    class BudgetMoERunner(MoERunner):  # type: ignore[misc, valid-type]
+        """MoERunner whose routed experts honour activation budgets (see module docstring)."""
+
+        def __init__(
+            self,
+            layer_name: str,
+            moe_config: Any,
+            router: Any,
+            routed_experts: Any,
+            *args: Any,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(layer_name, moe_config, router, routed_experts, *args, **kwargs)
+            vllm_config = compat.current_vllm_config()
+            config = PluginConfig.from_additional_config(vllm_config.additional_config)
+            _refuse_unsupported(layer_name, vllm_config, moe_config, routed_experts, self)
+            if config.weights == "raw":
+                _scores(router, torch.zeros(1, 1))  # fail at start-up, not in the first request
+            hf_config = vllm_config.model_config.hf_config
+            architecture = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
+            STATE.register_layer(
+                LayerInfo(
+                    name=layer_name,
+                    layer_id=compat.extract_layer_index(layer_name),
+                    num_experts=int(moe_config.num_experts),
+                    top_k=int(moe_config.experts_per_token),
+                    hidden_size=int(moe_config.hidden_dim_unpadded or moe_config.hidden_dim),
+                    intermediate_size=int(moe_config.intermediate_size),
+                ),
+                config,
+                architecture,
+            )
+            self._alloc_info = STATE.layers[layer_name]
+            _RUNNERS[layer_name] = self
+
+        def _apply_quant_method(
+            self,
+            hidden_states: torch.Tensor,
+            router_logits: torch.Tensor,
+            shared_experts_input: torch.Tensor | None,
+            input_ids: torch.Tensor | None = None,
+            shared_experts_overlapping: bool = False,
+        ) -> Any:
+            # Same steps as the stock method, except that the routed-expert call goes through moe_apply.
+            from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
+            self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
+            topk_weights, topk_ids = self.router.select_experts(
+                hidden_states=hidden_states,
+                router_logits=router_logits,
+                topk_indices_dtype=self._quant_method.topk_indices_dtype,
+                input_ids=input_ids,
+            )
+            if STATE.plan is None:  # profile run before the plan exists: stock path
+                fused_out = self._stock_experts(hidden_states, topk_weights, topk_ids, shared_experts_input)
+            else:
+                fused_out = torch.ops.vllm_alloc.moe_apply(
+                    hidden_states,
+                    router_logits,
+                    topk_weights,
+                    topk_ids,
+                    shared_experts_input,
+                    self.layer_name,
+                )
+            if shared_experts_overlapping:
+                assert self._shared_experts is not None
+                self._shared_experts.wait()
+            return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
+
+        # -- the two paths ----------------------------------------------------------------------------
+        def _stock_experts(
+            self,
+            x: torch.Tensor,
+            topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor,
+            shared_in: torch.Tensor | None,
+        ) -> torch.Tensor:
+            return self.routed_experts.forward_modular(
+                x=x,
+                topk_weights=topk_weights,
+                topk_ids=topk_ids,
+                shared_experts=self._shared_experts,
+                shared_experts_input=shared_in,
+            )
+
+        def _budget_experts(
+            self,
+            x: torch.Tensor,
+            router_logits: torch.Tensor,
+            topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor,
+        ) -> torch.Tensor:
+            plan = STATE.plan
+            assert plan is not None
+            T = x.shape[0]
+            column = self._alloc_info.column
+            token_budget = plan.token_budget[:T]
+            k_tok = plan.table[token_budget, column]
+            weights_in = topk_weights
+            if plan.weights == "raw":
+                weights_in = raw_weights(self.router, router_logits, topk_ids)
+            keys = rank_keys(self.router, router_logits, topk_weights, topk_ids)
+            weights, ids, kept = alloc_t.reallocate(
+                keys,
+                weights_in,
+                topk_ids,
+                k_tok,
+                plan.token_group[:T],
+                k_base=plan.k_base,
+                weights="kept" if plan.weights == "kept" else "topk",
+            )
+            if STATE.counting:
+                valid = (token_budget > 0).to(torch.float64)
+                plan.used[column].index_add_(0, token_budget, kept.sum(dim=1).to(torch.float64))
+                plan.full[column].index_add_(0, token_budget, valid * plan.K)
+            return self._pruned_experts(x, weights, ids)
+
+        def _pruned_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu":
+                return _compacted_experts(self, x, weights, ids)
+            from vllm_alloc.integration.cuda import triton_experts
+
+            return triton_experts(self, x, weights, ids)
+
+    return BudgetMoERunner
+
+
+def _compacted_experts(
+    runner: Any, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Kept pairs only, through vLLM's own expert kernel (CPU).
+
+    The stock CPU kernel corrupts the heap on id −1, and computing pruned pairs at weight 0 would save
+    nothing. So the P kept pairs become P rows routed top-1 each ([P, H] inputs, [P, 1] ids/weights),
+    run through the same kernel on the same prepacked weights, and are summed back per token. Work and
+    weight traffic scale with P and the distinct experts among them.
+    """
+    T, K = ids.shape
+    flat_ids = ids.reshape(-1)
+    pairs = torch.nonzero(flat_ids >= 0).squeeze(1)  # eager, inside the op: a host sync is fine on CPU
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    if pairs.numel() > 0:
+        tokens = torch.div(pairs, K, rounding_mode="floor")
+        y = runner.routed_experts.forward_modular(
+            x=x.index_select(0, tokens),
+            topk_weights=weights.reshape(-1)[pairs].unsqueeze(1).contiguous(),
+            topk_ids=flat_ids[pairs].unsqueeze(1).to(torch.int32).contiguous(),
+            shared_experts=None,
+            shared_experts_input=None,
+        )
+        out.index_add_(0, tokens, y.float())
+    return out.to(x.dtype)
+
+
+def _refuse_unsupported(
+    layer_name: str, vllm_config: Any, moe_config: Any, routed_experts: Any, runner: Any
+) -> None:
+    """Stop start-up, with the reason and a way out, on settings the plugin does not support yet."""
+    problems = []
+    parallel = vllm_config.parallel_config
+    if getattr(moe_config.moe_parallel_config, "use_ep", False) or getattr(
+        parallel, "enable_expert_parallel", False
+    ):
+        problems.append("expert parallelism (--enable-expert-parallel)")
+    if getattr(parallel, "data_parallel_size", 1) > 1:
+        problems.append(f"data parallelism (--data-parallel-size {parallel.data_parallel_size})")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        problems.append("speculative decoding (--speculative-config)")
+    if getattr(parallel, "enable_dbo", False):
+        problems.append("dual-batch overlap (--enable-dbo)")
+    if getattr(parallel, "enable_eplb", False):
+        problems.append("expert load balancing (--enable-eplb)")
+    if getattr(vllm_config, "lora_config", None) is not None:
+        problems.append("LoRA adapters (--enable-lora)")
+    method = routed_experts.quant_method
+    if not isinstance(method, compat.unquantized_method_cls()):
+        problems.append(f"quantised MoE weights ({type(method).__name__})")
+    elif method.is_monolithic:
+        problems.append("a monolithic MoE backend (start with --moe-backend triton)")
+    if runner.routed_input_transform is not None or runner.routed_output_transform is not None:
+        problems.append("latent MoE (routed input/output transforms)")
+    if problems:
+        raise RuntimeError(
+            f"vllm-alloc cannot serve MoE layer {layer_name} with: {'; '.join(problems)}. "
+            "Turn these off, or set VLLM_ALLOC_DISABLE=1 to run vLLM without activation budgets."
+        )

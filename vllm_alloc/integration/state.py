@@ -1,0 +1,271 @@
+"""Per-process plugin state: the writer (runner hook) and the readers (MoE layers) meet here.
+
+Data flow of one forward pass (DESIGN.md §3): the runner hook turns each scheduled request's budget b
+into its absolute budget B = floor(b·A) and a reallocation group, writes them per token into persistent
+buffers (`token_budget`, `token_group`, updated in place so graph capture and compile see one address),
+and sets `budgeted` when any token is below b = 1.0. Each MoE layer then gathers K_l(B_t) from the
+allocation table and runs Alloc-T. A pass where every token is at b = 1.0 leaves `budgeted` False and
+the layers take vLLM's stock path untouched.
+
+Counters live on the device (`used`, `full`: [L, A + 1], activations performed and the full-budget
+count, per layer and per absolute budget) and are copied to Prometheus outside the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_alloc import envs
+from vllm_alloc.budget import BudgetFile, ModelFingerprint, load_budget_file, uniform_budget_file
+from vllm_alloc.integration import compat
+from vllm_alloc.integration.config import PluginConfig
+from vllm_alloc.requests import BudgetError, parse_budget
+
+
+@dataclass
+class LayerInfo:
+    """What the state needs to know of one MoE layer; filled as vLLM builds the model."""
+
+    name: str
+    layer_id: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    column: int = -1  # position among the MoE layers (column of the allocation table)
+
+
+@dataclass
+class Plan:
+    """Everything fixed at start-up once the model is loaded: the budget file and device buffers."""
+
+    budget_file: BudgetFile
+    source: str  # where the allocation came from, for logs ("configs/x.json" or "uniform")
+    scope: str
+    weights: str
+    default_budget: float
+    table: torch.Tensor  # [A + 1, L] int32: row B = K(B); rows below L·K_base are 0 (padding)
+    token_budget: torch.Tensor  # [N] int64: absolute budget B of each token, 0 = padding
+    token_group: torch.Tensor  # [N] int64 in [0, N): reallocation group of each token
+    used: torch.Tensor  # [L, A + 1] float64: routed activations performed
+    full: torch.Tensor  # [L, A + 1] float64: activations the full model would have performed
+
+    @property
+    def A(self) -> int:
+        return self.budget_file.model.full_activations
+
+    @property
+    def K(self) -> int:
+        return self.budget_file.model.top_k
+
+    @property
+    def k_base(self) -> int:
+        return self.budget_file.k_base
+
+
+@dataclass
+class AllocState:
+    layers: dict[str, LayerInfo] = field(default_factory=dict)
+    config: PluginConfig | None = None
+    architecture: str = ""
+    plan: Plan | None = None
+    budgeted: bool = False  # True while a pass with some token below b = 1.0 runs
+    counting: bool = False  # True only inside real forward passes (never warm-up / dummy runs)
+    steps: int = 0
+    flushed: tuple[np.ndarray, np.ndarray] | None = None
+    seen_requests: set[str] = field(default_factory=set)
+    _absolute: dict[Any, int] = field(default_factory=dict)
+
+    # -- start-up -------------------------------------------------------------------------------------
+    def register_layer(self, info: LayerInfo, config: PluginConfig, architecture: str) -> None:
+        if info.name in self.layers:
+            raise RuntimeError(f"MoE layer {info.name} registered twice")
+        self.layers[info.name] = info
+        self.config = config
+        self.architecture = architecture
+
+    def fingerprint(self) -> ModelFingerprint:
+        infos = sorted(self.layers.values(), key=lambda i: i.layer_id)
+        first = infos[0]
+        for info in infos[1:]:
+            for attr in ("num_experts", "top_k", "hidden_size", "intermediate_size"):
+                if getattr(info, attr) != getattr(first, attr):
+                    raise RuntimeError(
+                        f"MoE layers differ in {attr} ({first.name}: {getattr(first, attr)}, "
+                        f"{info.name}: {getattr(info, attr)}); vllm-alloc supports one MoE shape per model"
+                    )
+        return ModelFingerprint(
+            architecture=self.architecture,
+            moe_layers=[i.layer_id for i in infos],
+            num_experts=first.num_experts,
+            top_k=first.top_k,
+            hidden_size=first.hidden_size,
+            intermediate_size=first.intermediate_size,
+        )
+
+    def finalize(self, max_tokens: int, device: torch.device) -> Plan | None:
+        """Load and validate the budget file against the built model; allocate buffers. Idempotent."""
+        if self.plan is not None or not self.layers:
+            return self.plan
+        config = self.config or PluginConfig()
+        model = self.fingerprint()
+        if config.budget_file:
+            budget_file = load_budget_file(config.budget_file)
+            budget_file.validate_against(model, str(config.budget_file))
+            source = str(config.budget_file)
+        else:
+            budget_file = uniform_budget_file(model)
+            source = "uniform"
+        scope = config.scope or budget_file.scope
+        weights = config.weights or budget_file.weights
+        default_budget = config.default_budget
+        if default_budget is None:
+            default_budget = budget_file.default_budget
+        try:
+            parse_budget(default_budget, min_budget=budget_file.min_budget, source="default_budget")
+        except BudgetError as e:
+            raise ValueError(f"vllm_alloc: {e}") from None
+        for column, info in enumerate(sorted(self.layers.values(), key=lambda i: i.layer_id)):
+            info.column = column
+        L, A = model.num_moe_layers, model.full_activations
+        self.plan = Plan(
+            budget_file=budget_file,
+            source=source,
+            scope=scope,
+            weights=weights,
+            default_budget=float(default_budget),
+            table=budget_file.allocation_table().to(device),
+            token_budget=torch.zeros(max_tokens, dtype=torch.int64, device=device),
+            token_group=torch.zeros(max_tokens, dtype=torch.int64, device=device),
+            used=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
+            full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
+        )
+        self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
+        return self.plan
+
+    # -- every forward pass -----------------------------------------------------------------------------
+    def absolute_budget(self, raw: Any) -> int:
+        """B for a request's raw budget value (None = the default). Invalid values were refused where the
+        request entered (SamplingParams check / HTTP 400); one that slips through runs at the default."""
+        plan = self.plan
+        assert plan is not None
+        key = raw if raw is None or isinstance(raw, int | float | str) else repr(raw)
+        cached = self._absolute.get(key)
+        if cached is not None:
+            return cached
+        minimum = plan.budget_file.min_budget
+        try:
+            b = plan.default_budget if raw is None else parse_budget(raw, min_budget=minimum)
+        except BudgetError as e:
+            try:  # in (0, 1] but below the model's minimum: run at the minimum
+                b = max(parse_budget(raw), minimum)
+            except BudgetError:
+                b = plan.default_budget
+            compat.logger("vllm_alloc").warning("vllm-alloc: %s; running the request at b=%.4g", e, b)
+        B = plan.budget_file.absolute_budget(b)
+        if len(self._absolute) < 4096:  # budgets repeat; bound the cache against adversarial variety
+            self._absolute[key] = B
+        return B
+
+    def fill(self, req_ids: list[str], raw_budgets: list[Any], query_start_loc: np.ndarray) -> None:
+        """Write per-token budgets and groups for the scheduled batch; set `budgeted`."""
+        plan = self.plan
+        if plan is None:
+            self.budgeted = False
+            return
+        budgets = np.fromiter(
+            (self.absolute_budget(r) for r in raw_budgets), dtype=np.int64, count=len(req_ids)
+        )
+        counts = np.diff(query_start_loc).astype(np.int64)
+        num_tokens = int(counts.sum())
+        self.counting = True
+        self._observe_new_requests(req_ids, budgets)
+        if budgets.size == 0 or bool((budgets == plan.A).all()):
+            self.budgeted = False
+            # The stock path runs: every MoE layer routes each real token to K experts.
+            plan.used[:, plan.A] += num_tokens * plan.K
+            plan.full[:, plan.A] += num_tokens * plan.K
+            return
+        if plan.scope == "request":
+            groups = np.arange(len(req_ids), dtype=np.int64)
+        else:
+            # One group per distinct B, named by the first request that has it (ids stay below T).
+            _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
+            groups = first[inverse].astype(np.int64)
+        token_budget = np.repeat(budgets, counts)
+        token_group = np.repeat(groups, counts)
+        n = token_budget.shape[0]
+        if n > plan.token_budget.shape[0]:
+            raise RuntimeError(
+                f"vllm-alloc: {n} tokens in one forward pass exceed the budget buffer "
+                f"({plan.token_budget.shape[0]}); raise it with max_num_batched_tokens"
+            )
+        # Padding rows (graph padding beyond the real tokens) keep B = 0: no expert runs for them.
+        plan.token_budget.zero_()
+        plan.token_budget[:n].copy_(torch.from_numpy(token_budget))
+        plan.token_group.zero_()
+        plan.token_group[:n].copy_(torch.from_numpy(token_group))
+        self.budgeted = True
+
+    def end_pass(self) -> None:
+        self.budgeted = False
+        self.counting = False
+        self.steps += 1
+        if self.steps % envs.VLLM_ALLOC_METRICS_FLUSH_STEPS == 0:
+            self.flush()
+
+    def _observe_new_requests(self, req_ids: list[str], budgets: np.ndarray) -> None:
+        from vllm_alloc import metrics
+
+        plan = self.plan
+        assert plan is not None
+        current = set(req_ids)
+        if compat.tp_rank() != 0:
+            self.seen_requests = current
+            return
+        for req_id, B in zip(req_ids, budgets.tolist(), strict=True):
+            if req_id not in self.seen_requests:
+                metrics.observe_request_budget(B / plan.A)
+        self.seen_requests = current | (self.seen_requests if len(self.seen_requests) < 65536 else set())
+
+    # -- counters -----------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, Any]:
+        """Cumulative counters by model layer index and absolute budget (tests, `collective_rpc`)."""
+        plan = self.plan
+        if plan is None:
+            return {"layers": [], "A": 0, "used": [], "full": []}
+        infos = sorted(self.layers.values(), key=lambda i: i.column)
+        return {
+            "layers": [i.layer_id for i in infos],
+            "A": plan.A,
+            "K": plan.K,
+            "used": plan.used.cpu().tolist(),
+            "full": plan.full.cpu().tolist(),
+        }
+
+    def flush(self) -> None:
+        """Copy counter deltas to Prometheus (TP rank 0 only, so ranks do not double-count)."""
+        from vllm_alloc import metrics
+
+        plan = self.plan
+        if plan is None or self.flushed is None or compat.tp_rank() != 0:
+            return
+        used = plan.used.cpu().numpy()  # the one host sync, outside the forward pass
+        full = plan.full.cpu().numpy()
+        d_used, d_full = used - self.flushed[0], full - self.flushed[1]
+        self.flushed = (used.copy(), full.copy())
+        infos = sorted(self.layers.values(), key=lambda i: i.column)
+        for column, B in zip(*np.nonzero(d_full), strict=True):
+            metrics.add_activations(
+                layer=infos[column].layer_id,
+                budget=B / plan.A,
+                used=float(d_used[column, B]),
+                full=float(d_full[column, B]),
+            )
+
+
+STATE = AllocState()
