@@ -13,7 +13,8 @@ Why this shape of algorithm:
   whose every pair was pruned gets a block, so its weights are never read.
 - Deterministic: within an expert, pairs appear in increasing p (token order), with no atomics.
 
-Three launches over the pairs cut into chunks of CHUNK (NC = ceil(T·K / CHUNK) chunks):
+Three launches over the pairs cut into chunks of CHUNK (NC = ceil(T·K / CHUNK) chunks; CHUNK = 128 for
+E ≤ 64, smaller for larger E, see TILE):
   1. count:   per chunk c, counts[c, e] = valid pairs of expert e in chunk c           grid (NC,)
   2. scan:    counts[c, e] := Σ_{c' < c} counts[c', e] (exclusive, over chunks); per-expert totals →
               blocks per expert → first block of each expert → block_expert_ids; sentinel fill  grid (1,)
@@ -29,10 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairs per count/scatter program. Each program builds a [CHUNK, next_pow2(E)] one-hot matrix, so CHUNK
-# trades the scan's sequential loop length (NC iterations) against that tile's size.
-CHUNK = 128
-# Block ids / sentinel slots written per iteration of the scan program's fill loops.
+# Elements of the [CHUNK, next_pow2(E)] one-hot tile one count/scatter program builds (~64 per thread at
+# 4 warps): CHUNK = TILE / next_pow2(E), clamped to [16, 128], so a large E gets shorter chunks instead
+# of spilling registers.
+TILE = 8192
+# Elements of the [ROWS, next_pow2(E)] tiles the scan program walks (chunk rows, then block ids): the
+# scan is one program, so it reads whole tiles of rows rather than one dependent row at a time.
+SCAN_TILE = 4096
+# Sentinel slots written per iteration of the scan program's fill loop.
 FILL = 1024
 
 
@@ -70,17 +75,23 @@ def _scan_kernel(
     max_blocks,
     BLOCK_M: tl.constexpr,
     E_PAD: tl.constexpr,
+    ROWS: tl.constexpr,  # tile rows of the scan and block-id loops, ROWS·E_PAD = SCAN_TILE
     FILL: tl.constexpr,
 ):
     """Grid (1,); the single program owns every expert's totals and all of block_expert_ids."""
     experts = tl.arange(0, E_PAD)
     e_mask = experts < E
     # Exclusive running sum over chunks: where chunk c's pairs of expert e start within e's segment.
+    # ROWS chunk rows at a time: an inclusive cumsum down the tile, minus the row itself, plus the
+    # total of all earlier tiles.
     running = tl.zeros([E_PAD], dtype=tl.int32)
-    for c in range(NC):
-        cnt = tl.load(counts_ptr + c * E + experts, mask=e_mask, other=0)
-        tl.store(counts_ptr + c * E + experts, running, mask=e_mask)
-        running += cnt
+    for c0 in range(0, NC, ROWS):
+        offs_c = c0 + tl.arange(0, ROWS)
+        tile_mask = (offs_c[:, None] < NC) & e_mask[None, :]
+        ptrs = counts_ptr + offs_c[:, None] * E + experts[None, :]
+        cnt = tl.load(ptrs, mask=tile_mask, other=0)
+        tl.store(ptrs, tl.cumsum(cnt, axis=0) - cnt + running[None, :], mask=tile_mask)
+        running += tl.sum(cnt, axis=0)
     blocks = (running + BLOCK_M - 1) // BLOCK_M  # 0 for an expert with no valid pair: no block at all
     block_end = tl.cumsum(
         blocks, axis=0
@@ -91,8 +102,8 @@ def _scan_kernel(
     tl.store(num_blocks_ptr, total)
     # Block b belongs to the first expert whose blocks end after b = the number of experts ending at or
     # before b (experts with zero blocks end where their predecessor ends, so they are skipped correctly).
-    for b0 in range(0, max_blocks, FILL):
-        offs_b = b0 + tl.arange(0, FILL)
+    for b0 in range(0, max_blocks, ROWS):
+        offs_b = b0 + tl.arange(0, ROWS)
         ended = (block_end[None, :] <= offs_b[:, None]) & e_mask[None, :]
         owner = tl.sum(ended.to(tl.int32), axis=1)
         owner = tl.where(offs_b < total, owner, -1)
@@ -164,7 +175,10 @@ def align_pairs(topk_ids: torch.Tensor, E: int, block_m: int) -> AlignedPairs:
     ids = topk_ids.contiguous()
     num_pairs = ids.numel()
     n_blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + E)  # static bound, see module docstring
-    nc = triton.cdiv(num_pairs, CHUNK)
+    e_pad = triton.next_power_of_2(E)
+    chunk = min(128, max(16, TILE // e_pad))
+    rows = max(1, SCAN_TILE // e_pad)
+    nc = triton.cdiv(num_pairs, chunk)
     dev = ids.device
     counts = torch.empty((nc, E), dtype=torch.int32, device=dev)
     expert_counts = torch.empty(E, dtype=torch.int32, device=dev)
@@ -172,9 +186,8 @@ def align_pairs(topk_ids: torch.Tensor, E: int, block_m: int) -> AlignedPairs:
     block_expert_ids = torch.empty(n_blocks, dtype=torch.int32, device=dev)
     num_blocks = torch.empty(1, dtype=torch.int32, device=dev)
     sorted_pair_ids = torch.empty(n_blocks * block_m, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(E)
     if nc > 0:
-        _count_kernel[(nc,)](ids, counts, num_pairs, E, CHUNK=CHUNK, E_PAD=e_pad)
+        _count_kernel[(nc,)](ids, counts, num_pairs, E, CHUNK=chunk, E_PAD=e_pad)
     _scan_kernel[(1,)](
         counts,
         expert_counts,
@@ -188,10 +201,11 @@ def align_pairs(topk_ids: torch.Tensor, E: int, block_m: int) -> AlignedPairs:
         n_blocks,
         BLOCK_M=block_m,
         E_PAD=e_pad,
+        ROWS=rows,
         FILL=FILL,
     )
     if nc > 0:
         _scatter_kernel[(nc,)](
-            ids, counts, block_start, sorted_pair_ids, num_pairs, E, BLOCK_M=block_m, CHUNK=CHUNK, E_PAD=e_pad
+            ids, counts, block_start, sorted_pair_ids, num_pairs, E, BLOCK_M=block_m, CHUNK=chunk, E_PAD=e_pad
         )
     return AlignedPairs(sorted_pair_ids, block_expert_ids, num_blocks, expert_counts, block_m)
