@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 _installed = False
 
 
@@ -28,12 +26,18 @@ def install() -> None:
 
 
 def _add_worker_method(worker_base: type) -> None:
-    """`LLM.collective_rpc("vllm_alloc_counters")` returns each worker's cumulative counters."""
+    """Worker methods reachable with `LLM.collective_rpc(name, args=...)`:
+    vllm_alloc_counters()            cumulative counters (see AllocState.counters)
+    vllm_alloc_set_allocation(rows)  overwrite live K(B) rows, {B: [K_l, ...]} (profiling)
+    vllm_alloc_reset_allocation()    restore the budget file's allocation
+    """
+    from vllm_alloc.integration.state import STATE
 
-    def vllm_alloc_counters(self: Any) -> dict[str, Any]:
-        from vllm_alloc.integration.state import STATE
-
-        return STATE.counters()
-
-    if not hasattr(worker_base, "vllm_alloc_counters"):
-        worker_base.vllm_alloc_counters = vllm_alloc_counters  # type: ignore[attr-defined]
+    methods = {
+        "vllm_alloc_counters": lambda self: STATE.counters(),
+        "vllm_alloc_set_allocation": lambda self, rows: STATE.set_allocation(rows),
+        "vllm_alloc_reset_allocation": lambda self: STATE.reset_allocation(),
+    }
+    for name, method in methods.items():
+        if not hasattr(worker_base, name):
+            setattr(worker_base, name, method)

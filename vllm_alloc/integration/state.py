@@ -232,6 +232,36 @@ class AllocState:
                 metrics.observe_request_budget(B / plan.A)
         self.seen_requests = current | (self.seen_requests if len(self.seen_requests) < 65536 else set())
 
+    # -- profiling ------------------------------------------------------------------------------------------
+    def set_allocation(self, rows: dict[int, list[int]]) -> None:
+        """Overwrite rows K(B) of the live allocation table (the profiler measures arbitrary K vectors
+        through the serving path this way). Rows are validated like a budget file's."""
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
+        model = plan.budget_file.model
+        for B, ks in rows.items():
+            B = int(B)
+            if not plan.budget_file.model.num_moe_layers * plan.k_base <= B <= plan.A:
+                raise ValueError(
+                    f"B={B} is out of range; expected [{model.num_moe_layers * plan.k_base}, {plan.A}]"
+                )
+            if (
+                len(ks) != model.num_moe_layers
+                or any(not plan.k_base <= k <= plan.K for k in ks)
+                or sum(ks) > B
+            ):
+                raise ValueError(
+                    f"allocation {ks} for B={B} is invalid; expected {model.num_moe_layers} integers in "
+                    f"[{plan.k_base}, {plan.K}] summing to at most {B}"
+                )
+            plan.table[B].copy_(torch.tensor(ks, dtype=plan.table.dtype))
+
+    def reset_allocation(self) -> None:
+        """Restore the allocation table from the budget file."""
+        if self.plan is not None:
+            self.plan.table.copy_(self.plan.budget_file.allocation_table())
+
     # -- counters -----------------------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
         """Cumulative counters by model layer index and absolute budget (tests, `collective_rpc`)."""
