@@ -1,26 +1,26 @@
 """Triton kernels for budget-aware fused MoE (shipped as `vllm_alloc.kernels`).
 
-`fused_moe` is the entry point (the `vllm_alloc::fused_moe` custom op); the pieces are exported for
-tests and benchmarks: `align_pairs` → `gate_up` → `down` → `combine`, launch configs from `pick_config`.
-Imports torch and Triton only, never vLLM.
+`fused_moe` is the entry point (the `vllm_alloc::fused_moe` custom op, kernels/op.py); the pieces are
+exported for tests and benchmarks: `align_pairs` → `grouped_gate_up` → `grouped_down` → `combine_pairs`
+(one kernel file each), launch configs from `pick_config`. Imports torch and Triton only, never vLLM.
 """
 
 from .align import AlignedPairs, align_pairs
-from .combine import combine
+from .combine import combine_pairs
 from .config import default_config, pick_config
-from .down import down
-from .fused_moe import fused_moe_eager
-from .gate_up import gate_up
+from .down import grouped_down
+from .gate_up import grouped_gate_up
+from .moe import fused_moe_eager
 from .op import fused_moe
 
 __all__ = [
     "AlignedPairs",
     "align_pairs",
-    "combine",
+    "combine_pairs",
     "default_config",
-    "down",
     "fused_moe",
     "fused_moe_eager",
-    "gate_up",
+    "grouped_down",
+    "grouped_gate_up",
     "pick_config",
 ]

@@ -42,7 +42,7 @@ def _combine_kernel(
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + offs_h, acc.to(y_ptr.dtype.element_ty), mask=h_mask)
 
 
-def combine(
+def combine_pairs(
     pair_out: torch.Tensor, topk_ids: torch.Tensor, E: int, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Sum each token's kept rows of pair_out [T·K, H] → y [T, H] in pair_out's dtype."""

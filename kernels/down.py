@@ -70,7 +70,7 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
-def down(
+def grouped_down(
     inter: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,

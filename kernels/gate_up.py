@@ -95,7 +95,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, h.to(inter_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
-def gate_up(
+def grouped_gate_up(
     x: torch.Tensor,
     w13: torch.Tensor,
     aligned: AlignedPairs,

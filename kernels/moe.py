@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from .align import align_pairs
-from .combine import combine
+from .combine import combine_pairs
 from .config import pick_config, validate_config
-from .down import down
-from .gate_up import ACTIVATION_CODES, gate_up
+from .down import grouped_down
+from .gate_up import ACTIVATION_CODES, grouped_gate_up
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -80,6 +80,6 @@ def fused_moe_eager(
         else pick_config(T, K, E, H, I, x.dtype, x.device)
     )
     aligned = align_pairs(topk_ids, E, cfg["BLOCK_M"])
-    inter = gate_up(x, w13, aligned, K, activation=activation, config=cfg)
-    pair_out = down(inter, w2, topk_weights, aligned, config=cfg)
-    return combine(pair_out, topk_ids, E)
+    inter = grouped_gate_up(x, w13, aligned, K, activation=activation, config=cfg)
+    pair_out = grouped_down(inter, w2, topk_weights, aligned, config=cfg)
+    return combine_pairs(pair_out, topk_ids, E)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .config import KEYS
-from .fused_moe import fused_moe_eager
+from .moe import fused_moe_eager
 
 
 @torch.library.custom_op("vllm_alloc::fused_moe", mutates_args=())

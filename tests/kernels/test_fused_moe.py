@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_cases import DEVICE, DTYPES, ON_CUDA, SMALL_CONFIG, TOLERANCES, make_problem
-from vllm_alloc.kernels import align_pairs, combine, down, fused_moe, gate_up
+from vllm_alloc.kernels import align_pairs, combine_pairs, fused_moe, grouped_down, grouped_gate_up
 
 from vllm_alloc.reference import moe_forward
 
@@ -70,9 +70,9 @@ def test_pieces_never_touch_pruned_rows(dtype):
     inter = torch.full((T * K, I), nan, dtype=dtype, device=DEVICE)
     pair_out = torch.full((T * K, H), nan, dtype=dtype, device=DEVICE)
     y = torch.full((T, H), nan, dtype=dtype, device=DEVICE)
-    gate_up(p["x"], p["w13"], aligned, K, activation="silu", config=SMALL_CONFIG, out=inter)
-    down(inter, p["w2"], p["topk_weights"], aligned, config=SMALL_CONFIG, out=pair_out)
-    combine(pair_out, p["topk_ids"], E, out=y)
+    grouped_gate_up(p["x"], p["w13"], aligned, K, activation="silu", config=SMALL_CONFIG, out=inter)
+    grouped_down(inter, p["w2"], p["topk_weights"], aligned, config=SMALL_CONFIG, out=pair_out)
+    combine_pairs(pair_out, p["topk_ids"], E, out=y)
     valid = (p["topk_ids"] != -1).flatten()
     assert torch.isfinite(inter[valid]).all() and torch.isfinite(pair_out[valid]).all()
     assert torch.isnan(inter[~valid]).all() and torch.isnan(pair_out[~valid]).all()
