@@ -1,0 +1,387 @@
+"""`vllm-alloc serve` end to end: a real vLLM server process on CPU, driven by the official openai client.
+
+One server for the whole module (a start costs 30-60 s on a small CPU machine), started through the
+launcher itself, on the tiny Qwen3-MoE checkpoint: L = 2 MoE layers, E = 16, K = 4, so A = 8 and the
+uniform allocation gives K_l = 2 at b = 0.5 and K_l = 1 (= K_base) at b = 0.25. Tests run in file order;
+the last one stops the server and checks the shutdown.
+
+Counting rule the metric checks rely on: a request computes prompt_tokens − cached_tokens + completion −
+1 tokens (the last sampled token is never fed back), each MoE layer counts K full activations per token,
+and the pool at budget B is exact, so routed = full · K_l(B) / K for every (layer, budget) series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+psutil = pytest.importorskip("psutil")
+pytest.importorskip("vllm")
+
+K = 4  # the tiny model's top-k
+L = 2
+ROUTED_FRACTION = {"1": 1.0, "0.5": 0.5, "0.25": 0.25}  # K_l(B) / K under the uniform allocation
+RANGE = "[0.25, 1]"  # the valid budgets of this model: K_base / K = 1/4 up to 1
+START_TIMEOUT_S = 240
+APPLIED = "x-activation-budget-applied"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    model: str
+    log: Path
+    prometheus_dir: str
+
+    def client(self) -> Any:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def async_client(self) -> Any:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300
+        )
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop_tree(pid: int) -> None:
+    """SIGTERM, then SIGKILL, for `pid` and its descendants, by PID (never by name)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    model = str(tiny_model("qwen3_moe", num_layers=L, top_k=K, num_experts=16, hidden_size=128))
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    argv = [
+        sys.executable, "-m", "vllm_alloc.cli", "serve", model,
+        "--default-budget", "1.0",
+        "--port", str(port),
+        "--max-model-len", "256",
+        "--max-num-seqs", "16",
+        "--enforce-eager",  # loads faster than compiling; the plugin's path is the same
+        "--gpu-memory-utilization", "0.3",  # on CPU: a fraction of one NUMA node's memory
+        "--enable-prompt-tokens-details",  # usage reports cached prompt tokens, for exact counts
+        "--disable-log-stats",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    srv = Server(process, base_url, model, log, prometheus_dir="")
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm-alloc serve exited with {process.returncode}:\n{srv.log_tail()}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
+            time.sleep(1)
+        (vllm,) = psutil.Process(process.pid).children()
+        srv.prometheus_dir = vllm.environ()["PROMETHEUS_MULTIPROC_DIR"]
+        yield srv
+    finally:
+        if process.poll() is None:
+            _stop_tree(process.pid)
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+def metrics(srv: Server) -> dict[tuple[str, str, str], float]:
+    """{(metric, layer, budget): value} of the vllm_alloc series on /metrics ('' for absent labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("vllm_alloc:"):
+                key = (s.name, s.labels.get("layer", ""), s.labels.get("budget", s.labels.get("le", "")))
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def computed_tokens(usage: Any) -> int:
+    cached = (usage.prompt_tokens_details.cached_tokens or 0) if usage.prompt_tokens_details else 0
+    return usage.prompt_tokens - cached + usage.completion_tokens - 1
+
+
+def expected_counters(tokens_by_budget: dict[str, int]) -> dict[tuple[str, str, str], float]:
+    out = {}
+    for label, tokens in tokens_by_budget.items():
+        for layer in map(str, range(L)):
+            out[("vllm_alloc:full_activations_total", layer, label)] = float(K * tokens)
+            out[("vllm_alloc:routed_activations_total", layer, label)] = K * tokens * ROUTED_FRACTION[label]
+    return out
+
+
+def settled_delta(srv: Server, before: dict[Any, float], want: dict[Any, float]) -> dict[Any, float]:
+    """The counter delta once the worker's last flush has reached /metrics (it flushes after each pass,
+    which can land a moment after the response)."""
+    got: dict[Any, float] = {}
+    for _ in range(20):
+        got = {k: v for k, v in delta(metrics(srv), before).items() if k[0].endswith("activations_total")}
+        if got == want:
+            break
+        time.sleep(0.25)
+    return got
+
+
+def label(b: float | None) -> str:
+    return "1" if b is None else f"{b:.4g}"
+
+
+# -- budgets through the openai client -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_header_budgets_change_counted_activations(server: Server, endpoint: str, stream: bool) -> None:
+    client = server.client()
+    before = metrics(server)
+    tokens: dict[str, int] = defaultdict(int)
+    for i, b in enumerate((1.0, 0.5, 0.25)):
+        kwargs: dict[str, Any] = {
+            "model": server.model,
+            "max_tokens": 6,
+            "extra_headers": {"X-Activation-Budget": str(b)},
+            # ignore_eos: a fixed token count (and no stop-token lookahead) keeps the counts exact
+            "extra_body": {"ignore_eos": True},
+        }
+        if stream:
+            kwargs.update(stream=True, stream_options={"include_usage": True})
+        prompt = f"{endpoint} {stream} request {i}: the budget is {b}"
+        api = client.completions if endpoint == "completions" else client.chat.completions
+        if endpoint == "completions":
+            raw = api.with_raw_response.create(prompt=prompt, **kwargs)
+        else:
+            raw = api.with_raw_response.create(messages=[{"role": "user", "content": prompt}], **kwargs)
+        assert raw.headers[APPLIED] == repr(b)
+        result = raw.parse()
+        if stream:
+            chunks = list(result)
+            usage = chunks[-1].usage
+            assert usage is not None and usage.completion_tokens == 6
+        else:
+            usage = result.usage
+            assert usage.completion_tokens == 6
+        tokens[label(b)] += computed_tokens(usage)
+    want = expected_counters(tokens)
+    assert settled_delta(server, before, want) == want
+
+
+def test_body_form_and_default(server: Server) -> None:
+    client = server.client()
+    before = metrics(server)
+    tokens: dict[str, int] = defaultdict(int)
+    for i, (xargs, applied) in enumerate([({"activation_budget": 0.5}, 0.5), ({}, 1.0)]):
+        raw = client.completions.with_raw_response.create(
+            model=server.model,
+            prompt=f"body form {i}",
+            max_tokens=4,
+            extra_body={"vllm_xargs": xargs, "ignore_eos": True},
+        )
+        assert raw.headers[APPLIED] == repr(applied)
+        tokens[label(applied)] += computed_tokens(raw.parse().usage)
+    # Header and body that agree are one budget.
+    raw = client.completions.with_raw_response.create(
+        model=server.model,
+        prompt="body and header",
+        max_tokens=4,
+        extra_headers={"X-Activation-Budget": "0.25"},
+        extra_body={"vllm_xargs": {"activation_budget": 0.25}, "ignore_eos": True},
+    )
+    assert raw.headers[APPLIED] == "0.25"
+    tokens["0.25"] += computed_tokens(raw.parse().usage)
+    want = expected_counters(tokens)
+    assert settled_delta(server, before, want) == want
+    hist = delta(metrics(server), before)
+    assert hist[("vllm_alloc:request_budget_count", "", "")] == 3
+    assert hist[("vllm_alloc:request_budget_sum", "", "")] == pytest.approx(0.5 + 1.0 + 0.25)
+
+
+def test_responses_endpoint(server: Server) -> None:
+    raw = server.client().responses.with_raw_response.create(
+        model=server.model, input="hello", max_output_tokens=4, extra_headers={"X-Activation-Budget": "0.5"}
+    )
+    assert raw.headers[APPLIED] == "0.5"
+    assert raw.parse().usage.output_tokens >= 1
+
+
+# -- invalid input: 400 naming the range, the server keeps serving -------------------------------------------
+
+
+BAD = [
+    ({"X-Activation-Budget": "abc"}, None, "not a number"),
+    ({"X-Activation-Budget": "nan"}, None, "not finite"),
+    ({"X-Activation-Budget": "inf"}, None, "not finite"),
+    ({"X-Activation-Budget": "0"}, None, "out of range"),
+    ({"X-Activation-Budget": "-0.5"}, None, "out of range"),
+    ({"X-Activation-Budget": "1.01"}, None, "out of range"),
+    ({"X-Activation-Budget": "0.2"}, None, "below this model's minimum"),
+    ({"X-Activation-Budget": "0.5" + "0" * 40}, None, "characters"),
+    ({}, "abc", "not a number"),
+    ({}, 0, "out of range"),
+    ({}, 1.5, "out of range"),
+    ({}, 0.1, "below this model's minimum"),
+    ({"X-Activation-Budget": "0.5"}, 0.25, "disagree"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize(("headers", "body_budget", "needle"), BAD)
+def test_invalid_budget_is_400(
+    server: Server, endpoint: str, headers: dict[str, str], body_budget: Any, needle: str
+) -> None:
+    client = server.client()
+    extra_body = {} if body_budget is None else {"vllm_xargs": {"activation_budget": body_budget}}
+    with pytest.raises(openai.BadRequestError) as info:
+        if endpoint == "completions":
+            client.completions.create(
+                model=server.model, prompt="x", max_tokens=1, extra_headers=headers, extra_body=extra_body
+            )
+        else:
+            client.chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=1,
+                stream=True,  # refused before any streaming starts
+                extra_headers=headers,
+                extra_body=extra_body,
+            )
+    assert info.value.status_code == 400
+    message = info.value.body["message"] if isinstance(info.value.body, dict) else str(info.value)
+    assert needle in message and RANGE in message, message
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_body_is_400(server: Server, literal: str) -> None:
+    # The openai client refuses to encode NaN; Python's json (and so vLLM) reads these literals.
+    body = f'{{"model": "{server.model}", "prompt": "x", "vllm_xargs": {{"activation_budget": {literal}}}}}'
+    response = httpx.post(
+        f"{server.base_url}/v1/completions",
+        content=body.encode(),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "not finite" in error["message"] and RANGE in error["message"]
+    assert error["param"] == "activation_budget" and error["type"] == "BadRequestError"
+
+
+def test_still_serving_after_bad_requests(server: Server) -> None:
+    out = server.client().completions.create(
+        model=server.model, prompt="still there?", max_tokens=2, extra_headers={"X-Activation-Budget": "0.5"}
+    )
+    assert out.usage.completion_tokens >= 1
+
+
+# -- load: 64 concurrent requests, mixed budgets, half streaming ---------------------------------------------
+
+
+def test_64_concurrent_mixed_requests(server: Server) -> None:
+    budgets = [1.0, 0.5, 0.25, None]  # None: the server default (1.0)
+    before = metrics(server)
+
+    async def one(client: Any, i: int) -> tuple[str, int]:
+        b = budgets[i % len(budgets)]
+        headers = {} if b is None else {"X-Activation-Budget": str(b)}
+        stream = i % 2 == 1
+        extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if stream else {}
+        common = {"model": server.model, "max_tokens": 4 + i % 5, "stream": stream, "extra_headers": headers}
+        common["extra_body"] = {"ignore_eos": True}
+        if i % 4 < 2:
+            result = await client.completions.create(prompt=f"request {i} of 64", **common, **extra)
+        else:
+            messages = [{"role": "user", "content": f"request {i} of 64"}]
+            result = await client.chat.completions.create(messages=messages, **common, **extra)
+        if stream:
+            usage = None
+            async for chunk in result:
+                usage = chunk.usage or usage
+        else:
+            usage = result.usage
+        assert usage is not None and usage.completion_tokens == 4 + i % 5
+        return label(b), computed_tokens(usage)
+
+    async def run_all() -> list[tuple[str, int]]:
+        async with server.async_client() as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(run_all())
+    assert len(results) == 64
+    tokens: dict[str, int] = defaultdict(int)
+    for lab, n in results:
+        tokens[lab] += n
+    want = expected_counters(tokens)
+    assert settled_delta(server, before, want) == want
+    hist = delta(metrics(server), before)
+    assert hist[("vllm_alloc:request_budget_count", "", "")] == 64
+    assert hist[("vllm_alloc:request_budget_bucket", "", "0.25")] == 16
+    assert hist[("vllm_alloc:request_budget_bucket", "", "0.5")] == 32
+
+
+# -- shutdown (last: stops the module's server) --------------------------------------------------------------
+
+
+def test_sigterm_shuts_down_cleanly(server: Server) -> None:
+    assert Path(server.prometheus_dir).is_dir()
+    descendants = psutil.Process(server.process.pid).children(recursive=True)
+    assert descendants  # the API server, EngineCore, ...
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        code = server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running 30 s after SIGTERM:\n{server.log_tail()}")
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    assert code == 0, server.log_tail()
+    assert not Path(server.prometheus_dir).exists()
