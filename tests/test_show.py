@@ -1,0 +1,63 @@
+"""`vllm-alloc show`: the table names the winner and the candidates' numbers; the PNG is written."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from vllm_alloc.budget import ModelFingerprint, uniform_budget_file
+from vllm_alloc.calibration import CalibrationData
+from vllm_alloc.cli import main as cli_main
+from vllm_alloc.profile import profile_to_file
+from vllm_alloc.show import summary
+
+
+@pytest.fixture
+def budget_file_path(tmp_path: Path) -> Path:
+    model = ModelFingerprint(
+        architecture="Qwen3MoeForCausalLM",
+        moe_layers=[0, 1, 2, 3],
+        num_experts=16,
+        top_k=4,
+        hidden_size=128,
+        intermediate_size=64,
+    )
+    seqs = [[i] * 8 for i in range(4)]
+    calib = CalibrationData(seqs[:3], seqs[3:], "test data", 8, "3 profile / 1 held-out")
+
+    def evaluate(ks: Sequence[int], split: str) -> float:
+        return 10.0 + sum(w / k for w, k in zip([8.0, 1.0, 1.0, 1.0], ks, strict=True))
+
+    out = tmp_path / "f.json"
+    profile_to_file(evaluate, model, calib, [0.33, 0.5, 0.75], out, progress=False)
+    return out
+
+
+def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path, capsys) -> None:
+    png = tmp_path / "plot" / "f.png"
+    assert cli_main(["show", str(budget_file_path), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "L = 4 MoE layers [0, 1, 2, 3], E = 16, K = 4" in text
+    assert "sensitivity isolating: 32 tokens × seq_len 8 from test data" in text
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("0.5 "))
+    assert "4,2,1,1" in row or "4," in row.split()[2]
+    assert "*" in row and "%" in row and "—" not in row  # all three candidates measured at b = 0.5
+    full = next(line for line in text.splitlines() if line.lstrip().startswith("1 "))
+    assert "4,4,4,4" in full
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_show_marks_unmeasured_budgets_and_bad_input(tmp_path: Path, capsys) -> None:
+    model = ModelFingerprint(
+        architecture="X", moe_layers=[1, 3], num_experts=8, top_k=2, hidden_size=64, intermediate_size=32
+    )
+    path = tmp_path / "u.json"
+    uniform_budget_file(model).dump(path)
+    text = summary(uniform_budget_file(model), [0.5, 0.75])
+    assert "uniform (unmeasured)" in text and "0 of 3 budgets validated" in text
+    assert cli_main(["show", str(path), "--budgets", "0.2"]) == 2
+    assert "--budgets=0.2" in capsys.readouterr().err
+    assert cli_main(["show", str(tmp_path / "nope.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

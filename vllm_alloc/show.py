@@ -1,0 +1,165 @@
+"""`vllm-alloc show FILE [--budgets 0.33,0.5,0.75,1.0] [--png OUT]`: read a budget file as a person.
+
+Prints the model, the calibration provenance and, for each chosen budget b, K(floor(b·A)) with the
+held-out numbers of every candidate and the winner. `--png` draws the sensitivity matrices (one heatmap
+per protocol: the metric's increase over k = K in the same row, which is what the DP trades; a per-row
+offset does not change the allocation) and the per-layer allocation at each chosen budget against
+uniform. matplotlib is imported only for `--png` (Agg backend, no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm_alloc.alloc_l import uniform
+from vllm_alloc.budget import Allocation, BudgetFile, BudgetFileError, load_budget_file
+from vllm_alloc.requests import BudgetError, parse_budget
+
+DEFAULT_BUDGETS = (0.33, 0.5, 0.75, 1.0)
+CANDIDATE_ORDER = ("uniform", "isolating", "operating-point")
+
+
+def _vec(ks: Sequence[int]) -> str:
+    return ",".join(map(str, ks))
+
+
+def _allocation(bf: BudgetFile, b: float) -> Allocation:
+    B = bf.absolute_budget(b)
+    return bf.allocations[B - bf.model.num_moe_layers * bf.k_base]
+
+
+def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
+    """The text `show` prints: header, provenance, and the allocation table for `budgets`."""
+    m = bf.model
+    lines = [
+        f"model {m.architecture}: L = {m.num_moe_layers} MoE layers {m.moe_layers}, E = {m.num_experts}, "
+        f"K = {m.top_k}, H = {m.hidden_size}, I = {m.intermediate_size}; A = {m.full_activations}, "
+        f"k_base = {bf.k_base}, weights {bf.weights}, scope {bf.scope}, default b = {bf.default_budget}",
+    ]
+    for s in bf.sensitivities:
+        at = f" at B = {s.budget}" if s.budget is not None else ""
+        cal = s.calibration
+        lines.append(
+            f"sensitivity {s.protocol}{at}: {cal.tokens} tokens × seq_len {cal.seq_len} from {cal.source}"
+        )
+    if bf.sensitivities and bf.sensitivities[0].calibration.split:
+        lines.append(f"split: {bf.sensitivities[0].calibration.split}")
+    names = [n for n in CANDIDATE_ORDER if any(c.name == n for a in bf.allocations for c in a.candidates)]
+    names += sorted({c.name for a in bf.allocations for c in a.candidates} - set(names))
+    table = [["b", "B", "K(B)", "chosen", *names]]
+    for b in budgets:
+        a = _allocation(bf, b)
+        by_name = {c.name: c for c in a.candidates}
+        base = by_name.get("uniform")
+        chosen = a.chosen if a.candidates or a.budget == m.full_activations else f"{a.chosen} (unmeasured)"
+        row = [f"{b:g}", str(a.budget), _vec(a.k), chosen]
+        for n in names:
+            c = by_name.get(n)
+            if c is None:
+                row.append("—")
+                continue
+            rel = f" {100 * (c.measured / base.measured - 1):+.2f}%" if base and n != "uniform" else ""
+            row.append(f"{c.measured:.6g}{rel} [{_vec(c.allocation)}]{'*' if n == a.chosen else ''}")
+        table.append(row)
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    right = {0, 1}  # numbers right-aligned, text left-aligned
+    text = [
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in table
+    ]
+    lines += ["", text[0].rstrip(), "-" * len(text[0].rstrip()), *(t.rstrip() for t in text[1:])]
+    lines.append("(* = chosen; measured = held-out metric, lower is better; % vs uniform)")
+    wins = sum(1 for a in bf.allocations if a.chosen != "uniform")
+    validated = sum(1 for a in bf.allocations if a.candidates)
+    lines.append(
+        f"{validated} of {len(bf.allocations)} budgets validated on held-out data; "
+        f"{wins} ship a non-uniform allocation"
+    )
+    if bf.notes:
+        lines.append(f"notes: {bf.notes}")
+    return "\n".join(lines)
+
+
+def draw(bf: BudgetFile, out: Path, budgets: Sequence[float] = DEFAULT_BUDGETS) -> None:
+    """Sensitivity heatmaps (top row) and per-layer allocations at `budgets` (bottom row) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = bf.model
+    L, K = m.num_moe_layers, m.top_k
+    sens = bf.sensitivities
+    cols = max(len(sens), len(budgets), 1)
+    rows = 2 if sens else 1
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.12 * L), squeeze=False, constrained_layout=True
+    )
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for j, s in enumerate(sens):
+        ax = axes[0][j]
+        ax.set_visible(True)
+        S = np.asarray(s.matrix, dtype=float)
+        delta = S - S[:, K - 1 : K]  # increase over k = K in the same row
+        delta[:, : bf.k_base - 1] = np.nan  # k < k_base was never run
+        image = ax.imshow(delta, aspect="auto", cmap="magma_r", origin="upper")
+        ax.set_xticks(range(K), [str(k) for k in range(1, K + 1)])
+        ax.set_yticks(range(L), [str(x) for x in m.moe_layers])
+        ax.set_xlabel("k (experts in the layer)")
+        ax.set_ylabel("MoE layer")
+        at = f", B = {s.budget}" if s.budget is not None else ""
+        ax.set_title(f"{s.protocol}{at}\nΔ metric vs k = K", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.85)
+    for j, b in enumerate(budgets):
+        ax = axes[rows - 1][j]
+        ax.set_visible(True)
+        a = _allocation(bf, b)
+        x = np.arange(L)
+        ax.bar(x, a.k, color="tab:blue" if a.chosen != "uniform" else "tab:gray", label=f"K(B) ({a.chosen})")
+        ax.hlines(uniform(L, K, a.budget, k_min=bf.k_base), x - 0.45, x + 0.45, colors="k", linestyles="--")
+        ax.plot([], [], "k--", label="uniform")  # one legend entry for the per-layer segments
+        ax.set_ylim(0, K + 0.8)
+        ax.set_xticks(x, [str(i) for i in m.moe_layers], fontsize=7 if L > 16 else 9)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("K_l")
+        ax.set_title(f"b = {b:g} (B = {a.budget} of {m.full_activations})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{m.architecture}: Alloc-L budget file", fontsize=10)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "show", help="print a budget file's allocations and candidates; optionally draw them"
+    )
+    p.add_argument("file", metavar="FILE", help="budget file (path, or the name of a shipped one)")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="b values to show")
+    p.add_argument("--png", type=Path, metavar="OUT", help="also draw heatmaps and allocations into OUT")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        bf = load_budget_file(args.file)
+        budgets = [
+            parse_budget(x, min_budget=bf.min_budget, source="--budgets") for x in args.budgets.split(",")
+        ]
+    except (BudgetFileError, BudgetError) as exc:
+        print(f"vllm-alloc show: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(bf, budgets))
+    if args.png is not None:
+        draw(bf, args.png, budgets)
+        print(f"wrote {args.png}")
+    return 0
