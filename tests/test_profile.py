@@ -3,13 +3,21 @@ run through vLLM on a tiny checkpoint whose first MoE layer was made to matter m
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from vllm_alloc import profile_protocols as pp
 from vllm_alloc.alloc_l import uniform
+from vllm_alloc.budget import ModelFingerprint, load_budget_file
+from vllm_alloc.calibration import CalibrationData, load_calibration
+from vllm_alloc.cli import main as cli_main
+from vllm_alloc.profile import profile_to_file
 
 
 def additive(weights: Sequence[float]) -> pp.Evaluate:
@@ -160,3 +168,256 @@ def test_bad_arguments_name_the_value(kwargs: dict, message: str) -> None:
 def test_non_finite_metric_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="gave nan"):
         pp.isolating_sensitivity(lambda ks, split: math.nan, 2, 2)
+
+
+# -- files, CLI errors (no vLLM) -----------------------------------------------------------------------------
+def fingerprint(L: int = 4, K: int = 4) -> ModelFingerprint:
+    return ModelFingerprint(
+        architecture="Qwen3MoeForCausalLM",
+        moe_layers=list(range(L)),
+        num_experts=16,
+        top_k=K,
+        hidden_size=128,
+        intermediate_size=64,
+    )
+
+
+def calibration(n_profile: int = 3, n_heldout: int = 1, seq_len: int = 8) -> CalibrationData:
+    seqs = [[i] * seq_len for i in range(n_profile + n_heldout)]
+    return CalibrationData(seqs[:n_profile], seqs[n_profile:], "test", seq_len, "first 3 / last 1")
+
+
+def test_written_file_round_trips_through_the_loader(tmp_path: Path) -> None:
+    out = tmp_path / "configs" / "tiny.json"
+    evaluate = additive([8.0, 1.0, 1.0, 1.0])
+    bf, runs = profile_to_file(evaluate, fingerprint(), calibration(), [0.33, 0.5, 0.75], out, progress=False)
+    loaded = load_budget_file(out)
+    assert loaded == bf
+    assert [s.protocol for s in loaded.sensitivities] == ["isolating"] + ["operating-point"] * 3
+    assert [s.budget for s in loaded.sensitivities] == [None, 5, 8, 12]
+    assert loaded.sensitivities[0].calibration.split == "first 3 / last 1"
+    assert loaded.k_vector(0.5)[0] == 4 and loaded.allocations[8 - 4].chosen != "uniform"
+    assert "ties to uniform" in loaded.notes and "Held-out perplexity at b = 1.0" in loaded.notes
+    assert not list(out.parent.glob(".*tmp"))  # the temporary file is gone
+    assert runs == len({(tuple(c.allocation), "h") for a in loaded.allocations for c in a.candidates}) + (
+        pp.planned_profile_runs(4, 4, [5, 8, 12], pp.PROTOCOLS) + 1  # + the b = 1.0 held-out reference
+    )
+
+
+def test_interrupt_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    calls = {"n": 0}
+
+    def evaluate(ks: Sequence[int], split: str) -> float:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_to_file(evaluate, fingerprint(), calibration(), [0.5], out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_below_the_minimum_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--budgets: activation budget b = 0.1 is outside the valid range"):
+        profile_to_file(additive([1.0] * 4), fingerprint(), calibration(), [0.1], tmp_path / "x.json")
+
+
+def test_non_moe_model_is_refused_before_vllm_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    )
+    assert cli_main(["profile", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Mixture-of-Experts model" in err and "num_experts" in err
+    assert cli_main(["profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o.json")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+def test_unreadable_calibration_names_the_path(
+    tiny_model: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = tiny_model("qwen3_moe")
+    missing = tmp_path / "missing.txt"
+    assert cli_main(["profile", str(model), "--calib", str(missing), "--out", str(tmp_path / "o.json")]) == 2
+    assert f"calibration file {missing}: no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    assert cli_main(["profile", str(model), "--calib", str(bad), "--out", str(tmp_path / "o.json")]) == 2
+    assert 'line 2 has no string field "text"' in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_calibration_formats_agree(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("qwen3_moe")))
+    text = "def f(x):\n    return x + 1\n" * 40
+    ids = tok.encode(text, add_special_tokens=False)
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tmp_path / "a.tokens").write_text(" ".join(map(str, ids)))
+    np.save(tmp_path / "a.npy", np.asarray(ids, dtype=np.int64))
+    torch.save(torch.tensor(ids), tmp_path / "a.pt")
+    got = {}
+    for name in ("a.txt", "a.jsonl", "a.tokens", "a.npy", "a.pt"):
+        c = load_calibration(tmp_path / name, tok, tokens=64, seq_len=16, vocab_size=len(tok))
+        got[name] = (c.profile, c.heldout)
+        assert len(c.profile) == 3 and len(c.heldout) == 1 and c.tokens == 64
+    assert len({json.dumps(v) for v in got.values()}) == 1
+    default = load_calibration(None, tok, tokens=256, seq_len=64, vocab_size=len(tok))
+    assert "standard library" in default.source and default.tokens == 256
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        (tmp_path / "b.tokens").write_text("1 2 999999")
+        load_calibration(tmp_path / "b.tokens", tok, tokens=64, seq_len=1 + 1, vocab_size=len(tok))
+
+
+# -- e2e: a real profiling run through vLLM ------------------------------------------------------------------
+SCALE = 8.0  # layer 0's experts write 8× larger outputs, so cutting them moves the model the most
+# Random weights predict almost uniformly (perplexity ≈ vocabulary size), where pruning changes nothing
+# measurable; a 20× sharper output head gives peaked predictions, so hidden-state changes show.
+HEAD_SCALE = 20.0
+SEQ_LEN, N_SEQ = 64, 32  # 2048 calibration tokens: 24 profile + 8 held-out sequences
+
+
+def scaled_checkpoint(src: Path, dst: Path, factor: float) -> Path:
+    """Copy of `src` whose MoE layer 0 expert down-projections are multiplied by `factor` (and the output
+    head by HEAD_SCALE)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    for name in weights:
+        if name.startswith("model.layers.0.mlp.experts.") and name.endswith("down_proj.weight"):
+            weights[name] = weights[name] * factor
+        elif name == "lm_head.weight":
+            weights[name] = weights[name] * HEAD_SCALE
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def sample_tokens(model_dir: Path, n: int, seq_len: int, seed: int = 0) -> np.ndarray:
+    """n sequences sampled (temperature 1) from the full model itself, flattened. On its own samples the
+    full model has the lowest expected perplexity, so a random-weight model still has a well-defined
+    'damage' from pruning, largest where the pruned layer matters most."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    start = torch.randint(3, model.config.vocab_size, (n, 1))
+    with torch.no_grad():
+        out = model.generate(
+            start,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=0,
+        )
+    assert out.shape == (n, seq_len)
+    return out.flatten().numpy().astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path_factory.mktemp("profile")
+    model = scaled_checkpoint(tiny_model("qwen3_moe", num_layers=4), tmp / "model", SCALE)
+    np.save(tmp / "calib.npy", sample_tokens(model, N_SEQ, SEQ_LEN))
+    out = tmp / "configs" / "tiny.json"
+    # --all-budgets-up-to 0: validate only the requested B and multiples of L (4, 8, 12), to keep it short.
+    args = (
+        f"--tokens {N_SEQ * SEQ_LEN} --seq-len {SEQ_LEN} --budgets 0.5 --all-budgets-up-to 0 --dtype float32"
+    )
+    cmd = [sys.executable, "-m", "vllm_alloc.cli", "profile", str(model), "--calib", str(tmp / "calib.npy")]
+    cmd += [*args.split(), "--out", str(out)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"\nprofile CLI: {time.monotonic() - t0:.0f} s\n{proc.stdout}")
+    return {
+        "model": model,
+        "out": out,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "seconds": time.monotonic() - t0,
+        "calib": tmp / "calib.npy",
+    }
+
+
+@pytest.mark.e2e
+def test_profile_gives_the_scaled_layer_more_experts(profiled: dict) -> None:
+    bf = load_budget_file(profiled["out"])  # round-trips through the loader
+    assert bf.model.moe_layers == [0, 1, 2, 3] and bf.model.top_k == 4 and bf.model.num_experts == 16
+    assert "profile: 100%|" in profiled["stderr"]  # the progress bar ran to the end
+    iso = bf.sensitivities[0]
+    assert iso.protocol == "isolating" and iso.calibration.tokens == N_SEQ * SEQ_LEN
+    # Cutting layer 0 from K to 1 hurts more than cutting any other layer (isolating rows, Δ over k).
+    spread = [row[0] - row[-1] for row in iso.matrix]
+    assert spread[0] > max(spread[1:]), spread
+    a = bf.allocations[bf.absolute_budget(0.5) - 4]
+    by_name = {c.name: c for c in a.candidates}
+    assert set(by_name) == {"uniform", "isolating", "operating-point"}
+    for name in ("isolating", "operating-point"):
+        ks = by_name[name].allocation
+        assert ks[0] >= max(ks[1:]), (name, ks)
+    assert a.k[0] >= max(a.k[1:])
+    for alloc in bf.allocations:  # the guard held everywhere
+        if alloc.candidates:
+            assert (
+                min(c.measured for c in alloc.candidates if c.name == alloc.chosen)
+                <= alloc.candidates[0].measured
+            )
+    assert "chosen" in profiled["stdout"] and "operating-point" in profiled["stdout"]  # the summary table
+
+
+@pytest.mark.e2e
+def test_served_model_accepts_the_file_and_counts_the_vector(profiled: dict) -> None:
+    # Start the engine with the written budget file: the integration validates it against the model.
+    from vllm import LLM
+
+    from vllm_alloc.calibration import load_calibration
+    from vllm_alloc.profile import VllmEvaluator, fingerprint, read_moe_config, shutdown_llm
+
+    llm = LLM(
+        model=str(profiled["model"]),
+        dtype="float32",
+        max_model_len=SEQ_LEN + 1,
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        additional_config={"vllm_alloc": {"budget_file": str(profiled["out"]), "scope": "request"}},
+    )
+    try:
+        counters = llm.collective_rpc("vllm_alloc_counters")[0]
+        bf = load_budget_file(profiled["out"])
+        assert fingerprint(read_moe_config(profiled["model"]), counters) == bf.model
+        calib = load_calibration(
+            profiled["calib"], llm.get_tokenizer(), tokens=N_SEQ * SEQ_LEN, seq_len=SEQ_LEN, vocab_size=1024
+        )
+        evaluate = VllmEvaluator(llm, calib, bf.model)
+        ks = [4, 2, 1, 1]
+        before = np.asarray(counters["used"])
+        ppl = evaluate(ks, "heldout")
+        after = np.asarray(llm.collective_rpc("vllm_alloc_counters")[0]["used"])
+        tokens = len(calib.heldout) * SEQ_LEN
+        assert (after - before)[:, sum(ks)].tolist() == [k * tokens for k in ks]  # pool exact per layer
+        recorded = {tuple(c.allocation): c.measured for a in bf.allocations for c in a.candidates}
+        if tuple(ks) in recorded:
+            assert ppl == pytest.approx(recorded[tuple(ks)], rel=1e-4)
+        chosen = bf.allocations[8 - 4]
+        assert evaluate(chosen.k, "heldout") == pytest.approx(
+            next(c.measured for c in chosen.candidates if c.name == chosen.chosen), rel=1e-4
+        )
+    finally:
+        llm.collective_rpc("vllm_alloc_reset_allocation")
+        shutdown_llm(llm)

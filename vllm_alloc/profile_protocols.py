@@ -169,7 +169,8 @@ def select(
         rows.append({"name": name, "allocation": list(key), "measured": measured[key]})
     best = rows[0]
     for row in rows[1:]:
-        if float(row["measured"]) < float(best["measured"]):  # strict: ties keep uniform (or the earlier candidate)
+        # Strict: ties keep uniform (or the earlier candidate).
+        if float(row["measured"]) < float(best["measured"]):
             best = row
     return {
         "budget": sum(candidates[0][1]),
