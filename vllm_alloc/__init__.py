@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # subpackage that the wheel ships (pyproject maps one onto the other).
 _checkout_kernels = Path(__file__).resolve().parent.parent / "kernels"
 if not (Path(__file__).parent / "kernels").is_dir() and (_checkout_kernels / "__init__.py").is_file():
-    __path__.append(str(_checkout_kernels.parent))  # type: ignore[name-defined]
+    __path__.append(str(_checkout_kernels.parent))
 
 
 def register() -> None:

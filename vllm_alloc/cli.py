@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve Mixture-of-Experts models in vLLM under per-request activation budgets.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, module_name in SUBCOMMANDS.items():
+    for module_name in SUBCOMMANDS.values():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -22,7 +22,9 @@ class BudgetError(ValueError):
 
 def valid_range(min_budget: float | None) -> str:
     # Round the minimum up for display, so the printed bound is itself a valid budget (1/3 -> 0.333334).
-    low = f"{math.ceil(min_budget * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".") if min_budget is not None else "0"
+    low = (
+        f"{math.ceil(min_budget * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".") if min_budget is not None else "0"
+    )
     bracket = "[" if min_budget is not None else "("
     return f"a number in {bracket}{low}, 1]"
 

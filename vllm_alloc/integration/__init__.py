@@ -28,6 +28,7 @@ def install() -> None:
 def _add_worker_method(worker_base: type) -> None:
     """Worker methods reachable with `LLM.collective_rpc(name, args=...)`:
     vllm_alloc_counters()            cumulative counters (see AllocState.counters)
+    vllm_alloc_fingerprint()         the model fingerprint budget files are validated against
     vllm_alloc_set_allocation(rows)  overwrite live K(B) rows, {B: [K_l, ...]} (profiling)
     vllm_alloc_reset_allocation()    restore the budget file's allocation
     """
@@ -35,6 +36,7 @@ def _add_worker_method(worker_base: type) -> None:
 
     methods = {
         "vllm_alloc_counters": lambda self: STATE.counters(),
+        "vllm_alloc_fingerprint": lambda self: STATE.fingerprint().model_dump(),
         "vllm_alloc_set_allocation": lambda self, rows: STATE.set_allocation(rows),
         "vllm_alloc_reset_allocation": lambda self: STATE.reset_allocation(),
     }

@@ -30,7 +30,7 @@ class PluginConfig:
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PluginConfig:
-        section = {}
+        section: Any = {}
         if isinstance(additional_config, dict):
             section = additional_config.get(CONFIG_KEY) or {}
         if not isinstance(section, dict):

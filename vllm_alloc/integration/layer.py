@@ -80,7 +80,7 @@ def moe_apply(
 
 
 @moe_apply.register_fake
-def _(x, router_logits, topk_weights, topk_ids, shared_experts_input, layer_name):  # type: ignore[no-untyped-def]
+def _(x, router_logits, topk_weights, topk_ids, shared_experts_input, layer_name):
     return torch.empty_like(x)
 
 
@@ -262,10 +262,10 @@ def _refuse_unsupported(
         problems.append("expert load balancing (--enable-eplb)")
     if getattr(vllm_config, "lora_config", None) is not None:
         problems.append("LoRA adapters (--enable-lora)")
-    method = routed_experts.quant_method
+    method: Any = routed_experts.quant_method
     if not isinstance(method, compat.unquantized_method_cls()):
         problems.append(f"quantised MoE weights ({type(method).__name__})")
-    elif method.is_monolithic:
+    elif getattr(method, "is_monolithic", False):
         problems.append("a monolithic MoE backend (start with --moe-backend triton)")
     if runner.routed_input_transform is not None or runner.routed_output_transform is not None:
         problems.append("latent MoE (routed input/output transforms)")

@@ -18,7 +18,7 @@ _MARK = "_vllm_alloc_wrapped"
 
 
 def install() -> None:
-    cls = compat.sampling_params_cls()
+    cls: Any = compat.sampling_params_cls()
     original = cls._verify_extra_args
     if getattr(original, _MARK, False):
         return
