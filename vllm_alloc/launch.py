@@ -5,6 +5,8 @@ What it adds to a plain `vllm serve` (and nothing else: every other argument pas
   --additional-config '{"vllm_alloc": {...}}'  merged from --budget-config / --default-budget and any
                                                 --additional-config the user gave
   --moe-backend triton                          on CUDA, unless given (the plugin routes through Triton)
+  --enforce-eager                               on CUDA, unless given: budget-aware CUDA-graph capture is
+                                                not implemented yet, and the plugin refuses graphs
   PROMETHEUS_MULTIPROC_DIR=<fresh temp dir>     so worker-side counters reach /metrics; removed at exit
 It checks the budget file and the default budget before vLLM starts (a bad file is a one-line error and
 exit code 2, not a traceback after a minute of model loading), then runs vLLM as a child process and
@@ -131,6 +133,8 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
         passthrough += ["--api-server-count", str(api_servers)]
     if cuda and not any(a == "--moe-backend" or a.startswith("--moe-backend=") for a in rest):
         passthrough += ["--moe-backend", "triton"]
+    if cuda and "--enforce-eager" not in rest:
+        passthrough += ["--enforce-eager"]
     tail = ["--model", model, *passthrough, "--middleware", MIDDLEWARE]
     tail += ["--additional-config", json.dumps(additional, sort_keys=True)]
 

@@ -75,6 +75,13 @@ def is_cpu_platform() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def uses_cuda_graphs(vllm_config: Any) -> bool:
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return mode is not None and mode != CUDAGraphMode.NONE
+
+
 def logger(name: str) -> Any:
     from vllm.logger import init_logger
 

@@ -267,6 +267,10 @@ def _refuse_unsupported(
         problems.append(f"quantised MoE weights ({type(method).__name__})")
     elif getattr(method, "is_monolithic", False):
         problems.append("a monolithic MoE backend (start with --moe-backend triton)")
+    if not compat.is_cpu_platform() and compat.uses_cuda_graphs(vllm_config):
+        # A captured graph replays whatever path ran at capture time (the stock one), so budgets would
+        # be silently ignored on every replayed step. Budget-aware capture is not implemented yet.
+        problems.append("CUDA graphs (start with --enforce-eager; `vllm-alloc serve` adds it on CUDA)")
     if runner.routed_input_transform is not None or runner.routed_output_transform is not None:
         problems.append("latent MoE (routed input/output transforms)")
     if problems:
