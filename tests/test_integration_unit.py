@@ -60,6 +60,14 @@ def test_fill_scope_request_groups_by_request() -> None:
     assert plan.token_group[:5].tolist() == [0, 0, 1, 1, 1]
 
 
+def test_fill_scope_token_turns_reallocation_off() -> None:
+    state = make_state(scope="token")
+    plan = state.plan
+    assert plan is not None
+    state.fill(["a", "b"], [0.5, 0.5], np.array([0, 2, 5]))
+    assert plan.token_group[:5].tolist() == [0, 1, 2, 3, 4]
+
+
 def test_all_full_pass_takes_stock_path_and_is_counted() -> None:
     state = make_state()
     plan = state.plan

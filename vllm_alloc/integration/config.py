@@ -3,7 +3,8 @@
 Keys of the `vllm_alloc` object:
   budget_file     path of a budget file, or the name of one shipped in configs/ (default: uniform)
   default_budget  b for requests that name none (default: the budget file's, normally 1.0)
-  scope           Alloc-T reallocation scope: "budget" (default) or "request"
+  scope           Alloc-T reallocation scope: "budget" (default), "request", or "token" (no
+                  reallocation: every token keeps exactly its top-K_l; for ablations)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
 The budget file supplies the defaults for the last three; these settings override it.
 """
@@ -16,7 +17,7 @@ from typing import Any
 from vllm_alloc import envs
 
 CONFIG_KEY = "vllm_alloc"
-SCOPES = ("budget", "request")
+SCOPES = ("budget", "request", "token")
 WEIGHTS = ("topk", "kept", "raw")
 _KEYS = ("budget_file", "default_budget", "scope", "weights")
 

@@ -190,14 +190,16 @@ class AllocState:
             plan.used[:, plan.A] += num_tokens * plan.K
             plan.full[:, plan.A] += num_tokens * plan.K
             return
-        if plan.scope == "request":
+        if plan.scope == "token":
+            groups = None  # every token is its own group: plain top-K_l per token, no reallocation
+        elif plan.scope == "request":
             groups = np.arange(len(req_ids), dtype=np.int64)
         else:
             # One group per distinct B, named by the first request that has it (ids stay below T).
             _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
             groups = first[inverse].astype(np.int64)
         token_budget = np.repeat(budgets, counts)
-        token_group = np.repeat(groups, counts)
+        token_group = np.arange(num_tokens, dtype=np.int64) if groups is None else np.repeat(groups, counts)
         n = token_budget.shape[0]
         if n > plan.token_budget.shape[0]:
             raise RuntimeError(
