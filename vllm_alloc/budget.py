@@ -27,7 +27,11 @@ from vllm_alloc.alloc_l import solve, uniform
 
 # Where shipped budget files live (the repo's top-level configs/). Looked up at call time, so tests
 # and deployments can point it elsewhere by assigning `vllm_alloc.budget.CONFIGS_DIR`.
-CONFIGS_DIR: Path = Path(__file__).resolve().parent.parent / "configs"
+# In a wheel the top-level configs/ folder ships as the package data folder vllm_alloc/configs.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR: Path = (
+    _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+)
 
 FIX_PROFILE = "re-run `vllm-alloc profile` for this model"
 # floor(b·A) must not lose a whole activation to float error: 0.5·156 is exact, but e.g. (1/6)·156 is
