@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,9 @@ kernel-test: venv
 
 bench-kernel: venv
 	$(BIN)/python benchmarks/bench_kernel.py
+
+bench-serve: venv
+	$(BIN)/python benchmarks/bench_serve.py
 
 lint: venv
 	$(BIN)/ruff check .
