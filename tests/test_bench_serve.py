@@ -1,0 +1,104 @@
+"""The pure helpers of benchmarks/bench_serve.py (statistics, ratios, tables); no vLLM engine starts."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_serve
+import serve_lib
+
+
+def test_summarize_one_prefill_step_then_decode():
+    # 2 requests, P = 10, submitted at 0; both first tokens at 0.5 s, then a token every 0.1 s.
+    times = [[0.5, 0.6, 0.7], [0.5, 0.6, 0.7]]
+    s = serve_lib.summarize(serve_lib.Timeline(start=0.0, token_times=times, prompt_len=10))
+    assert s["prefill_tps"] == pytest.approx(2 * 10 / 0.5)
+    assert s["decode_tps"] == pytest.approx(4 / 0.2)
+    assert s["ttft_ms"] == pytest.approx(500.0)
+    assert s["itl_ms"] == pytest.approx(100.0)
+
+
+def test_summarize_uses_last_first_token_and_medians():
+    times = [[0.2, 0.3, 0.4], [0.4, 0.6, 0.8], [0.3, 0.5, 0.7]]  # TTFTs 0.2/0.4/0.3, ITLs 0.1/0.2/0.2
+    s = serve_lib.summarize(serve_lib.Timeline(start=0.0, token_times=times, prompt_len=4))
+    assert s["prefill_tps"] == pytest.approx(12 / 0.4)  # prefill ends with the last first token
+    assert s["decode_tps"] == pytest.approx(6 / (0.8 - 0.4))
+    assert s["ttft_ms"] == pytest.approx(300.0)
+    assert s["itl_ms"] == pytest.approx(200.0)
+
+
+def test_summarize_refuses_single_token_requests():
+    with pytest.raises(ValueError, match="at least 2"):
+        serve_lib.summarize(serve_lib.Timeline(start=0.0, token_times=[[0.1]], prompt_len=4))
+
+
+def test_median_by_key_over_rounds():
+    samples = [(("a", 1), {"x": v}) for v in (3.0, 1.0, 2.0)] + [(("b", 1), {"x": 5.0})]
+    assert serve_lib.median_by_key(samples) == {("a", 1): {"x": 2.0}, ("b", 1): {"x": 5.0}}
+
+
+def test_ratio_is_times_better_for_throughput_and_latency():
+    assert serve_lib.ratio(130.0, 100.0, "decode_tps") == pytest.approx(1.3)
+    assert serve_lib.ratio(50.0, 100.0, "itl_ms") == pytest.approx(2.0)  # half the latency: 2× better
+
+
+def _medians(decode_a: float, decode_full: float, decode_half: float) -> dict:
+    def row(d: float) -> dict[str, float]:
+        return {"prefill_tps": 100.0, "decode_tps": d, "ttft_ms": 10.0, "itl_ms": 1000.0 / d}
+
+    return {
+        ("(a) stock", 1): row(decode_a),
+        ("(c) b=1", 1): row(decode_full),
+        ("(c) b=0.5", 1): row(decode_half),
+    }
+
+
+def test_results_table_has_ratios_against_a():
+    text = serve_lib.results_table(_medians(100.0, 96.0, 150.0), ["(a) stock", "(c) b=1", "(c) b=0.5"], [1])
+    lines = text.splitlines()
+    assert lines[0].startswith("| batch | config |") and len(lines) == 2 + 3
+    assert "| 1 | (a) stock | 100 | 100 | 10.0 | 10.0 | 1.00 | 1.00 | 1.00 | 1.00 |" in lines
+    assert lines[-1].split(" | ")[-3] == "1.50"  # decode ratio of b=0.5 against (a)
+
+
+@pytest.mark.parametrize(
+    ("full", "half", "marks"),
+    [
+        (96.0, 130.0, ["met", "met"]),  # both at their thresholds
+        (90.0, 100.0, ["**missed**", "**missed**"]),  # 0.90× of (a); 1.11× of b=1.0
+    ],
+)
+def test_target_lines(full: float, half: float, marks: list[str]):
+    lines = serve_lib.target_lines(_medians(100.0, full, half), [1], "(a) stock", "(c) b=1", "(c) b=0.5")
+    assert [line.rsplit(": ", 1)[1] for line in lines] == marks
+
+
+def test_share_table_marks_the_5_percent_target():
+    rows = [
+        {"T": 1, "alloc_us": 5.0, "experts_us": 95.0, "stock_us": 150.0},  # exactly 5%
+        {"T": 256, "alloc_us": 20.0, "experts_us": 80.0, "stock_us": 150.0},
+    ]
+    lines = serve_lib.share_table(rows).splitlines()
+    assert "| 5.0% | met |" in lines[2] and "| 20.0% | **missed** |" in lines[3]
+
+
+def test_config_names_put_stock_first():
+    names = bench_serve.config_names(["a", "b", "c"], [1.0, 0.75, 0.5], K=8)
+    assert names == [
+        ("(a) stock", "a", None),
+        ("(b) top-4", "b", None),
+        ("(c) b=1", "c", 1.0),
+        ("(c) b=0.75", "c", 0.75),
+        ("(c) b=0.5", "c", 0.5),
+    ]
+
+
+def test_quick_settings_and_parsing():
+    args = bench_serve.parse_args(["--quick", "--budgets", "1.0,0.5"])
+    assert args.rounds == 1 and args.batch_sizes == [1, 4] and args.budgets == [1.0, 0.5]
+    assert not math.isnan(args.prompt_len)
