@@ -30,10 +30,16 @@ endif
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# Main job: the demo generates with a tiny MoE under two budgets through vLLM with the plugin.
-run: demo
+# Main job: the OpenAI-compatible server on the embedded default model (models/default, a small MoE
+# trained by scripts/train_default_model.py) with its budget file (configs/default.json), on port $(PORT).
+PORT ?= 8000
+run: venv
+	$(BIN)/vllm-alloc serve models/default --budget-config default --port $(PORT) \
+		--max-model-len 1024 --gpu-memory-utilization 0.3
+
+# Offline demo: the default model generating under budgets 1.0 and 0.5, with activation counts.
 demo: venv
-	$(BIN)/python -m vllm_alloc.demo
+	$(BIN)/python -m vllm_alloc.demo --model models/default
 
 # The test command CI runs (.ci/run): lint, type check, and every test (vLLM end-to-end tests included).
 test: venv lint typecheck

@@ -2,9 +2,10 @@
 
     python -m vllm_alloc.demo [--model DIR] [--budgets 1.0,0.5]
 
-Without --model it builds (once, cached) a tiny random-weight Qwen3-MoE with `vllm_alloc.tiny`, so it
-runs offline on any machine. It prints each budget's completions and the routed activations each MoE
-layer performed, next to what the full model would have performed.
+Without --model it uses the embedded default model of a source checkout (`models/default`, with its
+budget file `configs/default.json`), else builds (once, cached) a tiny random-weight Qwen3-MoE with
+`vllm_alloc.tiny`; either way it runs offline. It prints each budget's completions and the routed
+activations each MoE layer performed, next to what the full model would have performed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    de
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_alloc.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="HF-format MoE checkpoint (default: tiny)")
+    parser.add_argument("--model", type=Path, default=None, help="HF-format MoE checkpoint")
+    parser.add_argument("--budget-config", default=None, help="budget file path or shipped name")
     parser.add_argument("--budgets", default="1.0,0.5", help="comma-separated budgets b in (0, 1]")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
@@ -32,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    model = args.model
+    model, budget_config = args.model, args.budget_config
+    shipped = Path(__file__).resolve().parent.parent / "models" / "default"
+    if model is None and (shipped / "config.json").is_file():
+        model = shipped
+        if budget_config is None and (shipped.parent.parent / "configs" / "default.json").is_file():
+            budget_config = "default"
+        print(f"[demo] embedded default model at {model}, budget file: {budget_config or 'uniform'}")
     if model is None:
         from vllm_alloc.tiny import cached_model
 
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=0.3,
         enforce_eager=True,
         seed=0,
+        **({"additional_config": {"vllm_alloc": {"budget_file": budget_config}}} if budget_config else {}),
     )
     print(f"[demo] engine ready in {time.perf_counter() - start:.0f} s")
     before = llm.collective_rpc("vllm_alloc_counters")[0]
