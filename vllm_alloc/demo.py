@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
+    extra: dict[str, Any] = {}
+    if budget_config:
+        extra["additional_config"] = {"vllm_alloc": {"budget_file": budget_config}}
     start = time.perf_counter()
     llm = LLM(
         model=str(model),
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=0.3,
         enforce_eager=True,
         seed=0,
-        **({"additional_config": {"vllm_alloc": {"budget_file": budget_config}}} if budget_config else {}),
+        **extra,
     )
     print(f"[demo] engine ready in {time.perf_counter() - start:.0f} s")
     before = llm.collective_rpc("vllm_alloc_counters")[0]
