@@ -1,0 +1,139 @@
+"""Profile the embedded default model (models/default) and write its budget file, configs/default.json.
+
+    python scripts/make_default_budget.py [--tokens 32768] [--seq-len 256] [--variants]
+
+The calibration text is the manifest's CALIBRATION split (never the test split, which the quality
+benchmark reads): the split's files, concatenated in sorted order with the end-of-text token after each,
+tokenized exactly as training did and checked against the manifest's SHA-256 of the split's text. The
+token ids are written to a .npy file and handed to `vllm-alloc profile` (one subprocess per profile, so
+each engine is gone before the next starts). The shipped file uses both protocols and budgets
+0.33, 0.5, 0.75 (every B of this small model is validated on the held-out part of the calibration split).
+
+`--variants` also writes, into a scratch folder (not shipped; default build/quality/), the files the
+quality benchmark compares as levers: a small-calibration profile (1/8 of the tokens) and K_base = 2
+(budgets 0.5, 0.75: with K_base = 2 the smallest budget is b = 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "default"
+SHIPPED = ROOT / "configs" / "default.json"
+SCRATCH = ROOT / "build" / "quality"
+BUDGETS = "0.33,0.5,0.75"
+EOS = "<|endoftext|>"
+
+
+def split_ids(split: str, model: Path = MODEL) -> list[int]:
+    """Token ids of one split of the default model's data, as scripts/train_default_model.py built it.
+
+    Refuses to go on when the stdlib text here is not the text the manifest recorded (another Python)."""
+    import sysconfig
+
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((model / "data_manifest.json").read_text(encoding="utf-8"))
+    entry = manifest["splits"][split]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    sep = tokenizer.convert_tokens_to_ids(EOS)
+    digest = hashlib.sha256()
+    ids: list[int] = []
+    for rel in entry["files"]:
+        text = (root / rel).read_text(encoding="utf-8", errors="replace")
+        digest.update(rel.encode() + b"\0" + text.encode() + b"\0")
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(sep)
+    if digest.hexdigest() != entry["sha256"]:
+        raise RuntimeError(
+            f"the {split} split read from {root} does not match {model}/data_manifest.json (sha256 "
+            f"{digest.hexdigest()[:16]} vs {entry['sha256'][:16]}); this Python's stdlib differs from "
+            f"Python {manifest['python']}, the one the model was trained on"
+        )
+    return ids
+
+
+def write_calibration(path: Path) -> int:
+    import numpy as np
+
+    ids = split_ids("calibration")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(ids, dtype=np.int64))
+    return len(ids)
+
+
+def profile(
+    calib: Path,
+    out: Path,
+    *,
+    tokens: int,
+    seq_len: int,
+    protocols: str = "isolating,operating-point",
+    budgets: str = BUDGETS,
+    k_base: int = 1,
+) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_alloc.cli",
+        "profile",
+        str(MODEL),
+        "--calib",
+        str(calib),
+        "--tokens",
+        str(tokens),
+        "--seq-len",
+        str(seq_len),
+        "--budgets",
+        budgets,
+        "--protocols",
+        protocols,
+        "--k-base",
+        str(k_base),
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(out),
+    ]
+    print("+", " ".join(cmd), flush=True)
+    start = time.monotonic()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"  {out} in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--out", type=Path, default=SHIPPED, help=f"budget file (default {SHIPPED})")
+    parser.add_argument("--variants", action="store_true", help="also write the benchmark's variant files")
+    parser.add_argument("--no-shipped", action="store_true", help="skip the shipped file (variants only)")
+    parser.add_argument("--scratch", type=Path, default=SCRATCH, help=f"variant folder (default {SCRATCH})")
+    args = parser.parse_args(argv)
+
+    calib = args.scratch / "calibration.npy"
+    n = write_calibration(calib)
+    print(f"calibration split: {n} tokens -> {calib} (profile uses the first {args.tokens})", flush=True)
+    common = dict(tokens=args.tokens, seq_len=args.seq_len)
+    if not args.no_shipped:
+        profile(calib, args.out, **common)
+    if args.variants:
+        # Per-protocol allocations need no extra profile: the shipped file keeps each protocol's DP
+        # vector per validated B as a candidate, and the benchmark installs those vectors directly.
+        small = dict(tokens=max(2 * args.seq_len, args.tokens // 8), seq_len=args.seq_len)
+        profile(calib, args.scratch / "small-calib.json", **small)
+        # K_base = 2: the smallest budget is B = 2·L, i.e. b = 0.5 here, so 0.33 cannot be requested.
+        profile(calib, args.scratch / "kbase2.json", budgets="0.5,0.75", k_base=2, **common)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
