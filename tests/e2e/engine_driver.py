@@ -3,8 +3,8 @@
     python tests/e2e/engine_driver.py SPEC.json OUT.json
 
 SPEC: {"model": path, "engines": [{"plugin": bool, "eager": bool, "additional_config": {...},
-        "llm_kwargs": {...}, "runs": [{"prompts": [...], "budgets": [b or null, ...], "max_tokens": n,
-        "set_allocation": {B: [K_l...]} (optional)}]}]}
+        "llm_kwargs": {...}, "env": {...}, "runs": [{"prompts": [...], "budgets": [b or null, ...],
+        "max_tokens": n, "set_allocation": {B: [K_l...]} (optional)}]}]}
 Each engine runs in this process, one after another; `plugin: false` sets VLLM_ALLOC_DISABLE=1 before the
 engine starts, so its worker processes run stock vLLM. Results per run: token ids, sample logprobs,
 prompt logprobs, and the plugin's cumulative counters after the run. An engine that fails to start is
@@ -22,6 +22,7 @@ from typing import Any
 
 def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ALLOC_DISABLE"] = "0" if spec.get("plugin", True) else "1"
+    os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
 
     kwargs: dict[str, Any] = dict(
@@ -56,7 +57,7 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
             for b in run["budgets"]
         ]
         outputs = llm.generate(run["prompts"], params, use_tqdm=False)
-        counters = llm.collective_rpc("vllm_alloc_counters")[0] if spec.get("plugin", True) else None
+        counters = llm.collective_rpc("vllm_alloc_counters") if spec.get("plugin", True) else None
         results.append(
             {
                 "tokens": [list(o.outputs[0].token_ids) for o in outputs],
@@ -69,7 +70,8 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
                     [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
                     for o in outputs
                 ],
-                "counters": counters,
+                "counters": counters[0] if counters else None,
+                "counters_per_rank": counters,
             }
         )
     del llm

@@ -174,6 +174,37 @@ def test_family_stock_at_full_budget_and_exact_at_half(tmp_path: Path, tiny_mode
     assert all(math.isfinite(x) for row in plugin[1]["logprobs"] for x in row)
 
 
+def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) -> None:
+    """TP = 2 on CPU: the same greedy tokens as TP = 1 under a mixed-budget batch, the budget file made
+    for the unsharded model is accepted (the fingerprint uses the full I, not a rank's share), and
+    every rank routes and counts the same tokens (so only rank 0 exports: no double counting)."""
+    model = tiny_model("qwen3_moe")
+    budget_file, rows = skewed_budget_file(tmp_path, "Qwen3MoeForCausalLM")
+    config = {"vllm_alloc": {"budget_file": str(budget_file)}}
+    run = {"prompts": PROMPTS, "budgets": [1.0, 0.5, 0.25, 0.75]}
+    results, _ = drive(
+        tmp_path,
+        model,
+        [
+            {"plugin": True, "additional_config": config, "runs": [run]},
+            {
+                "plugin": True,
+                "additional_config": config,
+                # Two CPU workers on one NUMA node need explicit core binding.
+                "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                "llm_kwargs": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.15},
+                "runs": [run],
+            },
+        ],
+    )
+    single, sharded = results[0]["runs"][0], results[1]["runs"][0]
+    assert sharded["tokens"] == single["tokens"]
+    per_rank = sharded["counters_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
+    assert_counts_follow(per_rank[0], {B: rows[B] for B in (8, 4, 2, 6)})
+    assert per_rank[0]["used"] == single["counters"]["used"]
+
+
 def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> None:
     """Scope `request`: a request gets the same experts alone or batched with others, so its greedy
     output does not depend on what else runs (up to kernel rounding across batch shapes)."""
