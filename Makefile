@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve bench-quality clean
 
 venv: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-kernel: venv
 
 bench-serve: venv
 	$(BIN)/python benchmarks/bench_serve.py
+
+bench-quality: venv
+	$(BIN)/python benchmarks/quality.py
 
 lint: venv
 	$(BIN)/ruff check .

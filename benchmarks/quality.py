@@ -1,0 +1,402 @@
+"""Quality benchmark: perplexity of the default model on its held-out TEST split through vLLM.
+
+    python benchmarks/quality.py [--seqs 64] [--png docs/quality.png] [--out build/quality/results.json]
+
+Everything is measured by the served model (vLLM offline, prompt logprobs, prefix caching off), on the
+same fixed 256-token windows of the manifest's test split for every configuration (the split no
+training, model selection or profiling saw). Rows, at b ∈ {1.0, 0.75, 0.5, 0.33}:
+
+  full model               vLLM without the plugin (VLLM_ALLOC_DISABLE=1), b = 1.0
+  uniform top-⌊b·K⌋        vLLM without the plugin, hf_overrides num_experts_per_tok = ⌊b·K⌋: what a
+                           smaller top-k in the config does (the model renormalises, norm_topk_prob)
+  uniform same-B           plugin, no budget file (uniform K_l), scope "token" (Alloc-T off); weights
+                           "topk" and "kept". At b = 0.33, B = ⌊b·A⌋ = 5 > ⌊b·K⌋·L = 4, so this is the
+                           fair baseline there.
+  Alloc-L only             scope "token" with K(B) from: the shipped file, its isolating DP candidate,
+                           its operating-point DP candidate
+  Alloc-T only             uniform K_l, scope "budget" / "request"
+  Alloc-L + Alloc-T        the shipped file under scope "budget" (the server default: the SHIPPED
+                           configuration) and "request" (what the profiler measures with), plus each
+                           protocol's candidate, and the levers (weights "kept", K_base = 2, a profile
+                           from 1/8 of the calibration tokens)
+
+Each engine-level setting (plugin on/off, hf_overrides, budget file, scope, weights) is one engine in a
+child process (`--engine SPEC OUT`), started once and run one after another; within an engine the
+allocation rows of B = ⌊b·A⌋ are installed live (`vllm_alloc_set_allocation`, the profiler's mechanism)
+or restored from the loaded file (`vllm_alloc_reset_allocation`), and budgets go per request. Each budget
+is its own `generate` call, so a batch never mixes budgets and every configuration sees the same batches.
+The candidate ranking score of Alloc-T is the router's own score in every row (not varied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402  (after sys.path)
+
+BUDGETS = (1.0, 0.75, 0.5, 0.33)
+SEQ_LEN = 256
+SHIPPED_ROW = "L+T shipped (budget, topk)"  # the configuration `--budget-config default` serves
+
+
+# -- one engine (child process) ------------------------------------------------------------------------
+def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
+    os.environ["VLLM_ALLOC_DISABLE"] = "0" if spec["plugin"] else "1"
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_alloc.calibration import nll_sum
+
+    kwargs: dict[str, Any] = dict(
+        model=str(MODEL),
+        dtype="bfloat16",
+        max_model_len=SEQ_LEN + 1,
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        seed=0,
+    )
+    if spec.get("hf_overrides"):
+        kwargs["hf_overrides"] = spec["hf_overrides"]
+    if spec.get("additional_config"):
+        kwargs["additional_config"] = spec["additional_config"]
+    llm = LLM(**kwargs)
+    seqs: list[list[int]] = spec["seqs"]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in seqs]
+    out: dict[str, dict[str, float]] = {}
+    for ev in spec["evals"]:
+        if spec["plugin"]:
+            if ev.get("rows"):
+                llm.collective_rpc(
+                    "vllm_alloc_set_allocation", args=({int(B): ks for B, ks in ev["rows"].items()},)
+                )
+            else:
+                llm.collective_rpc("vllm_alloc_reset_allocation")
+        out[ev["label"]] = {}
+        for b in ev["budgets"]:
+            extra = {"activation_budget": b} if spec["plugin"] else None
+            params = SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=extra)
+            t0 = time.monotonic()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            nll = sum(nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs, strict=True))
+            ppl = math.exp(nll / sum(len(ids) - 1 for ids in seqs))
+            out[ev["label"]][str(b)] = ppl
+            print(f"  {ev['label']:<40} b={b:<5} ppl {ppl:.4f}  ({time.monotonic() - t0:.1f} s)", flush=True)
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    return out
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+def rows_for(bf: Any, pick: str) -> dict[int, list[int]]:
+    """K(B) at the benchmark's budgets from one source: 'uniform', 'chosen' (what the file ships) or a
+    candidate protocol's DP vector as the profiler measured it ('isolating', 'operating-point')."""
+    from vllm_alloc.alloc_l import uniform
+
+    L, K = bf.model.num_moe_layers, bf.model.top_k
+    rows: dict[int, list[int]] = {}
+    for b in BUDGETS[1:]:
+        B = bf.absolute_budget(b)
+        alloc = bf.allocations[B - L * bf.k_base]
+        if pick == "uniform":
+            rows[B] = uniform(L, K, B, k_min=bf.k_base)
+        elif pick == "chosen":
+            rows[B] = list(alloc.k)
+        else:
+            found = [c.allocation for c in (alloc.candidates or []) if c.name == pick]
+            rows[B] = list(found[0]) if found else uniform(L, K, B, k_min=bf.k_base)
+    return rows
+
+
+def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
+    from vllm_alloc.budget import load_budget_file
+
+    bf = load_budget_file(shipped)
+    K = bf.model.top_k
+    low = list(BUDGETS[1:])
+    src = {p: rows_for(bf, p) for p in ("uniform", "chosen", "isolating", "operating-point")}
+    small = scratch / "small-calib.json"
+    kbase2 = scratch / "kbase2.json"
+
+    def ev(label: str, rows: dict[int, list[int]] | None, budgets: list[float] = low) -> dict[str, Any]:
+        return {"label": label, "rows": rows, "budgets": budgets}
+
+    def plugin(name: str, cfg: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"name": name, "plugin": True, "additional_config": {"vllm_alloc": cfg}, "evals": evals}
+
+    engines: list[dict[str, Any]] = [
+        {"name": "stock", "plugin": False, "evals": [ev("full model", None, [1.0])]}
+    ]
+    for b in low:
+        k = max(1, math.floor(b * K))
+        engines.append(
+            {
+                "name": f"stock top-{k}",
+                "plugin": False,
+                "hf_overrides": {"num_experts_per_tok": k},
+                "evals": [ev(f"uniform top-⌊bK⌋ @{b}", None, [1.0])],
+            }
+        )
+    engines += [
+        plugin(
+            "token/topk",
+            {"scope": "token", "weights": "topk"},
+            [
+                ev("uniform same-B (token, topk)", src["uniform"]),
+                ev("L only: shipped (token)", src["chosen"]),
+                ev("L only: isolating DP (token)", src["isolating"]),
+                ev("L only: operating-point DP (token)", src["operating-point"]),
+            ],
+        ),
+        plugin(
+            "token/kept",
+            {"scope": "token", "weights": "kept"},
+            [
+                ev("uniform same-B (token, kept)", src["uniform"]),
+                ev("L only: shipped (token, kept)", src["chosen"]),
+            ],
+        ),
+        plugin(
+            "default",  # exactly what `--budget-config default` serves
+            {"budget_file": str(shipped)},
+            [
+                ev(SHIPPED_ROW, None, list(BUDGETS)),
+                ev("T only (budget)", src["uniform"]),
+                ev("L+T isolating DP (budget)", src["isolating"]),
+                ev("L+T operating-point DP (budget)", src["operating-point"]),
+            ],
+        ),
+        plugin(
+            "default/request",
+            {"budget_file": str(shipped), "scope": "request"},
+            [
+                ev("L+T shipped (request)", None),
+                ev("T only (request)", src["uniform"]),
+                ev("L+T isolating DP (request)", src["isolating"]),
+                ev("L+T operating-point DP (request)", src["operating-point"]),
+            ],
+        ),
+        plugin(
+            "default/kept",
+            {"budget_file": str(shipped), "weights": "kept"},
+            [ev("L+T shipped (budget, kept)", None), ev("T only (budget, kept)", src["uniform"])],
+        ),
+    ]
+    if small.is_file():
+        engines.append(
+            plugin("small-calib", {"budget_file": str(small)}, [ev("L+T small calib (budget)", None)])
+        )
+    if kbase2.is_file():
+        # K_base = 2 makes B < L·2 = 8 invalid: b = 0.33 (B = 5) is below this file's minimum budget.
+        engines.append(
+            plugin("kbase2", {"budget_file": str(kbase2)}, [ev("L+T K_base=2 (budget)", None, [0.75, 0.5])])
+        )
+    return engines
+
+
+def run_all(engines: list[dict[str, Any]], seqs: list[list[int]], work: Path) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for engine in engines:
+        spec_path, out_path = (
+            work / f"engine-{engine['name'].replace('/', '-')}.json",
+            work / "engine-out.json",
+        )
+        spec_path.write_text(json.dumps({**engine, "seqs": seqs}))
+        out_path.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        print(f"engine {engine['name']}", flush=True)
+        log = work / "engine.log"
+        with log.open("w") as f:
+            rc = subprocess.run(
+                [sys.executable, __file__, "--engine", str(spec_path), str(out_path)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            ).returncode
+        if rc != 0 or not out_path.exists():
+            raise RuntimeError(
+                f"engine {engine['name']} failed ({rc}); see {log}:\n{log.read_text()[-3000:]}"
+            )
+        for line in log.read_text().splitlines():
+            if line.startswith("  ") and "ppl" in line:
+                print(line, flush=True)
+        results.update(json.loads(out_path.read_text()))
+        print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
+    return results
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def uniform_row(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    row = {"1.0": results["full model"]["1.0"]}
+    for b in BUDGETS[1:]:
+        row[str(b)] = results[f"uniform top-⌊bK⌋ @{b}"]["1.0"]
+    return row
+
+
+def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[str, float]]], str]:
+    full = results["full model"]["1.0"]
+    rows: list[tuple[str, dict[str, float]]] = [("full model", {"1.0": full})]
+    rows.append(("uniform top-⌊bK⌋ (config top-k, no plugin)", uniform_row(results)))
+    rows += [(k, v) for k, v in results.items() if k != "full model" and not k.startswith("uniform top-")]
+    uni = uniform_row(results)
+    same_b = results["uniform same-B (token, topk)"]
+
+    def recovery(ppl: float | None, base: float) -> str:
+        return "—" if ppl is None or base <= full else f"{100 * (base - ppl) / (base - full):+.0f}%"
+
+    head = (
+        "| configuration | "
+        + " | ".join(f"b = {b}" for b in BUDGETS)
+        + " | recovery @0.5 vs top-⌊bK⌋ | vs same-B |"
+    )
+    lines = [head, "|---|" + "---:|" * (len(BUDGETS) + 2)]
+    for name, row in rows:
+        cells = []
+        for b in BUDGETS:
+            v = row.get(str(b))
+            cells.append(
+                "—" if v is None else f"{v:.3f} ({100 * (v / full - 1):+.1f}%)" if b != 1.0 else f"{v:.3f}"
+            )
+        mid = row.get("0.5")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {recovery(mid, uni['0.5'])} | {recovery(mid, same_b['0.5'])} |"
+        )
+    return rows, "\n".join(lines)
+
+
+def hard_target(results: dict[str, dict[str, float]], shipped_file: Path) -> list[str]:
+    """The shipped configuration against uniform at every budget, against two baselines."""
+    from vllm_alloc.budget import load_budget_file
+
+    bf = load_budget_file(shipped_file)
+    L, K = bf.model.num_moe_layers, bf.model.top_k
+    shipped, uni = results[SHIPPED_ROW], uniform_row(results)
+    same_b = results["uniform same-B (token, topk)"]
+    baselines = (
+        # The target's baseline: uniform top-⌊bK⌋, or uniform at the same B where ⌊bK⌋·L < B (b = 0.33).
+        (
+            "uniform top-⌊bK⌋ (same B where ⌊bK⌋·L < B)",
+            {
+                b: uni[str(b)] if math.floor(b * K) * L == bf.absolute_budget(b) else same_b[str(b)]
+                for b in BUDGETS[1:]
+            },
+        ),
+        # Stricter: the plugin's own uniform at the same B with Alloc-T off and the full model's weights.
+        ("uniform same-B (token, topk)", {b: same_b[str(b)] for b in BUDGETS[1:]}),
+    )
+    lines = []
+    for name, base in baselines:
+        worse = {
+            b: f"{100 * (shipped[str(b)] / base[b] - 1):+.3f}%" for b in base if shipped[str(b)] > base[b]
+        }
+        verdict = "MET" if not worse else f"NOT met at {worse}"
+        lines.append(f"hard target, shipped never worse than {name}: {verdict}")
+    return lines
+
+
+def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = (
+        "uniform top-⌊bK⌋ (config top-k, no plugin)",
+        "uniform same-B (token, topk)",
+        "uniform same-B (token, kept)",
+        "L only: shipped (token)",
+        "T only (budget)",
+        "T only (request)",
+        SHIPPED_ROW,
+        "L+T shipped (request)",
+        "L+T shipped (budget, kept)",
+        "L+T K_base=2 (budget)",
+        "L+T small calib (budget)",
+    )
+    top = 5.0  # % above the full model; uniform top-1 (b = 0.33) is far above and is clipped with a label
+    fig, ax = plt.subplots(figsize=(8.5, 5.4))
+    for name, row in rows:
+        if name not in keep:
+            continue
+        bs = [b for b in BUDGETS if str(b) in row or b == 1.0]
+        ys = [100 * (row.get(str(b), full) / full - 1) for b in bs]
+        style = dict(lw=2.8, color="black", zorder=5) if name == SHIPPED_ROW else dict(lw=1.3)
+        dashed = "--" if name.startswith("uniform") else "-"
+        label = name + (" ★ shipped" if name == SHIPPED_ROW else "")
+        ax.plot(bs, [min(y, top) for y in ys], dashed, marker="o", ms=4, label=label, **style)
+        for b, y in zip(bs, ys, strict=True):
+            if y > top:
+                ax.annotate(
+                    f"{y:+.1f}% (top-1)", (b, top), textcoords="offset points", xytext=(-70, -12), fontsize=8
+                )
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("budget b (fraction of the full L·K routed activations)")
+    ax.set_ylabel(f"perplexity vs the full model ({full:.2f}), % (lower is better)")
+    ax.set_title("Default model (Qwen3-MoE, L=4, E=16, K=4) on its test split, through vLLM + vllm-alloc")
+    ax.set_xticks(list(BUDGETS))
+    ax.set_ylim(-0.4, top + 0.2)
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--engine"]:
+        spec = json.loads(Path(argv[1]).read_text())
+        Path(argv[2]).write_text(json.dumps(run_engine(spec)))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seqs", type=int, default=64, help="test-split windows of 256 tokens (default 64)")
+    p.add_argument("--budget-file", type=Path, default=SHIPPED, help="the shipped budget file")
+    p.add_argument("--scratch", type=Path, default=SCRATCH, help="variant budget files (make_default_budget)")
+    p.add_argument("--out", type=Path, default=SCRATCH / "results.json")
+    p.add_argument("--png", type=Path, default=ROOT / "docs" / "quality.png")
+    p.add_argument("--only", help="comma-separated engine names to run (results merge into --out)")
+    args = p.parse_args(argv)
+
+    ids = split_ids("test")
+    seqs = [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(min(args.seqs, len(ids) // SEQ_LEN))]
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    engines = plan(args.budget_file, args.scratch)
+    previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
+    if args.only:
+        engines = [e for e in engines if e["name"] in args.only.split(",")]
+    t0 = time.monotonic()
+    results = {**previous.get("results", {}), **run_all(engines, seqs, args.scratch)}
+    args.out.write_text(
+        json.dumps(
+            {"results": results, "seqs": len(seqs), "seq_len": SEQ_LEN, "machine": platform.platform()},
+            indent=1,
+        )
+    )
+    rows, text = table(results)
+    print(f"\n{len(seqs)} test windows × {SEQ_LEN} tokens; {time.monotonic() - t0:.0f} s\n")
+    print(text)
+    plot(rows, results["full model"]["1.0"], args.png)
+    for line in hard_target(results, args.budget_file):
+        print(line)
+    print(f"plot: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
