@@ -200,6 +200,11 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
         engines.append(
             plugin("small-calib", {"budget_file": str(small)}, [ev("L+T small calib (budget)", None)])
         )
+    large = scratch / "large-calib.json"
+    if large.is_file():
+        engines.append(
+            plugin("large-calib", {"budget_file": str(large)}, [ev("L+T 2x calib, isolating (budget)", None)])
+        )
     if kbase2.is_file():
         # K_base = 2 makes B < L·2 = 8 invalid: b = 0.33 (B = 5) is below this file's minimum budget.
         engines.append(
@@ -327,6 +332,7 @@ def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> No
         "L+T shipped (budget, kept)",
         "L+T K_base=2 (budget)",
         "L+T small calib (budget)",
+        "L+T 2x calib, isolating (budget)",
     )
     top = 5.0  # % above the full model; uniform top-1 (b = 0.33) is far above and is clipped with a label
     fig, ax = plt.subplots(figsize=(8.5, 5.4))
