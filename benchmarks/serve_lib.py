@@ -327,7 +327,8 @@ def _share_rows(spec: dict[str, Any]) -> list[dict[str, float]]:
     import torch
     from vllm import _custom_ops as ops
 
-    from vllm_alloc.integration.layer import _compacted_experts, alloc_tokens
+    from vllm_alloc import alloc_t
+    from vllm_alloc.integration.layer import _compacted_experts
 
     # vLLM's CPU worker serves with one torch/OMP thread on a 2-core machine ("Reducing Torch threads");
     # match it. Two threads on a loaded machine also stall at OMP barriers for whole scheduler ticks.
@@ -383,7 +384,9 @@ def _share_rows(spec: dict[str, Any]) -> list[dict[str, float]]:
         ) -> Any:
             keys = topk_w.float()  # rank_keys() without a score-correction bias
             # One group of T tokens, dispatched as the plugin does (closed form when T = 1).
-            return alloc_tokens(keys, topk_w, topk_ids, k_tok, group, 1, "topk", singleton_groups=singleton)
+            return alloc_t.reallocate(
+                keys, topk_w, topk_ids, k_tok, group, weights="topk", singleton_groups=singleton
+            )
 
         w, ids, _ = realloc()
 

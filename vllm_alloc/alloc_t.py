@@ -59,6 +59,7 @@ def reallocate(
     group: torch.Tensor,
     k_base: int = 1,
     weights: str = "topk",
+    singleton_groups: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Redistribute each group's expert budget to its highest-ranked candidates (Alloc-T).
 
@@ -72,6 +73,10 @@ def reallocate(
         k_base: the per-token floor K_base (>= 1); values above K mean K.
         weights: "topk" keeps each kept pair's input weight; "kept" rescales a token's kept weights to
             the sum of its input weights (what a smaller top-k does in a model that renormalises).
+        singleton_groups: the caller's promise that every valid token is alone in its group (a lone
+            request in decode, scope `token`). A one-token group's pool is its own k_tok, so the greedy
+            rule keeps the token's top max(K_base, min(k_tok, K)) candidates: the group sorts below are
+            skipped, with the same result bit for bit. A static flag (read at trace time).
 
     Returns:
         (weights [T, K] float32, ids [T, K] int32 with -1 = pruned, kept [T, K] bool), all in the input
@@ -94,8 +99,12 @@ def reallocate(
     keep_sorted = torch.zeros((T, K), dtype=torch.bool, device=dev)
     keep_sorted[:, :kb] = valid[:, None]  # the floor: static slice, value is the mask
 
-    n_extra = K - kb  # static per call: the branch below is resolved at trace time
-    if n_extra > 0:
+    n_extra = K - kb  # static per call: the branches below are resolved at trace time
+    if n_extra > 0 and singleton_groups:
+        # Closed form of the greedy rule for one-token groups: a prefix of length clamp(k_tok, kb, K).
+        n_keep = torch.where(valid, k_tok.clamp(min=kb, max=K), 0)
+        keep_sorted = torch.arange(K, device=dev) < n_keep[:, None]
+    elif n_extra > 0:
         # Flatten the extra candidates column-major (m = j·T + t), so the flat index already orders them
         # by (column rank asc, token asc). Two stable sorts on top then give the full order
         #     (group asc, key desc, column rank asc, token asc).

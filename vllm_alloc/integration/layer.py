@@ -190,7 +190,7 @@ def make_runner_cls() -> type:
             if plan.weights == "raw":
                 weights_in = raw_weights(self.router, router_logits, topk_ids)
             keys = rank_keys(self.router, router_logits, topk_weights, topk_ids)
-            weights, ids, kept = alloc_tokens(
+            weights, ids, kept = alloc_t.reallocate(
                 keys,
                 weights_in,
                 topk_ids,
@@ -214,35 +214,6 @@ def make_runner_cls() -> type:
             return triton_experts(self, x, weights, ids)
 
     return BudgetMoERunner
-
-
-def alloc_tokens(
-    keys: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    k_tok: torch.Tensor,
-    group: torch.Tensor,
-    k_base: int,
-    weights: str,
-    singleton_groups: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alloc-T for one layer: `alloc_t.reallocate`, or its closed form when every group is one token.
-
-    A one-token group's pool is its own K_l(B_t), so the greedy rule keeps the token's top
-    max(K_base, min(K_l, K)) candidates (none for a padding row, K_l <= 0): one sort instead of three and
-    ~30 small ops fewer, which is most of Alloc-T's cost in a decode step of a lone request on CPU.
-    The outputs equal `reallocate`'s bit for bit (tests/test_alloc_tokens.py). Weights mode `kept`
-    takes the general path, so the rescaling lives in one place.
-    """
-    if not singleton_groups or weights != "topk":
-        return alloc_t.reallocate(keys, topk_weights, topk_ids, k_tok, group, k_base=k_base, weights=weights)
-    K = keys.shape[1]
-    order = torch.sort(keys, dim=1, descending=True, stable=True).indices  # same tie rule as reallocate
-    n_keep = torch.where(k_tok > 0, k_tok.clamp(min=min(k_base, K), max=K), 0)
-    keep_sorted = torch.arange(K, device=keys.device) < n_keep[:, None]
-    kept = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    out_w = torch.where(kept, topk_weights.to(torch.float32), 0.0)
-    return out_w, torch.where(kept, topk_ids.to(torch.int32), -1), kept
 
 
 def _compacted_experts(

@@ -75,7 +75,8 @@ class AllocState:
     plan: Plan | None = None
     budgeted: bool = False  # True while a pass with some token below b = 1.0 runs
     # True while every reallocation group of the pass holds one token (a lone request in decode, scope
-    # `request` in decode): Alloc-T then reduces to a per-token top-K_l prefix (layer.alloc_tokens).
+    # `request` in decode): Alloc-T then reduces to a per-token top-K_l prefix
+    # (`alloc_t.reallocate(singleton_groups=True)`).
     singleton_groups: bool = False
     counting: bool = False  # True only inside real forward passes (never warm-up / dummy runs)
     steps: int = 0

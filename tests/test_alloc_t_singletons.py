@@ -1,4 +1,4 @@
-"""layer.alloc_tokens: the one-token-group closed form equals alloc_t.reallocate bit for bit."""
+"""reallocate(singleton_groups=True): the one-token-group closed form equals the general path bit for bit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vllm_alloc import alloc_t
-from vllm_alloc.integration.layer import alloc_tokens
 
 
 @pytest.mark.parametrize(
@@ -30,20 +29,24 @@ def test_singleton_groups_match_reallocate(T: int, K: int, k_base: int, seed: in
     k_tok = torch.randint(-1, K + 1, (T,), generator=g)  # <= 0: padding rows
     group = torch.arange(T)
     want = alloc_t.reallocate(keys, weights, ids, k_tok, group, k_base=k_base, weights="topk")
-    got = alloc_tokens(keys, weights, ids, k_tok, group, k_base, "topk", singleton_groups=True)
+    got = alloc_t.reallocate(
+        keys, weights, ids, k_tok, group, k_base=k_base, weights="topk", singleton_groups=True
+    )
     for w, o in zip(want, got, strict=True):
         assert w.dtype == o.dtype
         assert torch.equal(w, o)
 
 
-def test_shared_groups_and_kept_weights_take_the_general_path() -> None:
+def test_shared_groups_and_kept_weights() -> None:
     keys = torch.tensor([[0.9, 0.1], [0.8, 0.7]])
     weights = keys.clone()
     ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     k_tok = torch.tensor([1, 1])
     shared = torch.zeros(2, dtype=torch.int64)  # one group of two tokens
-    got = alloc_tokens(keys, weights, ids, k_tok, shared, 1, "topk", singleton_groups=False)
+    got = alloc_t.reallocate(keys, weights, ids, k_tok, shared, k_base=1, weights="topk")
     assert got[1].tolist() == [[0, -1], [2, -1]]
-    got = alloc_tokens(keys, weights, ids, k_tok, torch.arange(2), 1, "kept", singleton_groups=True)
+    got = alloc_t.reallocate(
+        keys, weights, ids, k_tok, torch.arange(2), k_base=1, weights="kept", singleton_groups=True
+    )
     want = alloc_t.reallocate(keys, weights, ids, k_tok, torch.arange(2), k_base=1, weights="kept")
     assert all(torch.equal(w, o) for w, o in zip(want, got, strict=True))
