@@ -6,7 +6,10 @@ imported lazily by `install()`, never by `import vllm_alloc`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 SUPPORTED_VLLM = "0.32"
 
@@ -38,6 +41,67 @@ def unquantized_method_cls() -> type:
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
 
     return UnquantizedFusedMoEMethod
+
+
+def cpu_expert_kernel(routed_experts: Any) -> Callable[..., torch.Tensor] | None:
+    """vLLM's CPU expert kernel bound to one layer's weights, `f(x, topk_weights, topk_ids) -> out`.
+
+    It makes the call `forward_modular` ends in (`cpu_fused_moe`, same arguments, so the same bits),
+    without the ~0.2 ms of modular-kernel Python around it per call that the stock path does not pay
+    (Dynamo traces that Python away in the stock model). Returns None unless the layer is the plain
+    case this reproduces exactly: unquantized CPU experts (not zentorch), no DP/EP prepare-finalize,
+    no expert map, router weights applied on the output, no LoRA.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        CPUUnquantizedExperts,
+        cpu_fused_moe,
+    )
+    from vllm.model_executor.layers.fused_moe.modular_kernel import FusedMoEKernelModularImpl
+    from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import (
+        MoEPrepareAndFinalizeNoDPEPModular,
+    )
+    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+
+    impl = getattr(getattr(routed_experts.quant_method, "moe_kernel", None), "impl", None)
+    if (
+        type(impl) is not FusedMoEKernelModularImpl
+        or type(impl.prepare_finalize) is not MoEPrepareAndFinalizeNoDPEPModular
+        or impl.prepare_finalize.supports_async()
+    ):
+        return None
+    experts = impl.fused_experts
+    if (
+        not isinstance(experts, CPUUnquantizedExperts)
+        or type(experts).apply is not CPUUnquantizedExperts.apply
+        or getattr(experts, "_use_zentorch", True)
+        or getattr(experts, "_lora_context", None) is not None
+        or getattr(experts.quant_config, "quant_dtype", None) is not None
+        or not isinstance(experts.finalize_weight_and_reduce_impl(), TopKWeightAndReduceNoOP)
+        or routed_experts.expert_map is not None
+        or routed_experts.apply_router_weight_on_input
+    ):
+        return None
+    layer = routed_experts
+
+    def run(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        if x.shape[0]:
+            cpu_fused_moe(
+                out,
+                x,
+                layer.w13_weight,
+                layer.w2_weight,
+                experts.w1_bias,
+                experts.w2_bias,
+                topk_weights,
+                topk_ids,
+                layer.activation.value,
+                experts.isa,
+                False,
+            )
+        return out
+
+    return run
 
 
 def register_oot_layer(base: type, replacement: type) -> None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from vllm_alloc import alloc_t
+from vllm_alloc import alloc_t, alloc_t_host
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.integration.state import STATE, LayerInfo
@@ -64,7 +65,15 @@ def _scores(router: Any, router_logits: torch.Tensor) -> torch.Tensor:
     raise RuntimeError(f"vllm-alloc: routing score function {scoring!r} is not supported")
 
 
-@torch.library.custom_op("vllm_alloc::moe_apply", mutates_args=())
+# Registered through torch.library.Library rather than @torch.library.custom_op: the latter's Python
+# wrappers cost ~12 µs per call more (16 µs against 4 µs here), paid by every MoE layer of every step.
+_LIB = torch.library.Library("vllm_alloc", "FRAGMENT")
+_LIB.define(
+    "moe_apply(Tensor x, Tensor router_logits, Tensor topk_weights, Tensor topk_ids, "
+    "Tensor? shared_experts_input, str layer_name) -> Tensor"
+)
+
+
 def moe_apply(
     x: torch.Tensor,  # [T, H] hidden states entering the routed experts
     router_logits: torch.Tensor,  # [T, E]
@@ -79,9 +88,20 @@ def moe_apply(
     return runner._budget_experts(x, router_logits, topk_weights, topk_ids)
 
 
-@moe_apply.register_fake
-def _(x, router_logits, topk_weights, topk_ids, shared_experts_input, layer_name):
+def _moe_apply_fake(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    shared_experts_input: torch.Tensor | None,
+    layer_name: str,
+) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("moe_apply", moe_apply, _key)
+torch.library.register_fake("vllm_alloc::moe_apply", _moe_apply_fake, lib=_LIB)
 
 
 def make_runner_cls() -> type:
@@ -121,6 +141,7 @@ def make_runner_cls() -> type:
                 architecture,
             )
             self._alloc_info = STATE.layers[layer_name]
+            self._alloc_cpu_kernel: Any = _UNRESOLVED
             _RUNNERS[layer_name] = self
 
         def _apply_quant_method(
@@ -158,6 +179,14 @@ def make_runner_cls() -> type:
             return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
 
         # -- the two paths ----------------------------------------------------------------------------
+        def _cpu_kernel(self) -> Any:
+            """vLLM's CPU expert kernel bound to this layer (None on CUDA or a non-plain layer); resolved
+            at the first call, once vLLM has set up the layer's kernel and prepacked its weights."""
+            if self._alloc_cpu_kernel is _UNRESOLVED:
+                on_cpu = self.routed_experts.w13_weight.device.type == "cpu"
+                self._alloc_cpu_kernel = compat.cpu_expert_kernel(self.routed_experts) if on_cpu else None
+            return self._alloc_cpu_kernel
+
         def _stock_experts(
             self,
             x: torch.Tensor,
@@ -165,6 +194,9 @@ def make_runner_cls() -> type:
             topk_ids: torch.Tensor,
             shared_in: torch.Tensor | None,
         ) -> torch.Tensor:
+            kernel = self._cpu_kernel()
+            if kernel is not None:
+                return kernel(x, topk_weights, topk_ids)
             return self.routed_experts.forward_modular(
                 x=x,
                 topk_weights=topk_weights,
@@ -182,33 +214,28 @@ def make_runner_cls() -> type:
         ) -> torch.Tensor:
             plan = STATE.plan
             assert plan is not None
-            T = x.shape[0]
-            column = self._alloc_info.column
-            token_budget = plan.token_budget[:T]
-            k_tok = plan.table[token_budget, column]
             weights_in = topk_weights
             if plan.weights == "raw":
                 weights_in = raw_weights(self.router, router_logits, topk_ids)
             keys = rank_keys(self.router, router_logits, topk_weights, topk_ids)
+            if x.device.type == "cpu":
+                pairs = host_routing(self._alloc_info.column, keys, weights_in, topk_ids)
+                return compacted_experts(self, x, pairs)
+            T = x.shape[0]
+            column = self._alloc_info.column
+            token_budget = plan.token_budget[:T]
             weights, ids, kept = alloc_t.reallocate(
                 keys,
                 weights_in,
                 topk_ids,
-                k_tok,
+                plan.table[token_budget, column],
                 plan.token_group[:T],
                 k_base=plan.k_base,
                 weights="kept" if plan.weights == "kept" else "topk",
                 singleton_groups=STATE.singleton_groups,
             )
-            if STATE.counting:
-                valid = (token_budget > 0).to(torch.float64)
+            if STATE.counting:  # `full` is counted once per pass, in AllocState.fill
                 plan.used[column].index_add_(0, token_budget, kept.sum(dim=1).to(torch.float64))
-                plan.full[column].index_add_(0, token_budget, valid * plan.K)
-            return self._pruned_experts(x, weights, ids)
-
-        def _pruned_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            if x.device.type == "cpu":
-                return _compacted_experts(self, x, weights, ids)
             from vllm_alloc.integration.cuda import triton_experts
 
             return triton_experts(self, x, weights, ids)
@@ -216,31 +243,67 @@ def make_runner_cls() -> type:
     return BudgetMoERunner
 
 
-def _compacted_experts(
-    runner: Any, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
-) -> torch.Tensor:
+_UNRESOLVED = object()
+
+
+def host_routing(
+    column: int, keys: torch.Tensor, weights_in: torch.Tensor, topk_ids: torch.Tensor
+) -> alloc_t_host.KeptPairs:
+    """Alloc-T of one CPU layer call on the host, and its activation count: the kept pairs."""
+    plan = STATE.plan
+    assert plan is not None and plan.host is not None
+    T = keys.shape[0]
+    rank = keys.numpy()
+    weights = rank if weights_in is keys else weights_in.float().numpy()
+    n = STATE.uniform_keep[column] if STATE.uniform_keep is not None and STATE.num_tokens == T else 0
+    if n:  # one-token groups, all keeping n here (see AllocState._uniform_keep)
+        if STATE.counting:
+            assert STATE.tokens_per_budget is not None
+            plan.host["used"][column] += n * STATE.tokens_per_budget
+        return alloc_t_host.top_n(rank, weights, topk_ids.numpy(), n)
+    token_budget = plan.host["token_budget"][:T]
+    pairs = alloc_t_host.reallocate_pairs(
+        rank,
+        weights,
+        topk_ids.numpy(),
+        plan.host["table"][token_budget, column],
+        plan.host["token_group"][:T],
+        k_base=plan.k_base,
+        weights="kept" if plan.weights == "kept" else "topk",
+        singleton_groups=STATE.singleton_groups,
+    )
+    if STATE.counting:
+        np.add.at(plan.host["used"][column], token_budget, pairs.per_token)
+    return pairs
+
+
+def compacted_experts(runner: Any, x: torch.Tensor, pairs: alloc_t_host.KeptPairs) -> torch.Tensor:
     """Kept pairs only, through vLLM's own expert kernel (CPU).
 
     The stock CPU kernel corrupts the heap on id −1, and computing pruned pairs at weight 0 would save
-    nothing. So the P kept pairs become P rows routed top-1 each ([P, H] inputs, [P, 1] ids/weights),
-    run through the same kernel on the same prepacked weights, and are summed back per token. Work and
-    weight traffic scale with P and the distinct experts among them.
+    nothing. Where every token keeps n pairs, the kernel runs the tokens routed top-n; otherwise the P kept
+    pairs become P rows routed top-1 each ([P, H] inputs, [P, 1] ids/weights) and are summed back per
+    token. Either way: same kernel, same prepacked weights; work and weight traffic scale with P and the
+    distinct experts among them.
     """
-    T, K = ids.shape
-    flat_ids = ids.reshape(-1)
-    pairs = torch.nonzero(flat_ids >= 0).squeeze(1)  # eager, inside the op: a host sync is fine on CPU
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    if pairs.numel() > 0:
-        tokens = torch.div(pairs, K, rounding_mode="floor")
-        y = runner.routed_experts.forward_modular(
-            x=x.index_select(0, tokens),
-            topk_weights=weights.reshape(-1)[pairs].unsqueeze(1).contiguous(),
-            topk_ids=flat_ids[pairs].unsqueeze(1).to(torch.int32).contiguous(),
-            shared_experts=None,
-            shared_experts_input=None,
-        )
-        out.index_add_(0, tokens, y.float())
+    weights = torch.from_numpy(pairs.weights)
+    ids = torch.from_numpy(pairs.ids)
+    if pairs.tokens is None:
+        return _expert_call(runner, x, weights, ids)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if pairs.tokens.size:
+        tokens = torch.from_numpy(pairs.tokens)
+        out.index_add_(0, tokens, _expert_call(runner, x.index_select(0, tokens), weights, ids).float())
     return out.to(x.dtype)
+
+
+def _expert_call(runner: Any, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    kernel = runner._cpu_kernel()
+    if kernel is not None:
+        return kernel(x, weights, ids)
+    return runner.routed_experts.forward_modular(
+        x=x, topk_weights=weights, topk_ids=ids, shared_experts=None, shared_experts_input=None
+    )
 
 
 def _refuse_unsupported(
