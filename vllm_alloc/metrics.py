@@ -20,6 +20,7 @@ from typing import Any
 BUDGET_BUCKETS = (0.1, 0.2, 0.25, 0.3, 0.33, 0.4, 0.5, 0.6, 0.67, 0.75, 0.8, 0.9, 0.95, 1.0)
 
 _metrics: dict[str, Any] = {}
+_series: dict[tuple[int, str], tuple[Any, Any]] = {}  # (layer, budget label) -> (used, full)
 
 
 def _get() -> dict[str, Any]:
@@ -49,13 +50,15 @@ def budget_label(fraction: float) -> str:
 
 
 def add_activations(layer: int, budget: float, used: float, full: float) -> None:
-    m = _get()
-    labels = {"layer": str(layer), "budget": budget_label(budget)}
+    key = (layer, budget_label(budget))
+    series = _series.get(key)
+    if series is None:  # labels() costs a lock and a dict lookup per call: resolve each series once
+        m = _get()
+        labels = {"layer": str(layer), "budget": key[1]}
+        series = _series[key] = (m["used"].labels(**labels), m["full"].labels(**labels))
     if used:
-        m["used"].labels(**labels).inc(used)
-    else:
-        m["used"].labels(**labels)  # make the series exist at 0
-    m["full"].labels(**labels).inc(full)
+        series[0].inc(used)
+    series[1].inc(full)
 
 
 def observe_request_budget(b: float) -> None:
