@@ -30,9 +30,10 @@ FAMILY_KWARGS: dict[str, dict[str, Any]] = {
 }
 # Stock vLLM itself is not reproducible across engine starts for these families on CPU: two stock
 # engines on the same tiny DeepSeek-V3 gave the same tokens but logprobs up to 4.4e-3 apart (and two
-# plugin engines at b = 1.0 up to 7.8e-3). Bit-identity cannot be observed across processes there, so
-# the check is tokens equal and logprobs within that run-to-run spread.
-NOT_REPRODUCIBLE = {"deepseek_v3": 2e-2}
+# plugin engines at b = 1.0 up to 7.8e-3); on the tiny DeepSeek-V2, two stock engines were bit-equal
+# in some runs and up to 4.3e-3 apart in others (1 in 2 runs of the pair here). Bit-identity cannot be
+# observed across processes there, so the check is tokens equal and logprobs within that spread.
+NOT_REPRODUCIBLE = {"deepseek_v2": 2e-2, "deepseek_v3": 2e-2}
 L, E, K, H, I = 2, 16, 4, 128, 64  # the tiny checkpoints' shape (vllm_alloc.tiny defaults)
 A = L * K
 
