@@ -127,16 +127,33 @@ def target_lines(
 def share_table(rows: Sequence[dict[str, float]]) -> str:
     """Markdown table of Alloc-T's share of MoE-layer time per T (target ≤ 5%)."""
     lines = [
-        "| T | Alloc-T µs | experts b=0.5 µs | experts b=1.0 (stock) µs | share | target ≤ 5% |",
-        "|---|---|---|---|---|---|",
+        "| T | pass | Alloc-T µs | MoE layer b=0.5 µs | MoE layer b=1.0 µs | share | target ≤ 5% |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        share = r["alloc_us"] / (r["alloc_us"] + r["experts_us"])
+        share = r["alloc_us"] / r["layer_us"]
         lines.append(
-            f"| {int(r['T'])} | {r['alloc_us']:.0f} | {r['experts_us']:.0f} | {r['stock_us']:.0f} | "
-            f"{100 * share:.1f}% | {_met(share <= 0.05)} |"
+            f"| {int(r['T'])} | {r['pass']} | {r['alloc_us']:.0f} | {r['layer_us']:.0f} | "
+            f"{r['stock_us']:.0f} | {100 * share:.1f}% | {_met(share <= 0.05)} |"
         )
     return "\n".join(lines)
+
+
+Share = dict[str, dict[int, list[float]]]  # what _Engine.alloc_t_share returns
+
+
+def share_rows(half: Share, full: Share, batch: int, prompt_len: int) -> list[dict[str, Any]]:
+    """Rows of `share_table` from two `alloc_t_share` results of one batch (b = 0.5, then b = 1.0): its
+    prefill pass (T = batch · prompt_len) and its decode passes (T = batch)."""
+    rows: list[dict[str, Any]] = []
+    for T, phase in ((batch * prompt_len, "prefill"), (batch, "decode")):
+        if T in half["budget"] and T in full["stock"]:
+            alloc_us, layer_us, _ = half["budget"][T]
+            stock_us = full["stock"][T][1]
+            rows.append(
+                {"T": T, "pass": phase, "alloc_us": alloc_us, "layer_us": layer_us, "stock_us": stock_us}
+            )
+    return rows
 
 
 def _fmt(x: float) -> str:
@@ -246,6 +263,67 @@ class _Engine:
         self.vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
         self._n = 0
 
+    def alloc_t_share(self, req: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
+        """Run `measure(req)` with the plugin's MoE-layer calls timed inside the engine.
+
+        Returns, per path ("budget": a pass with pruned pairs; "stock": an all-b = 1.0 pass) and per T (tokens
+        in the layer call), [median Alloc-T µs, median layer µs, calls]. Alloc-T = the ranking keys plus the
+        host reallocation and its activation count (`layer.rank_keys`, `layer.host_routing`); layer = the
+        whole routed-expert call of the op (`_budget_experts` / `_stock_experts`): Alloc-T, then the experts.
+        Timers cost ~1 µs a call; they wrap the plugin's functions for this one measurement only.
+        """
+        from vllm_alloc.integration import layer
+
+        runner_cls = type(next(iter(layer._RUNNERS.values())))
+        calls: dict[str, dict[int, list[tuple[float, float]]]] = {"budget": {}, "stock": {}}
+        inner = [0.0]
+
+        def timed_part(fn: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    inner[0] += time.perf_counter() - t0
+
+            return wrapper
+
+        def timed_layer(fn: Any, path: str) -> Any:
+            def wrapper(runner: Any, x: Any, *args: Any) -> Any:
+                inner[0] = 0.0
+                t0 = time.perf_counter()
+                out = fn(runner, x, *args)
+                calls[path].setdefault(int(x.shape[0]), []).append((inner[0], time.perf_counter() - t0))
+                return out
+
+            return wrapper
+
+        originals = [
+            (layer, "rank_keys", timed_part(layer.rank_keys)),
+            (layer, "host_routing", timed_part(layer.host_routing)),
+            (runner_cls, "_budget_experts", timed_layer(runner_cls._budget_experts, "budget")),
+            (runner_cls, "_stock_experts", timed_layer(runner_cls._stock_experts, "stock")),
+        ]
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in originals]
+        try:
+            for owner, name, wrapped in originals:
+                setattr(owner, name, wrapped)
+            self.measure(req)
+        finally:
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
+        return {
+            path: {
+                T: [
+                    1e6 * statistics.median(a for a, _ in samples),
+                    1e6 * statistics.median(t for _, t in samples),
+                    float(len(samples)),
+                ]
+                for T, samples in sorted(by_T.items())
+            }
+            for path, by_T in calls.items()
+        }
+
     def measure(self, req: dict[str, Any]) -> tuple[float, list[list[float]], int]:
         import random
 
@@ -283,122 +361,3 @@ class _Engine:
             if len(times[rid]) != M:
                 raise RuntimeError(f"request {rid} produced {len(times[rid])} tokens, expected {M}")
         return start, [times[r] for r in ids], P
-
-
-# -- Alloc-T share micro-benchmark (own process: it needs vLLM's CPU kernels) --------------------------------
-def alloc_t_share(spec: dict[str, Any]) -> list[dict[str, float]]:
-    """Alloc-T time vs the plugin's expert compute of one MoE layer, per T; runs in a spawned process."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_share_main, args=(child, spec), name="bench-alloc-t")
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(spec.get("timeout", 900)):
-            raise TimeoutError("Alloc-T share micro-benchmark did not finish")
-        status, value = parent.recv()
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(10)
-    if status != "ok":
-        raise RuntimeError(f"Alloc-T share micro-benchmark failed:\n{value}")
-    return list(value)
-
-
-def _share_main(conn: Any, spec: dict[str, Any]) -> None:
-    import traceback
-
-    try:
-        conn.send(("ok", _share_rows(spec)))
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-
-
-def _share_rows(spec: dict[str, Any]) -> list[dict[str, float]]:
-    """Per T: Alloc-T (ranking keys + `alloc_t.reallocate`) against the expert compute the plugin runs.
-
-    The expert compute repeats the plugin's CPU path (`_compacted_experts`): kept pairs become top-1 rows
-    through vLLM's `cpu_fused_moe` on prepacked weights, summed back per token. Inputs are realistic: softmax
-    routing over E experts with logit std 2 (as in the benchmark model), renormalised top-K, one budget group,
-    every token at K_l = K/2 (b = 0.5 of the uniform allocation).
-    """
-    import torch
-    from vllm import _custom_ops as ops
-
-    from vllm_alloc import alloc_t
-    from vllm_alloc.integration.layer import _compacted_experts
-
-    # vLLM's CPU worker serves with one torch/OMP thread on a 2-core machine ("Reducing Torch threads");
-    # match it. Two threads on a loaded machine also stall at OMP barriers for whole scheduler ticks.
-    torch.set_num_threads(spec.get("threads", 1))
-    E, K, H, I = spec["E"], spec["K"], spec["H"], spec["I"]
-    reps = spec.get("reps", 20)
-    isa = "amx" if torch.cpu._is_amx_tile_supported() else "vec"
-    g = torch.Generator().manual_seed(0)
-    w13 = ops.cpu_prepack_moe_weight((torch.randn(E, 2 * I, H, generator=g) * 0.02).bfloat16(), isa)
-    w2 = ops.cpu_prepack_moe_weight((torch.randn(E, H, I, generator=g) * 0.02).bfloat16(), isa)
-
-    def timed(fn: Any) -> float:
-        fn()  # warm-up: allocator, OMP pool
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return 1e6 * statistics.median(samples)
-
-    def experts(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa, False)
-        return out
-
-    class _RoutedExperts:  # what `_compacted_experts` calls on a runner, minus vLLM's modular wrapper
-        def forward_modular(
-            self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, **_: Any
-        ) -> torch.Tensor:
-            return experts(x, topk_weights, topk_ids)
-
-    class _Runner:
-        routed_experts = _RoutedExperts()
-
-    runner = _Runner()
-    rows = []
-    for T in spec["T"]:
-        x = torch.randn(T, H, generator=g).bfloat16()
-        logits = torch.randn(T, E, generator=g) * 2.0
-        probs = logits.softmax(-1)
-        topk_w, topk_ids = probs.topk(K, dim=-1)
-        topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-        topk_ids = topk_ids.to(torch.int32)
-        k_tok = torch.full((T,), K // 2, dtype=torch.int64)
-        group = torch.zeros(T, dtype=torch.int64)
-
-        def realloc(
-            topk_w: torch.Tensor = topk_w,
-            topk_ids: torch.Tensor = topk_ids,
-            k_tok: torch.Tensor = k_tok,
-            group: torch.Tensor = group,
-            singleton: bool = T == 1,
-        ) -> Any:
-            keys = topk_w.float()  # rank_keys() without a score-correction bias
-            # One group of T tokens, dispatched as the plugin does (closed form when T = 1).
-            return alloc_t.reallocate(
-                keys, topk_w, topk_ids, k_tok, group, weights="topk", singleton_groups=singleton
-            )
-
-        w, ids, _ = realloc()
-
-        def compacted(x: torch.Tensor = x, w: torch.Tensor = w, ids: torch.Tensor = ids) -> torch.Tensor:
-            return _compacted_experts(runner, x, w, ids)
-
-        rows.append(
-            {
-                "T": T,
-                "alloc_us": timed(realloc),
-                "experts_us": timed(compacted),
-                "stock_us": timed(lambda x=x, w=topk_w, ids=topk_ids: experts(x, w, ids)),
-            }
-        )
-    return rows

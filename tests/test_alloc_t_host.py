@@ -82,7 +82,7 @@ def test_host_singleton_groups_match_reallocate(case: Case) -> None:
 
 
 @pytest.mark.parametrize("T", [1, 5])
-def test_uniform_keep_uses_token_rows(T: int) -> None:
+def test_even_counts_use_token_rows(T: int) -> None:
     """Every token keeping n pairs: rows are the tokens, routed top-n, best first."""
     keys = np.array([[0.1, 0.5, 0.3, 0.5]] * T, dtype=np.float32)  # a tie: column 1 ranks before 3
     ids = np.tile(np.array([7, 8, 9, 10], dtype=np.int64), (T, 1))
@@ -92,7 +92,6 @@ def test_uniform_keep_uses_token_rows(T: int) -> None:
     assert pairs.tokens is None
     assert pairs.ids.tolist() == [[8, 10]] * T
     assert pairs.weights.tolist() == [[0.5, 0.5]] * T
-    assert np.array_equal(alloc_t_host.top_n(keys, keys, ids, 2).ids, pairs.ids)
 
 
 def test_uneven_counts_use_one_row_per_pair() -> None:
@@ -103,6 +102,7 @@ def test_uneven_counts_use_one_row_per_pair() -> None:
     assert pairs.tokens is not None
     assert pairs.tokens.tolist() == [0, 1, 1]
     assert pairs.ids[:, 0].tolist() == [0, 2, 3]
+    assert pairs.weights[:, 0].tolist() == pytest.approx([0.9, 0.8, 0.7])
     assert pairs.per_token.tolist() == [1, 2]
 
 
@@ -110,3 +110,24 @@ def test_bad_weights_mode() -> None:
     z, one = np.zeros((1, 2), dtype=np.float32), np.ones(1, np.int64)
     with pytest.raises(ValueError, match="weights='raw'"):
         alloc_t_host.reallocate_pairs(z, z, z.astype(np.int32), one, one * 0, weights="raw")
+
+
+@SETTINGS
+@given(case=cases(max_T=12))
+def test_layer_call_reads_the_table_and_counts(case: Case) -> None:
+    """The serving entry point: k_tok = table[B_t, column], and used[B_t] grows by the pairs kept."""
+    T = case.keys.shape[0]
+    k_tok = case.k_tok.clamp(min=0).numpy()
+    # A table whose row B_t = t + 1 holds token t's k_tok in column 1 (padding rows: B = 0, row 0 = 0).
+    table = np.zeros((T + 1, 2), dtype=np.int32)
+    table[1:, 1] = k_tok
+    token_budget = np.where(k_tok > 0, np.arange(1, T + 1), 0)
+    used = np.zeros(T + 1)
+    want = host_pairs(case, "topk")
+    got = alloc_t_host.layer_call(
+        case.keys.numpy(), case.weights.float().numpy(), case.ids.numpy(), token_budget, table, 1,
+        case.group.numpy(), case.k_base, "topk", False, used, True,
+    )  # fmt: skip
+    assert per_token(got, T) == per_token(want, T)
+    np.testing.assert_array_equal(used[token_budget[k_tok > 0]], want.per_token[k_tok > 0])
+    assert used[0] == 0  # padding rows keep nothing

@@ -78,13 +78,15 @@ def test_target_lines(full: float, half: float, marks: list[str]):
     assert [line.rsplit(": ", 1)[1] for line in lines] == marks
 
 
-def test_share_table_marks_the_5_percent_target():
-    rows = [
-        {"T": 1, "alloc_us": 5.0, "experts_us": 95.0, "stock_us": 150.0},  # exactly 5%
-        {"T": 256, "alloc_us": 20.0, "experts_us": 80.0, "stock_us": 150.0},
-    ]
+def test_share_rows_and_table_mark_the_5_percent_target():
+    # alloc_t_share results of batch 2 with P = 4: prefill T = 8, decode T = 2.
+    half = {"budget": {8: [5.0, 100.0, 4.0], 2: [20.0, 100.0, 12.0]}, "stock": {}}
+    full = {"budget": {}, "stock": {8: [0.0, 180.0, 4.0], 2: [0.0, 170.0, 12.0]}}
+    rows = serve_lib.share_rows(half, full, batch=2, prompt_len=4)
+    assert [(r["T"], r["pass"], r["stock_us"]) for r in rows] == [(8, "prefill", 180.0), (2, "decode", 170.0)]
     lines = serve_lib.share_table(rows).splitlines()
-    assert "| 5.0% | met |" in lines[2] and "| 20.0% | **missed** |" in lines[3]
+    assert "| 5.0% | met |" in lines[2]  # exactly 5%
+    assert "| 20.0% | **missed** |" in lines[3]
 
 
 def test_config_names_put_stock_first():

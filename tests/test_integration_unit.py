@@ -85,32 +85,29 @@ def test_budgeted_pass_counts_full_activations_once_for_every_layer() -> None:
     plan = state.plan
     assert plan is not None
     state.fill(["a", "b"], [0.5, None], np.array([0, 3, 4]))  # B = 4 (3 tokens) and B = 8 (1 token)
-    assert state.tokens_per_budget is not None and state.tokens_per_budget[[4, 8]].tolist() == [3, 1]
     assert plan.full[:, 4].tolist() == [3 * K, 3 * K] and plan.full[:, 8].tolist() == [K, K]
     assert plan.full.sum().item() == 2 * 4 * K  # nothing else counted
 
 
 @pytest.mark.parametrize(
-    ("scope", "budgets", "starts", "singleton", "uniform"),
+    ("scope", "budgets", "starts", "singleton"),
     [
-        ("budget", [0.5], [0, 1], True, [2, 2]),  # a lone decode token
-        ("budget", [0.5, 0.5], [0, 1, 2], False, None),  # two tokens share the B = 4 group
-        ("budget", [0.5, 0.75], [0, 1, 2], True, [0, 0]),  # own groups, K_l differ: no common n
-        ("request", [0.5, 0.5], [0, 1, 2], True, [2, 2]),  # decode, scope request
-        ("request", [0.5], [0, 3], False, None),  # prefill: three tokens in one group
-        ("token", [0.5], [0, 3], True, [2, 2]),  # scope token: always one-token groups
+        ("budget", [0.5], [0, 1], True),  # a lone decode token
+        ("budget", [0.5, 0.5], [0, 1, 2], False),  # two tokens share the B = 4 group
+        ("budget", [0.5, 0.75], [0, 1, 2], True),  # decode, different budgets: own groups
+        ("request", [0.5, 0.5], [0, 1, 2], True),  # decode, scope request
+        ("request", [0.5], [0, 3], False),  # prefill: three tokens in one group
+        ("token", [0.5], [0, 3], True),  # scope token: always one-token groups
     ],
 )
 def test_fill_detects_one_token_groups(
-    scope: str, budgets: list[float], starts: list[int], singleton: bool, uniform: list[int] | None
+    scope: str, budgets: list[float], starts: list[int], singleton: bool
 ) -> None:
     state = make_state(scope=scope)
     state.fill([f"r{i}" for i in range(len(budgets))], budgets, np.array(starts))
     assert state.singleton_groups is singleton
-    assert state.uniform_keep == uniform
-    assert state.num_tokens == starts[-1]
     state.end_pass()
-    assert not state.singleton_groups and state.uniform_keep is None
+    assert not state.singleton_groups
 
 
 def test_invalid_budget_reaching_the_worker_falls_back() -> None:

@@ -1,37 +1,206 @@
-"""Alloc-T on the host (numpy): the same rule as `alloc_t.reallocate`, for the eager CPU expert path.
+"""Alloc-T on the host: the same rule as `alloc_t.reallocate`, compiled with numba, for the CPU expert path.
 
-On CPU the MoE layer's budget path runs eagerly inside an opaque op, where each small torch op costs
-~4 µs of dispatch; `reallocate`'s ~30 ops then cost ~250 µs per layer call, against ~700 µs of expert
-compute for a lone decode token. The same steps in numpy cost ~1 µs each. Results equal
-`reallocate`'s (kept mask and ids exactly; weights exactly in mode "topk", to float32 rounding in
-mode "kept", where sums may associate differently): tests/test_alloc_t_host.py checks both on random
-inputs. `reallocate` stays the definition, and the path for devices (static shapes, compile, graphs).
+On CPU the MoE layer's budget path runs eagerly inside an opaque op. There every small torch op costs
+~4 µs of dispatch, and every numpy call ~4 µs once an expert kernel has flushed the caches; the ~30
+ops of `reallocate` then cost 150-250 µs per layer call, against ~1 ms of expert compute for a lone
+decode token. Here the whole rule is one compiled call of a few µs: rank each token's candidates,
+give each group's pool to its best extras, and lay the kept pairs out for the expert kernel.
 
-The host path also returns the kept pairs already compacted (token, weight, expert id per pair),
-which is what the CPU expert call consumes.
+Results equal `reallocate`'s (the kept pairs and their weights exactly in mode "topk"; to float32
+rounding in mode "kept", whose sums may associate differently): tests/test_alloc_t_host.py checks
+both on random inputs. `reallocate` stays the definition, and the path for devices (static shapes,
+compile, CUDA graphs). Compiled on first use and cached next to this file (numba `cache=True`); the
+CPU plan compiles it when the model loads (`warm_up`).
+
+Import this module (and so numba) only after vLLM's worker has initialised: vLLM 0.32's CPU platform
+scans every loaded module's namespace at worker init (Triton kernel overrides) and crashes on
+llvmlite's ffi wrappers (`'_lib_fn_wrapper' object has no attribute 'get'`). The integration imports it
+when the model has loaded, never at plugin registration. numba ships with the `cpu` extra.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
-__all__ = ["KeptPairs", "kept_mask", "reallocate_pairs", "top_n"]
+__all__ = ["KeptPairs", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
 
 
 class KeptPairs(NamedTuple):
     """The kept (token, expert) pairs of one layer call, as R rows of n pairs for the expert kernel.
 
-    Where every token keeps the same n > 0 pairs, rows are the tokens (`tokens` is None, R = T);
-    otherwise each pair is its own row (n = 1, R = P) and `tokens` maps rows to tokens. Pairs of one
-    token may come in any order (their sum is the token's output).
+    Where every token keeps the same n > 0 pairs, rows are the tokens (`tokens` is None, R = T, each
+    row best first); otherwise each pair is its own row (n = 1, R = P), in token order, and `tokens`
+    maps rows to tokens.
     """
 
     weights: np.ndarray  # [R, n] float32: the pair's routing weight
     ids: np.ndarray  # [R, n] int32: the pair's expert id
     tokens: np.ndarray | None  # [R] int64 token of each row, or None: row r is token r
-    per_token: np.ndarray  # [T] int: pairs kept per token (0 for padding rows)
+    per_token: np.ndarray  # [T] int64: pairs kept per token (0 for padding rows)
+
+
+@numba.njit(cache=True, nogil=True)
+def _ranking(
+    rank_keys: np.ndarray, k_tok: np.ndarray, group: np.ndarray, kb: int, singleton: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(order [T, K]: each token's columns best first, ties to the lower column; keep [T]: how many of
+    them it keeps). The greedy rule of `reallocate`, as loops."""
+    T, K = rank_keys.shape
+    order = np.empty((T, K), np.int64)
+    for t in range(T):  # stable insertion sort, descending: K is small (<= 16 in practice)
+        for j in range(K):
+            v = rank_keys[t, j]
+            p = j
+            while p > 0 and rank_keys[t, order[t, p - 1]] < v:
+                order[t, p] = order[t, p - 1]
+                p -= 1
+            order[t, p] = j
+    keep = np.zeros(T, np.int64)
+    if singleton or kb == K:  # one-token groups: a prefix of clamp(k_tok, kb, K)
+        for t in range(T):
+            if k_tok[t] > 0:
+                keep[t] = min(max(k_tok[t], kb), K)
+        return order, keep
+    # The floor for every valid token; each group's pool P - |G|·kb goes to its best extras in the order
+    # (group asc, key desc, column rank asc, token asc), i.e. flat index m = j·T + t breaks key ties.
+    pool = np.zeros(T + 1, np.int64)
+    for t in range(T):
+        if k_tok[t] > 0:
+            keep[t] = kb
+            pool[group[t]] += k_tok[t] - kb
+    n_extra = K - kb
+    neg_keys = np.empty(n_extra * T, rank_keys.dtype)
+    grp = np.empty(n_extra * T, np.int64)
+    for j in range(n_extra):
+        for t in range(T):
+            neg_keys[j * T + t] = -rank_keys[t, order[t, kb + j]]
+            grp[j * T + t] = group[t] if k_tok[t] > 0 else T  # padding: sentinel group T, pool 0
+    perm = np.argsort(neg_keys, kind="mergesort")  # stable: ties keep m order
+    perm = perm[np.argsort(grp[perm], kind="mergesort")]
+    taken = np.zeros(T + 1, np.int64)
+    for m in perm:
+        g = grp[m]
+        if taken[g] < pool[g]:
+            taken[g] += 1
+            keep[m % T] += 1  # a token's extras come in its own rank order: what it keeps is a prefix
+    return order, keep
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairs(
+    order: np.ndarray, keep: np.ndarray, weights: np.ndarray, ids: np.ndarray, rescale: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Lay the kept pairs out (see KeptPairs): (weights [R, n], ids [R, n], tokens [R], uniform)."""
+    T, K = order.shape
+    w = np.empty((T, K), np.float32)
+    for t in range(T):
+        for j in range(K):
+            w[t, j] = weights[t, j]
+        if rescale and 0 < keep[t] < K:  # "kept": scale kept weights to the sum of all K inputs
+            total = np.float32(0.0)
+            kept_sum = np.float32(0.0)
+            for j in range(K):
+                total += w[t, j]
+            for r in range(keep[t]):
+                kept_sum += w[t, order[t, r]]
+            scale = total / (kept_sum if kept_sum != 0 else np.float32(1.0))
+            for j in range(K):
+                w[t, j] = w[t, j] * scale
+    n = keep[0] if T > 0 else 0
+    uniform = n > 0
+    for t in range(T):
+        if keep[t] != n:
+            uniform = False
+    if uniform:
+        out_w = np.empty((T, n), np.float32)
+        out_ids = np.empty((T, n), np.int32)
+        for t in range(T):
+            for r in range(n):
+                out_w[t, r] = w[t, order[t, r]]
+                out_ids[t, r] = ids[t, order[t, r]]
+        return out_w, out_ids, np.empty(0, np.int64), True
+    P = 0
+    for t in range(T):
+        P += keep[t]
+    out_w = np.empty((P, 1), np.float32)
+    out_ids = np.empty((P, 1), np.int32)
+    tokens = np.empty(P, np.int64)
+    i = 0
+    for t in range(T):
+        for r in range(keep[t]):
+            out_w[i, 0] = w[t, order[t, r]]
+            out_ids[i, 0] = ids[t, order[t, r]]
+            tokens[i] = t
+            i += 1
+    return out_w, out_ids, tokens, False
+
+
+@numba.njit(cache=True, nogil=True)
+def _layer_call(
+    rank_keys: np.ndarray,
+    weights: np.ndarray,
+    ids: np.ndarray,
+    token_budget: np.ndarray,
+    table: np.ndarray,
+    column: int,
+    group: np.ndarray,
+    kb: int,
+    singleton: bool,
+    rescale: bool,
+    used: np.ndarray,
+    count: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
+    """One MoE layer call of the CPU serving path in one compiled call: K_l(B_t) from the allocation
+    table, Alloc-T, the activation count (used[B_t] += kept pairs) and the kernel layout."""
+    T = rank_keys.shape[0]
+    k_tok = np.empty(T, np.int64)
+    for t in range(T):
+        k_tok[t] = table[token_budget[t], column]
+    order, keep = _ranking(rank_keys, k_tok, group, kb, singleton)
+    if count:
+        for t in range(T):
+            used[token_budget[t]] += keep[t]
+    out_w, out_ids, tokens, uniform = _pairs(order, keep, weights, ids, rescale)
+    return out_w, out_ids, tokens, uniform, keep
+
+
+def layer_call(
+    rank_keys: np.ndarray,
+    topk_weights: np.ndarray,
+    topk_ids: np.ndarray,
+    token_budget: np.ndarray,
+    table: np.ndarray,
+    column: int,
+    group: np.ndarray,
+    k_base: int,
+    weights: str,
+    singleton_groups: bool,
+    used: np.ndarray,
+    count: bool,
+) -> KeptPairs:
+    """`reallocate_pairs` with k_tok = table[token_budget, column], counting the kept pairs into
+    used[B] when `count`: what the CPU expert path runs per MoE layer call (each numpy or torch call
+    costs µs there, so this is one compiled call)."""
+    if weights not in ("topk", "kept"):
+        raise ValueError(f"weights={weights!r}: must be one of ('topk', 'kept')")
+    kb = min(k_base, rank_keys.shape[1])
+    out_w, out_ids, tokens, uniform, keep = _layer_call(
+        rank_keys, topk_weights, topk_ids, token_budget, table, column, group, kb, singleton_groups,
+        weights == "kept", used, count,
+    )  # fmt: skip
+    return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)
+
+
+def warm_up(table: np.ndarray, used: np.ndarray) -> None:
+    """Compile (or load from the cache) what the CPU serving path calls, before the first request:
+    float32 keys and weights, vLLM's int32 expert ids, the plan's table and counter dtypes."""
+    keys = np.zeros((1, 2), np.float32)
+    ids = np.zeros(keys.shape, np.int32)
+    zero = np.zeros(1, np.int64)
+    layer_call(keys, keys, ids, zero, table, 0, zero, 1, "topk", False, used[0], False)
 
 
 def kept_mask(
@@ -43,60 +212,14 @@ def kept_mask(
 ) -> np.ndarray:
     """[T, K] bool: which candidates `alloc_t.reallocate` keeps (arguments as there, numpy on host).
 
-    rank_keys must be finite (a router's scores are); NaN ranks differently in numpy and torch.
+    rank_keys must be finite (a router's scores are); NaN ranks differently here and in torch.
     """
     T, K = rank_keys.shape
-    kb = min(k_base, K)
-    # Stable descending order per row, ties to the lower column (as torch.sort(stable=True)), as flat
-    # row-major indices. (Flat indexing: take/put_along_axis cost ~6 µs each in Python overhead.)
-    order = np.argsort(-rank_keys, axis=1, kind="stable")
-    order += (np.arange(T) * K)[:, None]
-    valid = k_tok > 0
-    n_extra = K - kb
-    if n_extra == 0 or singleton_groups:
-        # Floor only, or one-token groups: each valid token keeps a prefix of clamp(k_tok, kb, K).
-        n_keep = np.minimum(np.maximum(k_tok, kb), K) * valid
-        keep_sorted = np.arange(K) < n_keep[:, None]
-    else:
-        # Extras flattened column-major (m = j·T + t), as in `reallocate`.
-        keys_flat = rank_keys.ravel()[order[:, kb:].T.ravel()]
-        if bool(valid.all()) and bool((group == group[0]).all()):
-            # One group holding every token (scope `budget` with one budget in the pass): its pool goes
-            # to the best extras in (key desc, m asc) order, a single stable sort.
-            take_flat = np.zeros(keys_flat.size, dtype=bool)
-            take_flat[np.argsort(-keys_flat, kind="stable")[: max(int((k_tok - kb).sum()), 0)]] = True
-        else:
-            # Several groups: one stable lexsort orders the extras by (group asc, key desc, m asc), the
-            # order `reallocate` builds with two stable sorts.
-            grp = np.where(valid, group, T)  # padding rows: sentinel group T, pool 0
-            grp_flat = np.broadcast_to(grp, (n_extra, T)).ravel()
-            perm = np.lexsort((-keys_flat, grp_flat))
-            grp_sorted = grp_flat[perm]
-            count = np.bincount(grp_flat, minlength=T + 1)
-            start = np.cumsum(count) - count
-            rank = np.arange(grp_flat.size) - start[grp_sorted]
-            pool = np.bincount(grp, weights=(k_tok - kb) * valid, minlength=T + 1)
-            take_flat = np.empty(grp_flat.size, dtype=bool)
-            take_flat[perm] = rank < pool[grp_sorted]
-        keep_sorted = np.empty((T, K), dtype=bool)
-        keep_sorted[:, :kb] = valid[:, None]  # the floor
-        keep_sorted[:, kb:] = take_flat.reshape(n_extra, T).T
-    kept = np.empty(T * K, dtype=bool)
-    kept[order.ravel()] = keep_sorted.ravel()  # back from ranked columns to the caller's columns
-    return kept.reshape(T, K)
-
-
-def top_n(rank_keys: np.ndarray, weights: np.ndarray, topk_ids: np.ndarray, n: int) -> KeptPairs:
-    """Every token keeps its n best candidates (ties to the lower column): Alloc-T when every group is one
-    token and every token's clamp(K_l, K_base, K) is n. weights must be float32."""
-    T = rank_keys.shape[0]
-    top = np.argsort(-rank_keys, axis=1, kind="stable")[:, :n]
-    if T == 1:  # a lone decode token: plain indexing, the fewest numpy calls
-        w, ids = weights[0, top[0]][None], topk_ids[0, top[0]][None]
-    else:
-        rows = np.arange(T)[:, None]
-        w, ids = weights[rows, top], topk_ids[rows, top]
-    return KeptPairs(w, ids.astype(np.int32), None, np.full(T, n))
+    order, keep = _ranking(rank_keys, k_tok, group, min(k_base, K), singleton_groups)
+    kept = np.zeros((T, K), dtype=bool)
+    for t in range(T):
+        kept[t, order[t, : keep[t]]] = True
+    return kept
 
 
 def reallocate_pairs(
@@ -111,35 +234,13 @@ def reallocate_pairs(
 ) -> KeptPairs:
     """Alloc-T for one layer call, returning the kept pairs laid out for the kernel (`KeptPairs`).
 
-    Arguments as `alloc_t.reallocate`: rank_keys [T, K] float (finite), topk_weights [T, K] float32,
+    Arguments as `alloc_t.reallocate`: rank_keys [T, K] float (finite), topk_weights [T, K] float,
     topk_ids [T, K] int, k_tok [T] int (<= 0 marks a padding row), group [T] int in [0, T).
+    `singleton_groups` is the caller's promise that every valid token is alone in its group.
     """
     if weights not in ("topk", "kept"):
         raise ValueError(f"weights={weights!r}: must be one of ('topk', 'kept')")
-    T, K = rank_keys.shape
-    kb = min(k_base, K)
-    w = topk_weights.astype(np.float32, copy=False)
-    if (singleton_groups or kb == K) and weights == "topk" and T:
-        # Each token keeps a prefix of its own ranking; when all keep the same n, pass its top n as is.
-        n_keep = np.minimum(np.maximum(k_tok, kb), K) * (k_tok > 0)
-        n = int(n_keep[0])
-        if n > 0 and (T == 1 or bool((n_keep == n).all())):
-            return top_n(rank_keys, w, topk_ids, n)
-    kept = kept_mask(rank_keys, k_tok, group, k_base, singleton_groups)
-    if weights == "kept":
-        kept_sum = np.where(kept, w, np.float32(0)).sum(axis=1, keepdims=True)
-        scale = w.sum(axis=1, keepdims=True) / np.where(kept_sum != 0, kept_sum, np.float32(1))
-        # A token that keeps all K candidates keeps its input weights bit for bit (b = 1.0 = stock).
-        w = np.where(kept.all(axis=1, keepdims=True), w, w * scale).astype(np.float32, copy=False)
-    per_token = kept.sum(axis=1)
-    n = int(per_token[0]) if T else 0
-    if n > 0 and bool((per_token == n).all()):
-        ids = topk_ids[kept].reshape(T, n).astype(np.int32)
-        return KeptPairs(w[kept].reshape(T, n), ids, None, per_token)
-    pairs = np.flatnonzero(kept)
-    return KeptPairs(
-        w.ravel()[pairs][:, None],
-        topk_ids.ravel()[pairs][:, None].astype(np.int32),
-        pairs // K,
-        per_token,
-    )
+    K = rank_keys.shape[1]
+    order, keep = _ranking(rank_keys, k_tok, group, min(k_base, K), singleton_groups)
+    out_w, out_ids, tokens, uniform = _pairs(order, keep, topk_weights, topk_ids, weights == "kept")
+    return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)

@@ -16,15 +16,19 @@ inside vLLM's opaque `moe_forward` op.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from vllm_alloc import alloc_t, alloc_t_host
+from vllm_alloc import alloc_t
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.integration.state import STATE, LayerInfo
+
+if TYPE_CHECKING:
+    # Imported where used, never at plugin registration: numba must not be loaded before vLLM's worker init
+    # (see alloc_t_host).
+    from vllm_alloc.alloc_t_host import KeptPairs
 
 _RUNNERS: dict[str, Any] = {}  # layer name -> BudgetMoERunner, for the custom op's lookup
 
@@ -248,36 +252,31 @@ _UNRESOLVED = object()
 
 def host_routing(
     column: int, keys: torch.Tensor, weights_in: torch.Tensor, topk_ids: torch.Tensor
-) -> alloc_t_host.KeptPairs:
+) -> KeptPairs:
     """Alloc-T of one CPU layer call on the host, and its activation count: the kept pairs."""
+    from vllm_alloc import alloc_t_host
+
     plan = STATE.plan
     assert plan is not None and plan.host is not None
     T = keys.shape[0]
     rank = keys.numpy()
-    weights = rank if weights_in is keys else weights_in.float().numpy()
-    n = STATE.uniform_keep[column] if STATE.uniform_keep is not None and STATE.num_tokens == T else 0
-    if n:  # one-token groups, all keeping n here (see AllocState._uniform_keep)
-        if STATE.counting:
-            assert STATE.tokens_per_budget is not None
-            plan.host["used"][column] += n * STATE.tokens_per_budget
-        return alloc_t_host.top_n(rank, weights, topk_ids.numpy(), n)
-    token_budget = plan.host["token_budget"][:T]
-    pairs = alloc_t_host.reallocate_pairs(
+    return alloc_t_host.layer_call(
         rank,
-        weights,
+        rank if weights_in is keys else weights_in.float().numpy(),
         topk_ids.numpy(),
-        plan.host["table"][token_budget, column],
+        plan.host["token_budget"][:T],
+        plan.host["table"],
+        column,
         plan.host["token_group"][:T],
-        k_base=plan.k_base,
-        weights="kept" if plan.weights == "kept" else "topk",
-        singleton_groups=STATE.singleton_groups,
+        plan.k_base,
+        "kept" if plan.weights == "kept" else "topk",
+        STATE.singleton_groups,
+        plan.host["used"][column],
+        STATE.counting,
     )
-    if STATE.counting:
-        np.add.at(plan.host["used"][column], token_budget, pairs.per_token)
-    return pairs
 
 
-def compacted_experts(runner: Any, x: torch.Tensor, pairs: alloc_t_host.KeptPairs) -> torch.Tensor:
+def compacted_experts(runner: Any, x: torch.Tensor, pairs: KeptPairs) -> torch.Tensor:
     """Kept pairs only, through vLLM's own expert kernel (CPU).
 
     The stock CPU kernel corrupts the heap on id −1, and computing pruned pairs at weight 0 would save

@@ -85,9 +85,6 @@ class AllocState:
     # `request` in decode): Alloc-T then reduces to a per-token top-K_l prefix
     # (`alloc_t.reallocate(singleton_groups=True)`).
     singleton_groups: bool = False
-    uniform_keep: list[int] | None = None  # see _uniform_keep
-    num_tokens: int = 0  # real tokens of the current budgeted pass
-    tokens_per_budget: np.ndarray | None = None  # [A + 1] float64: its tokens per absolute budget B
     counting: bool = False  # True only inside real forward passes (never warm-up / dummy runs)
     steps: int = 0
     flushed: tuple[np.ndarray, np.ndarray] | None = None
@@ -159,6 +156,10 @@ class AllocState:
             full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
         )
         self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
+        if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
+            from vllm_alloc import alloc_t_host
+
+            alloc_t_host.warm_up(self.plan.host["table"], self.plan.host["used"])
         return self.plan
 
     # -- every forward pass -----------------------------------------------------------------------------
@@ -226,34 +227,15 @@ class AllocState:
         plan.token_group.zero_()
         plan.token_group[:n].copy_(torch.from_numpy(token_group))
         # Activations the full model would perform, for every layer at once (routing does not change it).
-        self.tokens_per_budget = np.bincount(budgets, weights=counts, minlength=plan.A + 1)
-        plan.full.add_(torch.from_numpy(self.tokens_per_budget * plan.K).to(plan.full.device))
+        tokens_per_budget = np.bincount(budgets, weights=counts, minlength=plan.A + 1)
+        plan.full.add_(torch.from_numpy(tokens_per_budget * plan.K).to(plan.full.device))
         # Every group one token (scope `token`, or decode with distinct groups): Alloc-T's closed form.
         self.singleton_groups = groups is None or np.unique(token_group).size == n
-        self.uniform_keep = self._uniform_keep(token_budget) if self.singleton_groups else None
-        self.num_tokens = n
         self.budgeted = True
-
-    def _uniform_keep(self, token_budget: np.ndarray) -> list[int] | None:
-        """Per MoE layer, the n that every token keeps when all keep the same (else 0); host plans only.
-
-        In a pass of one-token groups each token keeps its top clamp(K_l(B_t), K_base, K) candidates; when
-        that is one n for the whole batch, a layer passes its tokens' top n straight to the expert kernel
-        (`alloc_t_host.top_n`). Computed once per pass here instead of in every layer.
-        """
-        plan = self.plan
-        assert plan is not None
-        if plan.host is None or plan.weights == "kept" or token_budget.size == 0:
-            return None
-        k = plan.host["table"][token_budget]  # [n, L]
-        n_keep = np.clip(k, min(plan.k_base, plan.K), plan.K) * (token_budget > 0)[:, None]
-        first = n_keep[0]
-        return np.where((n_keep == first).all(axis=0), first, 0).tolist()
 
     def end_pass(self) -> None:
         self.budgeted = False
         self.singleton_groups = False
-        self.uniform_keep = None
         self.counting = False
         self.steps += 1
         if self.steps % envs.VLLM_ALLOC_METRICS_FLUSH_STEPS == 0:
