@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the markdown report to this file")
     p.add_argument("--quick", action="store_true", help="smoke test: small model, 1 round, few tokens")
     args = p.parse_args(argv)
+    if args.prompt_len < 2:  # the share rows tell prefill (T = N·P) from decode (T = N) by T
+        p.error(f"--prompt-len {args.prompt_len}: must be at least 2")
     if args.quick:
         args.batch_sizes, args.rounds, args.prompt_len, args.max_tokens = "1,4", 1, 16, 4
         args.share_batches = "1,4"

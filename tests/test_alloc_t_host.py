@@ -106,10 +106,12 @@ def test_uneven_counts_use_one_row_per_pair() -> None:
     assert pairs.per_token.tolist() == [1, 2]
 
 
-def test_bad_weights_mode() -> None:
+def test_bad_arguments_are_refused() -> None:
     z, one = np.zeros((1, 2), dtype=np.float32), np.ones(1, np.int64)
     with pytest.raises(ValueError, match="weights='raw'"):
         alloc_t_host.reallocate_pairs(z, z, z.astype(np.int32), one, one * 0, weights="raw")
+    with pytest.raises(ValueError, match="k_base=0"):
+        alloc_t_host.reallocate_pairs(z, z, z.astype(np.int32), one, one * 0, k_base=0)
 
 
 @SETTINGS
