@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WEIGHT_MODES", "reallocate"]
+__all__ = ["WEIGHT_MODES", "check_options", "reallocate"]
 
 WEIGHT_MODES: tuple[str, ...] = ("topk", "kept")
+
+
+def check_options(k_base: int, weights: str) -> None:
+    """The non-tensor arguments of `reallocate` (also those of the host path, `alloc_t_host`)."""
+    if isinstance(k_base, bool) or not isinstance(k_base, int) or k_base < 1:
+        raise ValueError(f"k_base={k_base!r}: must be an int >= 1 (it is capped at K)")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: must be one of {WEIGHT_MODES}")
 
 
 def _validate(
@@ -26,10 +34,7 @@ def _validate(
     weights: str,
 ) -> None:
     """Shape/dtype/argument checks only: nothing here may read tensor values (no host sync)."""
-    if isinstance(k_base, bool) or not isinstance(k_base, int) or k_base < 1:
-        raise ValueError(f"k_base={k_base!r}: must be an int >= 1 (it is capped at K)")
-    if weights not in WEIGHT_MODES:
-        raise ValueError(f"weights={weights!r}: must be one of {WEIGHT_MODES}")
+    check_options(k_base, weights)
     if rank_keys.dim() != 2:
         raise ValueError(f"rank_keys has shape {tuple(rank_keys.shape)}: must be 2-D [T, K]")
     T, K = rank_keys.shape

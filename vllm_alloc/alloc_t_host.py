@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from vllm_alloc.alloc_t import check_options
+
 __all__ = ["KeptPairs", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
 
 
@@ -184,22 +186,13 @@ def layer_call(
     """`reallocate_pairs` with k_tok = table[token_budget, column], counting the kept pairs into
     used[B] when `count`: what the CPU expert path runs per MoE layer call (each numpy or torch call
     costs µs there, so this is one compiled call)."""
-    _check(k_base, weights)
+    check_options(k_base, weights)  # compiled code checks no bounds: group ids must lie in [0, T)
     kb = min(k_base, rank_keys.shape[1])
     out_w, out_ids, tokens, uniform, keep = _layer_call(
         rank_keys, topk_weights, topk_ids, token_budget, table, column, group, kb, singleton_groups,
         weights == "kept", used, count,
     )  # fmt: skip
     return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)
-
-
-def _check(k_base: int, weights: str) -> None:
-    """The argument checks of `reallocate` that cost nothing (compiled code does no bounds checks: group
-    ids must lie in [0, T) and token_budget must index the table, as the integration guarantees)."""
-    if isinstance(k_base, bool) or not isinstance(k_base, int) or k_base < 1:
-        raise ValueError(f"k_base={k_base!r}: must be an int >= 1 (it is capped at K)")
-    if weights not in ("topk", "kept"):
-        raise ValueError(f"weights={weights!r}: must be one of ('topk', 'kept')")
 
 
 def warm_up(table: np.ndarray, used: np.ndarray) -> None:
@@ -246,7 +239,7 @@ def reallocate_pairs(
     topk_ids [T, K] int, k_tok [T] int (<= 0 marks a padding row), group [T] int in [0, T).
     `singleton_groups` is the caller's promise that every valid token is alone in its group.
     """
-    _check(k_base, weights)
+    check_options(k_base, weights)  # compiled code checks no bounds: group ids must lie in [0, T)
     K = rank_keys.shape[1]
     order, keep = _ranking(rank_keys, k_tok, group, min(k_base, K), singleton_groups)
     out_w, out_ids, tokens, uniform = _pairs(order, keep, topk_weights, topk_ids, weights == "kept")

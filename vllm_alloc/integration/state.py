@@ -53,12 +53,13 @@ class Plan:
     token_group: torch.Tensor  # [N] int64 in [0, N): reallocation group of each token
     used: torch.Tensor  # [L, A + 1] float64: routed activations performed
     full: torch.Tensor  # [L, A + 1] float64: activations the full model would have performed
-    # On CPU, numpy views of the buffers above (same memory) for the host Alloc-T path; None on devices.
+    # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
+    # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.table.device.type == "cpu":
-            names = ("table", "token_budget", "token_group", "used", "full")
+            names = ("table", "token_budget", "token_group", "used")
             self.host = {name: getattr(self, name).numpy() for name in names}
 
     @property
