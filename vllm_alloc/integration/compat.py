@@ -200,11 +200,45 @@ def v2_batch(input_batch: Any) -> tuple[list[str], Any, int]:
     )
 
 
+def v1_discarded_cpu_generators(runner: Any) -> dict[int, torch.Generator]:
+    """Per-request seeded generators (batch row -> generator) on the CPU whose sample this step is
+    discarded: requests whose prefill is split and not yet complete (`discard_request_mask`, set in
+    `_prepare_inputs` before sampling).
+
+    vLLM samples a token for them anyway and rewinds the generator in `_bookkeeping_sync` with
+    `set_offset(get_offset() - 4)`, which exists only for Philox (CUDA) generators: a CPU generator raises
+    "CPU Generator does not use offset" there and the engine dies (vLLM CPU 0.32, with or without the
+    plugin).
+    """
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    discard = runner.discard_request_mask.np[:num_reqs]
+    return {
+        i: g
+        for i, g in batch.generators.items()
+        if i < num_reqs and bool(discard[i]) and g.device.type == "cpu"
+    }
+
+
+def v1_generators(runner: Any) -> dict[int, torch.Generator]:
+    """The V1 runner's per-request seeded generators, by batch row (mutable: vLLM's own dict)."""
+    generators: dict[int, torch.Generator] = runner.input_batch.generators
+    return generators
+
+
 # -- requests -----------------------------------------------------------------------------------------
 def sampling_params_cls() -> type:
     from vllm.sampling_params import SamplingParams
 
     return SamplingParams
+
+
+def input_processor_cls() -> type:
+    """The front-end class that turns a prompt and its SamplingParams into an `EngineCoreRequest`
+    (`process_inputs`, in the process a request enters: offline `LLM` or the API server)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    return InputProcessor
 
 
 def validation_error(message: str, parameter: str) -> Exception:

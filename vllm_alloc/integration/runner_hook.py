@@ -94,6 +94,38 @@ def _v1_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     return _model_forward
 
 
+# -- seeded requests on CPU ---------------------------------------------------------------------------
+# A seeded request whose prefill is split across steps is sampled at every step, and vLLM discards the
+# samples of the incomplete steps; to keep the seeded stream as if they never happened it rewinds the
+# request's generator with `set_offset`, which CPU generators do not have (the engine dies: vLLM CPU 0.32,
+# stock too). On CPU the plugin instead saves those generators' states before sampling and restores them
+# after, then hides them from the rewind: the stream advances only for samples that are kept, which is
+# what the rewind achieves on CUDA. Plugin or not, budgets or not: no request may stop the server.
+def _v1_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        discarded = compat.v1_discarded_cpu_generators(self)
+        states = {i: g.get_state() for i, g in discarded.items()}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for i, state in states.items():
+                discarded[i].set_state(state)
+
+    return _sample
+
+
+def _v1_bookkeeping_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        generators = compat.v1_generators(self)
+        hidden = {i: generators.pop(i) for i in compat.v1_discarded_cpu_generators(self)}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    return _bookkeeping_sync
+
+
 # -- V2 ---------------------------------------------------------------------------------------------
 _V2_BUDGETS: dict[str, Any] = {}
 
@@ -142,6 +174,8 @@ def install() -> None:
     v1 = compat.v1_runner_cls()
     _wrap(v1, "load_model", _load_model)
     _wrap(v1, "_model_forward", _v1_model_forward)
+    _wrap(v1, "_sample", _v1_sample)
+    _wrap(v1, "_bookkeeping_sync", _v1_bookkeeping_sync)
     cpu = compat.cpu_runner_cls()
     if cpu is not None:
         _wrap(cpu, "load_model", _load_model)
