@@ -13,16 +13,11 @@ and the pool at budget B is exact, so routed = full · K_l(B) / K for every (lay
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,124 +30,33 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("vllm")
 
+from e2e.serving import Server, delta, memory_fraction, metrics, serve  # noqa: E402
+
 K = 4  # the tiny model's top-k
 L = 2
 ROUTED_FRACTION = {"1": 1.0, "0.5": 0.5, "0.25": 0.25}  # K_l(B) / K under the uniform allocation
 RANGE = "[0.25, 1]"  # the valid budgets of this model: K_base / K = 1/4 up to 1
-START_TIMEOUT_S = 240
 APPLIED = "x-activation-budget-applied"
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    model: str
-    log: Path
-    prometheus_dir: str
-
-    def client(self) -> Any:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def async_client(self) -> Any:
-        return openai.AsyncOpenAI(
-            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=300
-        )
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _memory_fraction() -> str:
-    # The tiny model needs well under 1 GiB; ask for at most 10% of memory and half of what is free now.
-    vm = psutil.virtual_memory()
-    return f"{max(0.02, min(0.1, 0.5 * vm.available / vm.total)):.3f}"
-
-
-def _stop_tree(pid: int) -> None:
-    """SIGTERM, then SIGKILL, for `pid` and its descendants, by PID (never by name)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = str(tiny_model("qwen3_moe", num_layers=L, top_k=K, num_experts=16, hidden_size=128))
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    argv = [
-        sys.executable, "-m", "vllm_alloc.cli", "serve", model,
+    args = [
         "--default-budget", "1.0",
-        "--port", str(port),
         "--max-model-len", "256",
         "--max-num-seqs", "16",
         "--enforce-eager",  # loads faster than compiling; the plugin's path is the same
         # On CPU a fraction of the node's memory that must be free at start-up; the machine is shared.
-        "--gpu-memory-utilization", _memory_fraction(),
+        "--gpu-memory-utilization", memory_fraction(),
         "--enable-prompt-tokens-details",  # usage reports cached prompt tokens, for exact counts
         "--disable-log-stats",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    srv = Server(process, base_url, model, log, prometheus_dir="")
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm-alloc serve exited with {process.returncode}:\n{srv.log_tail()}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{srv.log_tail()}")
-            time.sleep(1)
-        (vllm,) = psutil.Process(process.pid).children()
-        srv.prometheus_dir = vllm.environ()["PROMETHEUS_MULTIPROC_DIR"]
+    with serve(model, args, tmp_path_factory.mktemp("server") / "server.log") as srv:
         yield srv
-    finally:
-        if process.poll() is None:
-            _stop_tree(process.pid)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-
-
-def metrics(srv: Server) -> dict[tuple[str, str, str], float]:
-    """{(metric, layer, budget): value} of the vllm_alloc series on /metrics ('' for absent labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{srv.base_url}/metrics", timeout=10).text
-    out: dict[tuple[str, str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("vllm_alloc:"):
-                key = (s.name, s.labels.get("layer", ""), s.labels.get("budget", s.labels.get("le", "")))
-                out[key] = out.get(key, 0.0) + s.value
-    return out
-
-
-def delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
-    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
 
 
 def computed_tokens(usage: Any) -> int:
