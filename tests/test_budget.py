@@ -199,6 +199,18 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         r"needs",
     ),
     ("chosen-unknown", _add_candidates("operating-point", 12.0), "allocations[4].chosen", r"not one of"),
+    # Strict types: a budget file is read as written, nothing is converted.
+    ("B-as-text", _set(("allocations", 0, "budget"), "4"), "allocations[0].budget", r'JSON integer.*got "4"'),
+    ("k-bool", _set(("allocations", 0, "k"), [True, 1, 1, 1]), "allocations[0].k[0]", r"integer.*got true"),
+    ("k-float", _set(("allocations", 0, "k", 1), 1.0), "allocations[0].k[1]", r"JSON integer.*got 1.0"),
+    ("default-as-text", _set(("default_budget",), "1.0"), "default_budget", r'JSON number.*got "1.0"'),
+    ("default-bool", _set(("default_budget",), True), "default_budget", r"JSON number.*got true"),
+    ("K-as-text", _set(("model", "top_k"), "3"), "model.top_k", r'JSON integer.*got "3"'),
+    ("model-not-object", _set(("model",), 3), "model", r"JSON object.*got 3"),
+    ("layers-not-array", _set(("model", "moe_layers"), "0-3"), "model.moe_layers", r"JSON array"),
+    ("notes-not-text", _set(("notes",), 7), "notes", r"string in double quotes.*got 7"),
+    ("version-true", _set(("format_version",), True), "format_version", r"format_version True is not"),
+    ("version-float", _set(("format_version",), 1.0), "format_version", r"format_version 1.0 is not"),
     (
         "worse-than-uniform",
         _add_candidates("isolating", 10.5),
@@ -221,6 +233,90 @@ def test_broken_file(tmp_path: Path, edit: Callable[[dict[str, Any]], None], fie
     assert str(err).startswith(f"budget file {path}: field '{field}': ")
     assert "Fix: " in str(err) and err.fix
     assert "pydantic" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [_set(("allocations", 0, "budget"), "4"), _set(("allocations", 0, "k"), [True, 1, 1, 1])],
+    ids=["B-as-text", "k-bool"],
+)
+def test_strict_type_errors_say_how_to_fix(edit: Callable[[dict[str, Any]], None]) -> None:
+    data = small_file_dict()
+    edit(data)
+    with pytest.raises(BudgetFileError) as info:
+        parse_budget_file(data, "b.json")
+    assert "Fix: write the value with that JSON type (budget files are read strictly)" in str(info.value)
+
+
+def test_shipped_budget_files_load() -> None:
+    shipped = sorted(budget.CONFIGS_DIR.glob("*.json"))
+    assert shipped, f"no budget files in {budget.CONFIGS_DIR}"
+    for path in shipped:
+        assert load_budget_file(path).format_version == 1
+    assert load_budget_file("default") == load_budget_file(budget.CONFIGS_DIR / "default.json")
+
+
+def _candidates(chosen: str, *rows: tuple[str, list[int], float]) -> Callable[[dict[str, Any]], None]:
+    """Candidates at B = 8 of SMALL (L = 4, K = 3), whose uniform allocation is [2, 2, 2, 2]."""
+
+    def edit(d: dict[str, Any]) -> None:
+        a = d["allocations"][4]
+        a["candidates"] = [{"name": n, "allocation": ks, "measured": m} for n, ks, m in rows]
+        a["chosen"] = chosen
+        a["k"] = next(ks for n, ks, _ in rows if n == chosen)
+
+    return edit
+
+
+UNI, OTHER = [2, 2, 2, 2], [3, 2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "match"),
+    [
+        # The uniform vector under another name is the baseline: a worse choice is refused.
+        (_candidates("isolating", ("op", UNI, 10.0), ("isolating", OTHER, 10.5)), "chosen", "worse than"),
+        # Measured twice (a hand edit): the choice must beat the better of the two.
+        (
+            _candidates("isolating", ("uniform", UNI, 10.6), ("op", UNI, 10.0), ("isolating", OTHER, 10.5)),
+            "chosen",
+            r"measured 10.0 \(lower",
+        ),
+        # A candidate called uniform that is not the uniform vector would pose as the baseline.
+        (
+            _candidates("isolating", ("uniform", OTHER, 10.6), ("isolating", OTHER, 10.5)),
+            "candidates[0].allocation",
+            r"named 'uniform' has allocation \[3, 2, 2, 1\], but the uniform allocation for B = 8 is \[2, 2",
+        ),
+    ],
+    ids=["uniform-vector-renamed", "best-uniform-binds", "mislabelled-uniform"],
+)
+def test_never_worse_than_uniform_goes_by_vector(
+    edit: Callable[[dict[str, Any]], None], field: str, match: str
+) -> None:
+    data = small_file_dict()
+    edit(data)
+    with pytest.raises(BudgetFileError, match=match) as info:
+        parse_budget_file(data)
+    assert info.value.field == f"allocations[4].{field}"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # Chosen under another name but the uniform vector itself: uniform, whatever it measured.
+        _candidates("isolating", ("uniform", UNI, 10.0), ("isolating", UNI, 10.2)),
+        # No measurement of the uniform vector: nothing to compare against.
+        _candidates("isolating", ("op", OTHER[::-1], 10.0), ("isolating", OTHER, 10.5)),
+        # Better than the uniform vector measured under another name.
+        _candidates("isolating", ("op", UNI, 10.6), ("isolating", OTHER, 10.5)),
+    ],
+    ids=["chosen-is-uniform-vector", "uniform-unmeasured", "better-than-renamed-uniform"],
+)
+def test_never_worse_than_uniform_passes(edit: Callable[[dict[str, Any]], None]) -> None:
+    data = small_file_dict()
+    edit(data)
+    parse_budget_file(data)
 
 
 def test_candidates_that_pass() -> None:
@@ -301,6 +397,7 @@ def test_error_pickles() -> None:
         (0.9, 140),  # floor(140.4)
         (1 / 6, 26),  # min_budget itself: (1/6)·156 = 25.999999999999996 in floats
         (0.166667, 26),
+        ("0.5", 78),  # text, as a header or vllm_xargs carries it: requests.parse_budget reads it
     ],
 )
 def test_absolute_budget(b: float, B: int) -> None:
@@ -309,7 +406,23 @@ def test_absolute_budget(b: float, B: int) -> None:
 
 @pytest.mark.parametrize(
     "b",
-    [0.0, -0.5, 1.0000001, 2.0, math.nan, math.inf, -math.inf, 1 / 6 - 1e-6, 0.166666, "0.5", None, True],
+    [
+        *(
+            0.0,
+            -0.5,
+            1.0000001,
+            2.0,
+            math.nan,
+            math.inf,
+            -math.inf,
+            1 / 6 - 1e-6,
+            0.166666,
+            "abc",
+            None,
+            True,
+        ),
+        pytest.param(10**400, id="10**400"),  # no float holds it: a budget error, not OverflowError
+    ],
 )
 def test_absolute_budget_rejects(b: Any) -> None:
     bf = uniform_budget_file(fingerprint())

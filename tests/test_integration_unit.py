@@ -3,14 +3,15 @@ refusals, and the SamplingParams check (imports vLLM, starts nothing)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from vllm_alloc.budget import ModelFingerprint
-from vllm_alloc.integration.config import PluginConfig
+from vllm_alloc.budget import BudgetFileError, ModelFingerprint, uniform_budget_file
+from vllm_alloc.integration.config import PluginConfig, plugin_section, resolve_settings
 from vllm_alloc.integration.state import AllocState, LayerInfo
 
 L, E, K, H, I = 2, 8, 4, 64, 32
@@ -115,6 +116,13 @@ def test_invalid_budget_reaching_the_worker_falls_back() -> None:
     assert state.absolute_budget("garbage") == A  # refused upstream; here it runs at the default
     assert state.absolute_budget(0.1) == L * 1  # in (0, 1] but below 1/K: runs at the minimum
     assert state.absolute_budget(0.5) == A // 2
+    assert state.absolute_budget(10**400) == A  # no float holds it: a budget error, run at the default
+
+
+def test_a_bool_does_not_share_the_cached_budget_of_one() -> None:
+    state = make_state(default_budget=0.5)
+    assert state.absolute_budget(True) == A // 2  # True == 1 as a dict key; it is no budget: the default
+    assert state.absolute_budget(1) == A
 
 
 def test_set_and_reset_allocation() -> None:
@@ -139,11 +147,85 @@ def test_set_and_reset_allocation() -> None:
         ({"default_budget": 2}, "out of range"),
         ({"default_budget": "half"}, "is not a number"),
         ({"budget": 0.5}, "unknown key"),
+        ({"budget_file": 3}, "budget_file=3 is not valid"),
+        pytest.param({"default_budget": 10**400}, "out of range", id="default-10**400"),
     ],
 )
 def test_plugin_config_errors(section: dict, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         PluginConfig.from_additional_config({"vllm_alloc": section})
+
+
+@pytest.mark.parametrize("section", [3, "x", [1], False, 0])
+def test_plugin_section_must_be_an_object(section: object) -> None:
+    with pytest.raises(ValueError, match=r'"vllm_alloc" is .*; expected a JSON object with keys budget_file'):
+        plugin_section({"vllm_alloc": section})
+
+
+def test_plugin_section_absent_or_null_is_empty() -> None:
+    assert plugin_section(None) == plugin_section({}) == plugin_section({"vllm_alloc": None}) == {}
+
+
+def test_overridden_env_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ALLOC_DEFAULT_BUDGET", "half")
+    assert PluginConfig.from_additional_config({"vllm_alloc": {"default_budget": 0.5}}).default_budget == 0.5
+    with pytest.raises(ValueError, match="VLLM_ALLOC_DEFAULT_BUDGET='half' is not a number"):
+        PluginConfig.from_additional_config({})
+
+
+MODEL = ModelFingerprint(
+    architecture="X", moe_layers=[1, 3], num_experts=E, top_k=K, hidden_size=H, intermediate_size=I
+)
+
+
+def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "b.json"
+    uniform_budget_file(MODEL, k_base=2, scope="request", weights="kept", default_budget=0.75).dump(path)
+    from_file = resolve_settings({"vllm_alloc": {"budget_file": str(path)}})
+    assert (from_file.scope, from_file.weights, from_file.default_budget) == ("request", "kept", 0.75)
+    assert from_file.min_budget == 0.5 and from_file.source == str(path)  # k_base / K = 2 / 4
+    monkeypatch.setenv("VLLM_ALLOC_BUDGET_FILE", str(path))
+    monkeypatch.setenv("VLLM_ALLOC_SCOPE", "token")
+    monkeypatch.setenv("VLLM_ALLOC_DEFAULT_BUDGET", "0.5")
+    from_env = resolve_settings({})  # the variables over the file
+    assert (from_env.scope, from_env.weights, from_env.default_budget) == ("token", "kept", 0.5)
+    ours = resolve_settings({"vllm_alloc": {"scope": "budget", "default_budget": 1}})  # the config over both
+    assert (ours.scope, ours.default_budget) == ("budget", 1.0)
+
+
+def test_settings_without_a_budget_file() -> None:
+    settings = resolve_settings({}, top_k=4)  # the API server / launcher: uniform, K_base = 1
+    assert settings.budget_file is None and settings.source == "uniform"
+    assert (settings.scope, settings.weights, settings.default_budget, settings.min_budget) == (
+        "budget",
+        "topk",
+        1.0,
+        0.25,
+    )
+    assert resolve_settings({}).min_budget is None  # the model's K unknown: (0, 1]
+    worker = resolve_settings({}, model=MODEL)  # the worker builds the uniform file for the model
+    assert worker.budget_file == uniform_budget_file(MODEL) and worker.min_budget == 0.25
+
+
+def test_settings_check_the_default_against_the_models_minimum() -> None:
+    with pytest.raises(ValueError, match=r"default_budget=0.2 is below this model's minimum.*\[0.25, 1\]"):
+        resolve_settings({"vllm_alloc": {"default_budget": 0.2}}, top_k=4)
+    with pytest.raises(ValueError, match=r"default_budget=0.2 is below"):
+        resolve_settings({"vllm_alloc": {"default_budget": 0.2}}, model=MODEL)
+    assert resolve_settings({"vllm_alloc": {"default_budget": 0.2}}).default_budget == 0.2  # K unknown
+
+
+def test_settings_validate_the_file_against_the_model(tmp_path: Path) -> None:
+    path = tmp_path / "b.json"
+    uniform_budget_file(MODEL.model_copy(update={"top_k": 2})).dump(path)
+    resolve_settings({"vllm_alloc": {"budget_file": str(path)}})  # no model: loaded as it is
+    with pytest.raises(BudgetFileError, match=r"field 'model.top_k'"):
+        resolve_settings({"vllm_alloc": {"budget_file": str(path)}}, model=MODEL)
+
+
+def test_finalize_refuses_a_default_below_the_minimum() -> None:
+    with pytest.raises(ValueError, match=r"vllm_alloc default_budget=0.2 is below this model's minimum"):
+        make_state(default_budget=0.2)
 
 
 def test_plugin_config_reads_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,9 +262,12 @@ def test_sampling_params_refuses_invalid_budgets() -> None:
     requests_check.install()
     requests_check.install()  # idempotent
     SamplingParams(extra_args={"activation_budget": 0.5})
-    for bad in ("abc", float("nan"), 0, 1.5):
+    for bad in ("abc", float("nan"), 0, 1.5, "0.5é"):
         with pytest.raises(VLLMValidationError, match=r"\(0, 1\]"):
             SamplingParams(extra_args={"activation_budget": bad})
+    # vLLM's own extra_args check runs first and refuses integers beyond 64 bits with its message.
+    with pytest.raises(VLLMValidationError):
+        SamplingParams(extra_args={"activation_budget": 10**400})
 
 
 def test_refusals_name_the_setting() -> None:

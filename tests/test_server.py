@@ -15,12 +15,7 @@ import pytest
 
 from vllm_alloc import launch
 from vllm_alloc.cli import build_parser
-from vllm_alloc.server import (
-    ActivationBudgetMiddleware,
-    BudgetSettings,
-    cache_salt,
-    settings_from_vllm_config,
-)
+from vllm_alloc.server import ActivationBudgetMiddleware, cache_salt, settings_from_vllm_config
 
 K = 4  # the fake model's top-k: minimum b = K_base / K = 0.25
 COMPLETIONS = "/v1/completions"
@@ -163,10 +158,61 @@ def test_disconnect_reaches_the_app_after_the_body() -> None:
     assert app.calls[0]["after"] == {"type": "http.disconnect"}
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
-def test_every_generation_endpoint(path: str) -> None:
-    app, _ = call({"model": "m"}, "0.5", path=path)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": []}),
+        ("/v1/completions", {"model": "m", "prompt": "hi"}),
+        ("/v1/responses", {"model": "m", "input": "hi"}),
+        ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": []}),  # Anthropic
+        ("/invocations", {"messages": []}),  # SageMaker, a chat body: vLLM tries ChatCompletionRequest first
+        ("/invocations", {"prompt": "hi"}),  # ... then CompletionRequest
+        ("/invocations", {"prompt_embeds": "AAAA"}),
+    ],
+)
+def test_every_generation_endpoint(path: str, body: dict[str, Any]) -> None:
+    app, sent = call(body, "0.5", path=path)
     assert forwarded(app)["vllm_xargs"]["activation_budget"] == 0.5
+    assert forwarded(app)["cache_salt"] == "activation_budget=0.5"
+    assert headers_of(sent)[b"x-activation-budget-applied"] == b"0.5"
+    app, sent = call(body, path=path)  # no budget named: the server default, as on every route
+    assert forwarded(app)["vllm_xargs"]["activation_budget"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "header"),
+    [
+        ({"input": "embed me"}, "0.5"),  # an embedding body: vLLM would hand it to a pooling handler
+        ({"input": "x", "vllm_xargs": {"activation_budget": 0.5}}, None),
+        ({"query": "q", "documents": ["d"]}, "1"),  # rerank; even b = 1.0 is a budget the route ignores
+    ],
+)
+def test_invocations_refuses_a_budget_on_a_pooling_body(body: dict[str, Any], header: str | None) -> None:
+    app, sent = call(body, header, path="/invocations")
+    assert app.calls == []
+    message = error_of(sent)["message"]
+    assert "applies only to text generation" in message and "messages, prompt, prompt_embeds" in message
+
+
+def test_invocations_pooling_body_without_a_budget_is_untouched() -> None:
+    raw = b'{"input": "embed me"}'
+    app, sent = call(raw, path="/invocations")
+    assert app.calls[0]["body"] == raw
+    assert b"x-activation-budget-applied" not in headers_of(sent)
+
+
+def test_invocations_pooling_body_with_an_invalid_header_is_400() -> None:
+    _, sent = call({"input": "x"}, "abc", path="/invocations")
+    assert "not a number" in error_of(sent)["message"]
+
+
+def test_messages_errors_have_vllms_anthropic_shape() -> None:
+    app, sent = call({"model": "m", "max_tokens": 8, "messages": []}, "2", path="/v1/messages")
+    assert app.calls == []
+    assert sent[0]["status"] == 400
+    payload = json.loads(sent[1]["body"])
+    assert payload["type"] == "error" and payload["error"]["type"] == "BadRequestError"
+    assert "out of range" in payload["error"]["message"] and "[0.25, 1]" in payload["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -223,6 +269,9 @@ def test_cache_salt_edges() -> None:
         (None, "1.5", "out of range"),
         (None, "0.2", "below this model's minimum"),  # 1/K = 0.25
         (None, "0." + "5" * 40, "characters"),  # oversized header
+        (None, "0.5, 0.25", "different values (0.25, 0.5)"),  # folded by a proxy, and they differ
+        (None, "0.5, abc", "not a number"),  # every element of a folded header must be a budget
+        (None, " , ", "not a number"),  # nothing but separators
         ("abc", None, "not a number"),
         (float("nan"), None, "not finite"),  # json.dumps writes NaN, json.loads reads it
         (0, None, "out of range"),
@@ -231,6 +280,9 @@ def test_cache_salt_edges() -> None:
         ([0.5], None, "has type list"),
         (0.1, None, "below this model's minimum"),
         (0.25, "0.5", "disagree"),
+        (0.25, "0.5, 0.5", "disagree"),
+        pytest.param(10**400, None, "out of range", id="int-of-401-digits"),  # float() overflows
+        pytest.param(-(10**400), None, "out of range", id="negative-int-of-401-digits"),
     ],
 )
 def test_invalid_budget_is_400_naming_the_range(body_budget: Any, header: str | None, needle: str) -> None:
@@ -250,13 +302,46 @@ def test_invalid_budget_is_400_naming_the_range(body_budget: Any, header: str | 
 def test_huge_header_is_refused_before_parsing() -> None:
     _, sent = call({"prompt": "hi"}, b"1" * 100_000)
     assert "100000 bytes long" in error_of(sent)["message"]
+    _, sent = call({"prompt": "hi"}, [b"0.5"] * 1000)  # as many headers: refused as one folded list
+    assert "3999 bytes long" in error_of(sent)["message"]
 
 
-def test_repeated_headers_that_differ_are_400() -> None:
+def test_huge_integer_body_budget_names_the_field() -> None:
+    raw = b'{"prompt": "hi", "vllm_xargs": {"activation_budget": 1' + b"0" * 400 + b"}}"
+    app, sent = call(raw)
+    assert app.calls == []
+    message = error_of(sent)["message"]
+    assert message.startswith("vllm_xargs.activation_budget=<an integer of about 401 digits> is out of range")
+    assert "[0.25, 1]" in message and "too large" not in message
+
+
+def test_repeated_headers_that_differ_are_400_naming_both() -> None:
     _, sent = call({"prompt": "hi"}, [b"0.5", b"0.25"])
-    assert "not a number" in error_of(sent)["message"]
+    assert "different values (0.25, 0.5)" in error_of(sent)["message"]
     app, _ = call({"prompt": "hi"}, [b"0.5", b"0.5"])
     assert forwarded(app)["vllm_xargs"]["activation_budget"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"0.5, 0.5",  # RFC 9110 list folding, as a proxy writes it
+        b"0.5,0.50",  # equal as numbers
+        b"0.5, , 0.5",  # empty list elements are ignored
+        [b"0.5, 0.5", b"0.5"],  # folded and repeated
+    ],
+)
+def test_folded_headers_that_agree_are_one_budget(header: bytes | list[bytes]) -> None:
+    app, sent = call({"prompt": "hi"}, header)
+    assert forwarded(app)["vllm_xargs"]["activation_budget"] == 0.5
+    assert headers_of(sent)[b"x-activation-budget-applied"] == b"0.5"
+
+
+def test_non_ascii_header_is_shown_escaped_not_as_mojibake() -> None:
+    _, sent = call({"prompt": "hi"}, "0.5é".encode())
+    message = error_of(sent)["message"]
+    assert r"X-Activation-Budget header=b'0.5\xc3\xa9' is not a number" in message
+    assert "Ã" not in message and "é" not in message
 
 
 def test_unknown_model_accepts_the_open_range() -> None:
@@ -281,7 +366,14 @@ def test_settings_from_a_budget_file(tmp_path: Any) -> None:
     path = tmp_path / "b.json"
     uniform_budget_file(model, k_base=2, default_budget=0.5).dump(path)
     settings = settings_from_vllm_config(vllm_config({"vllm_alloc": {"budget_file": str(path)}}))
-    assert settings == BudgetSettings(min_budget=0.25, default_budget=0.5)  # k_base / K = 2 / 8
+    assert (settings.min_budget, settings.default_budget) == (0.25, 0.5)  # k_base / K = 2 / 8
+    assert settings.budget_file == uniform_budget_file(model, k_base=2, default_budget=0.5)
+
+
+def test_settings_fall_back_to_the_open_range_when_they_cannot_be_resolved() -> None:
+    config = vllm_config({"vllm_alloc": {"budget_file": "/no/such.json"}})
+    app, _ = call({"prompt": "hi"}, "0.01", config=config)  # the engine refuses this config at start-up
+    assert forwarded(app)["vllm_xargs"]["activation_budget"] == 0.01
 
 
 # -- the launcher: command line and checks, without starting vLLM ------------------------------------------
@@ -346,11 +438,76 @@ def test_several_api_servers_leave_the_metrics_dir_to_vllm(monkeypatch: pytest.M
             ["m", "--default-budget", "0.5", "--additional-config", '{"vllm_alloc": {"default_budget": 1}}'],
             "disagree",
         ),
+        (["m", "--additional-config", '{"vllm_alloc": 3}'], r'"vllm_alloc" is 3; expected a JSON object'),
+        (["m", "--additional-config", '{"vllm_alloc": []}'], r'"vllm_alloc" is \[\]; expected a JSON object'),
+        (["m", "--additional-config", '{"vllm_alloc": "x"}'], r'"vllm_alloc" is "x"; expected a JSON object'),
+        (["m", "--additional-config", '{"vllm_alloc": {"budget_file": 3}}'], "budget_file=3 is not valid"),
+        (
+            ["m", "--default-budget", "1" + "0" * 400],
+            r"--default-budget is 401 characters long",  # text: capped before float() sees it
+        ),
+        (
+            ["m", "--additional-config", '{"vllm_alloc": {"default_budget": 1' + "0" * 400 + "}}"],
+            r"out of range",
+        ),
     ],
 )
 def test_serve_refuses_bad_settings(argv: list[str], needle: str) -> None:
     with pytest.raises(launch.LaunchError, match=needle):
         launch_for(argv)
+
+
+@pytest.mark.parametrize(
+    ("flag_value", "config_value"),
+    [("1", 1.0), ("1.0", 1), ("0.50", 0.5), ("0.5", "0.5")],
+)
+def test_flag_and_additional_config_compare_as_numbers(flag_value: str, config_value: Any) -> None:
+    user = json.dumps({"vllm_alloc": {"default_budget": config_value}})
+    result = launch_for(["m", "--default-budget", flag_value, "--additional-config", user])
+    launch._remove(result.prometheus_dir)
+    section = json.loads(flag(result.argv, "--additional-config"))["vllm_alloc"]
+    assert section["default_budget"] == float(flag_value)
+
+
+def test_flag_and_additional_config_compare_budget_files_by_what_they_load(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_alloc import budget
+
+    monkeypatch.setattr(budget, "CONFIGS_DIR", tmp_path / "configs")
+    (tmp_path / "configs").mkdir()
+    for name in ("a", "b"):
+        budget.uniform_budget_file(budget.ModelFingerprint(**FINGERPRINT)).dump(
+            tmp_path / "configs" / f"{name}.json"
+        )
+    monkeypatch.chdir(tmp_path)
+    same = [
+        "a",
+        "a.json",
+        "configs/a.json",
+        str(tmp_path / "configs" / "a.json"),
+        "./configs/../configs/a.json",
+    ]
+    for flag_value in same:
+        for config_value in same:
+            user = json.dumps({"vllm_alloc": {"budget_file": config_value}})
+            result = launch_for(["m", "--budget-config", flag_value, "--additional-config", user])
+            launch._remove(result.prometheus_dir)
+    user = json.dumps({"vllm_alloc": {"budget_file": "b"}})
+    with pytest.raises(
+        launch.LaunchError, match=r"--budget-config 'a' and --additional-config .* 'b' disagree"
+    ):
+        launch_for(["m", "--budget-config", "a", "--additional-config", user])
+
+
+FINGERPRINT = {
+    "architecture": "Qwen3MoeForCausalLM",
+    "moe_layers": [0, 1],
+    "num_experts": 8,
+    "top_k": 4,
+    "hidden_size": 64,
+    "intermediate_size": 32,
+}
 
 
 def test_default_below_the_local_models_minimum(tmp_path: Any) -> None:

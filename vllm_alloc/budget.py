@@ -1,13 +1,14 @@
 """Budget files: the versioned JSON that maps every absolute budget B to the per-layer vector K(B).
 
 Written by `vllm-alloc profile`, shipped under the top-level `configs/`, read once at start-up. The schema
-is pydantic with `extra="forbid"` (a typo is an error, not a silently ignored key) and finite floats only.
+is pydantic, strict (no coercion: `"4"`, `4.0` or `true` is not the integer 4, `"0.5"` is not a number),
+with `extra="forbid"` (a typo is an error, not a silently ignored key) and finite floats only.
 Every problem a user can cause surfaces as `BudgetFileError` naming the file, the field and the fix;
 raw pydantic errors never reach the user from `load_budget_file` / `parse_budget_file`.
 
 No vLLM import here: the CLI (`show`, `profile`) and the tests use this on machines without vLLM.
-A little over 400 lines on purpose: schema, validation and error translation are one contract, read in
-one place.
+About 500 lines on purpose: schema, validation and error translation are one contract, read in one
+place. What a valid request budget b is lives in `vllm_alloc.requests` (`absolute_budget` asks it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_alloc.alloc_l import solve, uniform
+from vllm_alloc.requests import BudgetError, parse_budget, range_text, shown
 
 # Where shipped budget files live (the repo's top-level configs/). Looked up at call time, so tests
 # and deployments can point it elsewhere by assigning `vllm_alloc.budget.CONFIGS_DIR`.
@@ -37,6 +38,7 @@ FIX_PROFILE = "re-run `vllm-alloc profile` for this model"
 # floor(b·A) must not lose a whole activation to float error: 0.5·156 is exact, but e.g. (1/6)·156 is
 # 25.999999999999996. Budgets are user-given decimals, far coarser than this.
 _EPS = 1e-9
+UNIFORM = "uniform"  # the name of the uniform allocation's candidate, and `chosen` of unmeasured budgets
 
 
 class BudgetFileError(ValueError):
@@ -62,8 +64,10 @@ def _fail(field: str, message: str, fix: str = FIX_PROFILE) -> typing.NoReturn:
 
 
 class _Schema(BaseModel):
-    # Inherited by every schema class: unknown keys (typos) and NaN/inf are errors, not silently kept.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Inherited by every schema class: unknown keys (typos), NaN/inf and values of the wrong JSON type are
+    # errors, not silently kept or converted (a budget file is written by a program; a string where a
+    # number belongs is a bug or a hand edit gone wrong). Strict still takes a JSON integer for a float.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ModelFingerprint(_Schema):
@@ -139,6 +143,7 @@ class Allocation(_Schema):
 
     @model_validator(mode="after")
     def _chosen_is_a_candidate(self) -> Allocation:
+        # "Never worse than uniform" needs L, K and k_base: BudgetFile checks it (_check_against_uniform).
         if not self.candidates:
             return self
         by_name: dict[str, Candidate] = {}
@@ -151,15 +156,39 @@ class Allocation(_Schema):
             _fail("chosen", f"{self.chosen!r} is not one of the candidates {sorted(by_name)}")
         if chosen.allocation != self.k:
             _fail("k", f"k = {self.k} differs from the chosen candidate's allocation {chosen.allocation}")
-        # DESIGN.md §2: the file never serves an allocation that measured worse than uniform.
-        base = by_name.get("uniform")
-        if base is not None and chosen.measured > base.measured:
-            _fail(
-                "chosen",
-                f"{self.chosen!r} measured {chosen.measured} but uniform measured {base.measured} "
-                "(lower is better); an allocation worse than uniform must not be chosen",
-            )
         return self
+
+
+def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
+    """DESIGN.md §2: a file never serves an allocation that measured worse than uniform.
+
+    Uniform is a vector, not a name: `base` = alloc_l.uniform(L, K, B, k_min=k_base), what the plugin
+    serves without a budget file. So
+    - every candidate whose allocation is `base` measured the uniform baseline, whatever it is called
+      (the profiler's DPs often land on it);
+    - a candidate called "uniform" with another vector is refused: it would be taken for the baseline
+      (by `vllm-alloc show`, by a reader) while measuring something else;
+    - a chosen allocation equal to `base` is uniform, so it passes whatever it measured;
+    - otherwise it must measure no worse than every measurement of `base` (the profiler measures each
+      vector once and reuses the number, so they agree; where a hand-edited file has several, the best
+      one binds, since "never worse than uniform" must hold against each);
+    - with no measurement of `base` there is nothing to compare: unmeasured budgets keep uniform.
+    """
+    for j, c in enumerate(a.candidates):
+        if c.name == UNIFORM and c.allocation != base:
+            _fail(
+                f"allocations[{i}].candidates[{j}].allocation",
+                f"the candidate named {UNIFORM!r} has allocation {c.allocation}, but the uniform allocation "
+                f"for B = {a.budget} is {base}",
+            )
+    chosen = next(c for c in a.candidates if c.name == a.chosen)  # there is one: Allocation checked it
+    measured = [c.measured for c in a.candidates if c.allocation == base]
+    if chosen.allocation != base and measured and chosen.measured > min(measured):
+        _fail(
+            f"allocations[{i}].chosen",
+            f"{a.chosen!r} measured {chosen.measured} but the uniform allocation {base} measured "
+            f"{min(measured)} (lower is better); an allocation worse than uniform must not be chosen",
+        )
 
 
 def _check_k_base(k_base: int, K: int) -> None:
@@ -190,7 +219,7 @@ class BudgetFile(_Schema):
     """A validated budget file (format_version 1). Build with `parse_budget_file`, `load_budget_file`,
     `uniform_budget_file` or `from_sensitivity`; direct construction raises pydantic errors instead."""
 
-    format_version: Literal[1]
+    format_version: int  # 1; checked by _supported_version (a Literal[1] would also take `true` and 1.0)
     model: ModelFingerprint
     k_base: int = 1  # K_base: Alloc-T's per-token floor, and the smallest K_l
     weights: Literal["topk", "kept", "raw"] = "topk"
@@ -202,6 +231,13 @@ class BudgetFile(_Schema):
 
     _source: str | None = None  # private (leading underscore): the path it was loaded from, for errors
 
+    @field_validator("format_version")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("unsupported")  # reworded, naming the version, by _from_validation_error
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> BudgetFile:
         L, K, A = self.model.num_moe_layers, self.model.top_k, self.model.full_activations
@@ -209,7 +245,7 @@ class BudgetFile(_Schema):
         lo = L * self.k_base
         try:  # the same rule as a request's b, so the default is valid exactly when a request would be
             self.absolute_budget(self.default_budget)
-        except ValueError:
+        except BudgetError:
             _fail(
                 "default_budget",
                 f"default_budget = {self.default_budget} is outside the valid range {self._range_text()}",
@@ -229,6 +265,8 @@ class BudgetFile(_Schema):
             for j, c in enumerate(a.candidates):
                 field = f"allocations[{i}].candidates[{j}].allocation"
                 _check_k(field, c.allocation, a.budget, K, self.k_base, L)
+            if a.candidates:
+                _check_against_uniform(i, a, uniform(L, K, a.budget, k_min=self.k_base))
         first = lo + len(self.allocations)
         if first <= A:  # every listed B is in place, so only the tail can be missing
             gone = f"B = {first}" if first == A else f"B = {first} to {A}"
@@ -255,24 +293,24 @@ class BudgetFile(_Schema):
         return self.k_base / self.model.top_k
 
     def _range_text(self) -> str:
-        # Print the smallest 6-decimal b that is itself valid (1/3 -> 0.333334, not 0.333333).
-        shown = math.ceil(self.min_budget * 1e6 - 1e-6) / 1e6
-        lo = f"{shown:.6f}".rstrip("0").rstrip(".")
         return (
-            f"[{lo}, 1] (the minimum is k_base/K = {self.k_base}/{self.model.top_k}: B = L·k_base = "
-            f"{self.model.num_moe_layers * self.k_base} of A = {self.model.full_activations})"
+            f"{range_text(self.min_budget)} (the minimum is k_base/K = {self.k_base}/{self.model.top_k}: "
+            f"B = L·k_base = {self.model.num_moe_layers * self.k_base} of A = {self.model.full_activations})"
         )
 
-    def absolute_budget(self, b: float) -> int:
-        """B = floor(b·A) for a request budget b in [min_budget, 1]; ValueError naming the range otherwise."""
-        if isinstance(b, bool) or not isinstance(b, numbers.Real):
-            raise ValueError(f"activation budget b = {b!r} is not a number; valid range {self._range_text()}")
-        b = float(b)
-        ok = math.isfinite(b) and 0.0 < b <= 1.0
-        B = math.floor(b * self.model.full_activations + _EPS) if ok else -1
-        if B < self.model.num_moe_layers * self.k_base:  # noqa: SIM300 (B is the DESIGN letter, not a constant)
-            raise ValueError(f"activation budget b = {b} is outside the valid range {self._range_text()}")
-        return B
+    def absolute_budget(self, b: Any) -> int:
+        """B = floor(b·A) for a request budget b in [min_budget, 1] (a number, or its text as a request
+        carries it); BudgetError (a ValueError) naming this file's range otherwise. `requests.parse_budget`
+        decides what is valid, as for every budget everywhere; this only says it with the file's numbers."""
+        try:
+            b = parse_budget(b, min_budget=self.min_budget)
+        except BudgetError as e:
+            raise BudgetError(
+                f"activation budget b = {shown(b)} is outside the valid range {self._range_text()}"
+            ) from e
+        lo = self.model.num_moe_layers * self.k_base
+        # parse_budget admits b a hair below min_budget (MIN_BUDGET_SLACK): that b is the minimum, B = lo.
+        return max(math.floor(b * self.model.full_activations + _EPS), lo)
 
     def k_vector(self, b: float) -> list[int]:
         """K(floor(b·A)): the per-layer budgets a request with budget b runs at."""
@@ -347,6 +385,16 @@ def _schema_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return cls
 
 
+_JSON_TYPES = {  # pydantic's strict type errors, in the words of the JSON a person edits
+    "int_type": 'integer, e.g. 4 (not "4", 4.0 or true)',
+    "float_type": 'number, e.g. 0.5 (not "0.5" or true)',
+    "string_type": "string in double quotes",
+    "list_type": "array [...]",
+    "model_type": "object {...}",
+    "dict_type": "object {...}",
+}
+
+
 def _from_validation_error(exc: ValidationError, path: str | Path | None) -> BudgetFileError:
     errors = exc.errors()
     err = errors[0]
@@ -366,10 +414,15 @@ def _from_validation_error(exc: ValidationError, path: str | Path | None) -> Bud
     elif loc == "format_version":
         field, message = loc, f"format_version {err.get('input')!r} is not supported; this vllm-alloc reads 1"
         fix = "re-create the file with this version's `vllm-alloc profile`"
+    elif err["type"] in _JSON_TYPES:  # strict mode: the value has the wrong JSON type, nothing is converted
+        got = json.dumps(err.get("input"), default=repr, ensure_ascii=False)
+        got = got[:80] + "…" if len(got) > 80 else got
+        field, message = loc or None, f"expected a JSON {_JSON_TYPES[err['type']]}, got {got}"
+        fix = f"write the value with that JSON type (budget files are read strictly), or {FIX_PROFILE}"
     else:
         detail = str(cause) if cause is not None else err["msg"]
-        shown = repr(err.get("input"))
-        field, message = loc or None, f"{detail} (got {shown[:80] + '…' if len(shown) > 80 else shown})"
+        got = repr(err.get("input"))
+        field, message = loc or None, f"{detail} (got {got[:80] + '…' if len(got) > 80 else got})"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s) after this one)"
     return BudgetFileError(path, field, message, fix)
@@ -387,7 +440,7 @@ def parse_budget_file(data: Any, path: str | Path | None = None) -> BudgetFile:
     return budget_file
 
 
-def _resolve(path_or_name: str | Path) -> Path:
+def resolve_budget_file(path_or_name: str | Path) -> Path:
     """A path if one exists, else a shipped file `<name>` or `<name>.json` under CONFIGS_DIR."""
     path = Path(path_or_name).expanduser()
     if path.exists():
@@ -410,7 +463,7 @@ def _resolve(path_or_name: str | Path) -> Path:
 def load_budget_file(path_or_name: str | Path) -> BudgetFile:
     """Load and validate a budget file by path, or by the name of a shipped one (`<name>[.json]` in
     CONFIGS_DIR; an existing path wins over a shipped name)."""
-    path = _resolve(path_or_name)
+    path = resolve_budget_file(path_or_name)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -439,7 +492,7 @@ def uniform_budget_file(model: ModelFingerprint, k_base: int = 1, **settings: An
     L, K = model.num_moe_layers, model.top_k
     _check_k_base(k_base, K)
     allocations = [
-        {"budget": B, "k": uniform(L, K, B, k_min=k_base), "chosen": "uniform"}
+        {"budget": B, "k": uniform(L, K, B, k_min=k_base), "chosen": UNIFORM}
         for B in range(L * k_base, L * K + 1)
     ]
     return _build({"model": model, "k_base": k_base, "allocations": allocations, **settings})

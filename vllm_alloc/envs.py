@@ -2,7 +2,8 @@
 
 Values are read when accessed (`envs.VLLM_ALLOC_DEFAULT_BUDGET`), so a test or a launcher can set them
 before the engine starts. Plugin settings from `--additional-config '{"vllm_alloc": {...}}'` take
-precedence over these variables (see `vllm_alloc.integration.config`).
+precedence over these variables, and both over the budget file: `vllm_alloc.integration.config` resolves
+that order for every process.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from vllm_alloc.requests import parse_budget
 
-def _float_or_none(name: str) -> Callable[[], float | None]:
+
+def _budget_or_none(name: str) -> Callable[[], float | None]:
     def read() -> float | None:
         raw = os.environ.get(name)
         if raw is None or raw == "":
             return None
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not a number; expected a budget in (0, 1]") from None
+        return parse_budget(raw, source=name)  # the one budget validator; its error names the variable
 
     return read
 
@@ -55,7 +55,7 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "Budget file path, or the name of a file shipped in configs/. Unset: a uniform allocation.",
     ),
     "VLLM_ALLOC_DEFAULT_BUDGET": (
-        _float_or_none("VLLM_ALLOC_DEFAULT_BUDGET"),
+        _budget_or_none("VLLM_ALLOC_DEFAULT_BUDGET"),
         "Budget b in (0, 1] for requests that name none. Unset: the budget file's default (1.0).",
     ),
     "VLLM_ALLOC_SCOPE": (

@@ -8,9 +8,10 @@ What it adds to a plain `vllm serve` (and nothing else: every other argument pas
   --enforce-eager                               on CUDA, unless given: budget-aware CUDA-graph capture is
                                                 not implemented yet, and the plugin refuses graphs
   PROMETHEUS_MULTIPROC_DIR=<fresh temp dir>     so worker-side counters reach /metrics; removed at exit
-It checks the budget file and the default budget before vLLM starts (a bad file is a one-line error and
-exit code 2, not a traceback after a minute of model loading), then runs vLLM as a child process and
-forwards SIGINT/SIGTERM/SIGHUP to it, so the temp dir is removed however the server stops.
+It resolves and checks the settings (budget file, default budget) before vLLM starts, with the code the
+engine uses (a bad file is a one-line error and exit code 2, not a traceback after a minute of model
+loading), then runs vLLM as a child process and forwards SIGINT/SIGTERM/SIGHUP to it, so the temp dir
+is removed however the server stops.
 """
 
 from __future__ import annotations
@@ -100,30 +101,34 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
             "MODEL is required: a Hugging Face model id or a local checkpoint folder "
             "(this version ships no default model)"
         )
-    from vllm_alloc.integration.config import CONFIG_KEY
+    from vllm_alloc.integration.config import CONFIG_KEY, plugin_section
 
     additional = _additional_config(args.additional_config)
-    section = dict(additional.get(CONFIG_KEY) or {})
-    for key, flag, value in (
-        ("budget_file", "--budget-config", args.budget_config),
-        ("default_budget", "--default-budget", args.default_budget),
+    try:
+        section = plugin_section(additional)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    for key, flag, value, canonical in (
+        ("budget_file", "--budget-config", args.budget_config, _budget_file_key),
+        ("default_budget", "--default-budget", args.default_budget, _budget_value),
     ):
         if value is None:
             continue
-        if key in section and str(section[key]) != str(value):
+        given = section.get(key)
+        # Compared as what they mean, not as text: 1 and 1.0 are one budget, `default` and
+        # configs/default.json one file.
+        if given is not None and canonical(given, f"{CONFIG_KEY}.{key}") != canonical(value, flag):
             raise LaunchError(
-                f"{flag} {value!r} and --additional-config {CONFIG_KEY}.{key} {section[key]!r} disagree; "
-                "give one"
+                f"{flag} {value!r} and --additional-config {CONFIG_KEY}.{key} {given!r} disagree; give one"
             )
         section[key] = value
-    if section.get("budget_file") and Path(str(section["budget_file"])).expanduser().exists():
+    budget_file = section.get("budget_file")
+    if isinstance(budget_file, str) and budget_file and Path(budget_file).expanduser().exists():
         # Absolute, so the engine finds it whatever its working directory.
-        section["budget_file"] = str(Path(str(section["budget_file"])).expanduser().resolve())
-    if section.get("default_budget") is not None:
-        try:
-            section["default_budget"] = parse_budget(section["default_budget"], source="--default-budget")
-        except BudgetError as e:
-            raise LaunchError(str(e)) from None
+        section["budget_file"] = str(Path(budget_file).expanduser().resolve())
+    if section.get("default_budget") is not None:  # a float in the engine's config, however it was given
+        flag = "--default-budget" if args.default_budget is not None else f"{CONFIG_KEY}.default_budget"
+        section["default_budget"] = _budget_value(section["default_budget"], flag)
     additional[CONFIG_KEY] = section
     check_settings(additional, model)
 
@@ -147,34 +152,17 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
 
 
 def check_settings(additional: dict[str, Any], model: str) -> None:
-    """Load the budget file and check the default budget against the model's minimum, as the worker
-    will (AllocState.finalize), so mistakes surface before vLLM spends a minute loading the model."""
+    """Resolve the settings as the worker will (`vllm_alloc.integration.config`): load the budget file
+    and check the default budget against the model's minimum, so mistakes surface before vLLM spends a
+    minute loading the model. Without a budget file the minimum comes from a local checkpoint's
+    config.json; for a hub id it is unknown here, and the engine checks it."""
     # Imported here: budget.py imports torch (seconds), and `vllm-alloc --help` builds this parser.
-    from vllm_alloc.budget import BudgetFileError, load_budget_file
-    from vllm_alloc.integration.config import PluginConfig
+    from vllm_alloc.integration.config import resolve_settings
 
     try:
-        config = PluginConfig.from_additional_config(additional)
-    except ValueError as e:
+        resolve_settings(additional, top_k=_local_top_k(model))
+    except ValueError as e:  # BudgetFileError, BudgetError, a bad setting: each names value and fix
         raise LaunchError(str(e)) from None
-    min_budget = None
-    default = config.default_budget
-    if config.budget_file:
-        try:
-            budget_file = load_budget_file(config.budget_file)
-        except BudgetFileError as e:
-            raise LaunchError(str(e)) from None
-        min_budget = budget_file.min_budget
-        if default is None:
-            default = budget_file.default_budget
-    else:
-        K = _local_top_k(model)
-        min_budget = 1.0 / K if K else None  # uniform allocation, K_base = 1
-    if default is not None:
-        try:
-            parse_budget(default, min_budget=min_budget, source="default budget")
-        except BudgetError as e:
-            raise LaunchError(str(e)) from None
 
 
 def run(launch: Launch) -> int:
@@ -232,6 +220,26 @@ def _additional_config(raw: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LaunchError(f"--additional-config {raw!r} is not a JSON object")
     return value
+
+
+def _budget_value(raw: Any, where: str) -> float:
+    try:
+        return parse_budget(raw, source=where)
+    except BudgetError as e:
+        raise LaunchError(str(e)) from None
+
+
+def _budget_file_key(raw: Any, _where: str) -> str:
+    """What a budget-file setting names: the resolved path of the file it loads (a path, or a shipped
+    name with or without .json), or the text itself when it loads none (loading then reports that)."""
+    from vllm_alloc.budget import BudgetFileError, resolve_budget_file
+
+    if not isinstance(raw, str) or not raw:
+        return repr(raw)
+    try:
+        return str(resolve_budget_file(raw).resolve())
+    except BudgetFileError:
+        return raw
 
 
 def _local_top_k(model: str) -> int | None:

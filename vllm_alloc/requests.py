@@ -1,7 +1,9 @@
 """Reading a request's activation budget, in one place for every entry point.
 
 The server middleware (header and body), the SamplingParams check (offline `LLM` and the OpenAI
-server's own request validation) and the worker all parse budgets here, so they agree on what is valid.
+server's own request validation), the worker (`BudgetFile.absolute_budget`), the settings
+(`vllm_alloc.integration.config`, `vllm_alloc.envs`) and the CLIs all parse budgets here, so they agree
+on what is valid and say it the same way.
 """
 
 from __future__ import annotations
@@ -15,58 +17,80 @@ BUDGET_KEY = "activation_budget"
 MAX_BUDGET_TEXT = 32
 """Longest budget text accepted (a header is small; anything longer is an attack or a mistake)."""
 
+MIN_BUDGET_SLACK = 1e-12
+"""A b this far below the model's minimum still counts as the minimum: k_base/K is a float, and a
+caller that passes `min_budget` itself (or its 6-decimal print) must not be refused for rounding."""
+
 
 class BudgetError(ValueError):
     """An invalid activation budget; the message names the value and the valid range."""
 
 
+def range_text(min_budget: float | None) -> str:
+    """`[0.25, 1]` for a model whose minimum is 0.25, `(0, 1]` when the model is unknown."""
+    if min_budget is None:
+        return "(0, 1]"
+    # The smallest 6-decimal b that is itself valid (1/3 -> 0.333334, but 0.3 -> 0.3 although
+    # 0.3·1e6 is 300000.00000000006 in floats: the 1e-6 absorbs that, MIN_BUDGET_SLACK admits it).
+    low = math.ceil(min_budget * 1e6 - 1e-6) / 1e6
+    return f"[{f'{low:.6f}'.rstrip('0').rstrip('.')}, 1]"
+
+
 def valid_range(min_budget: float | None) -> str:
-    # Round the minimum up for display, so the printed bound is itself a valid budget (1/3 -> 0.333334).
-    low = (
-        f"{math.ceil(min_budget * 1e6) / 1e6:.6f}".rstrip("0").rstrip(".") if min_budget is not None else "0"
-    )
-    bracket = "[" if min_budget is not None else "("
-    return f"a number in {bracket}{low}, 1]"
+    return f"a number in {range_text(min_budget)}"
+
+
+def shown(raw: Any) -> str:
+    """`raw` for an error message: its repr escaped to ASCII, at most 40 characters."""
+    if isinstance(raw, int) and raw.bit_length() > 128:  # repr of a 5000-digit int raises, and says nothing
+        return f"<an integer of about {int(raw.bit_length() * math.log10(2)) + 1} digits>"
+    text = ascii(raw)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def parse_budget(raw: Any, *, min_budget: float | None = None, source: str = "activation_budget") -> float:
-    """Parse a budget b from a header string, a JSON number or a Python float; BudgetError if invalid.
+    """Parse a budget b from a header (bytes or text), a JSON number or a Python float; BudgetError if
+    invalid.
 
     `min_budget` is the model's smallest valid b (L·K_base / A); below it a budget would ask for fewer
     experts than the per-token floor K_base allows.
     """
+    expected = valid_range(min_budget)
     if isinstance(raw, bool):  # bool is an int in Python; `true` is never a budget
-        raise BudgetError(f"{source}={raw!r} is not a number; expected {valid_range(min_budget)}")
-    if isinstance(raw, bytes):
-        raw = raw.decode("latin-1")
-    if isinstance(raw, str):
+        raise BudgetError(f"{source}={raw!r} is not a number; expected {expected}")
+    if isinstance(raw, bytes | str):
         text = raw.strip()
         if len(text) > MAX_BUDGET_TEXT:
             raise BudgetError(
-                f"{source} is {len(text)} characters long; expected {valid_range(min_budget)} "
+                f"{source} is {len(text)} characters long; expected {expected} "
                 f"of at most {MAX_BUDGET_TEXT} characters"
+            )
+        # A number is ASCII. Refusing anything else here keeps header bytes from being shown decoded
+        # with the wrong charset (mojibake), and float() from reading other scripts' digits ("٠.٥").
+        if not text.isascii():
+            raise BudgetError(
+                f"{source}={shown(text)} is not a number (non-ASCII characters); expected {expected}"
             )
         try:
             value = float(text)
         except ValueError:
-            raise BudgetError(
-                f"{source}={text!r} is not a number; expected {valid_range(min_budget)}"
-            ) from None
+            ascii_text = text.decode("ascii") if isinstance(text, bytes) else text
+            raise BudgetError(f"{source}={shown(ascii_text)} is not a number; expected {expected}") from None
     elif isinstance(raw, int | float):
-        value = float(raw)
+        try:
+            value = float(raw)
+        except OverflowError:  # a JSON integer of 309+ digits: no float holds it, and no budget is one
+            raise BudgetError(f"{source}={shown(raw)} is out of range; expected {expected}") from None
     else:
-        raise BudgetError(
-            f"{source}={raw!r} has type {type(raw).__name__}; expected {valid_range(min_budget)}"
-        )
+        raise BudgetError(f"{source}={shown(raw)} has type {type(raw).__name__}; expected {expected}")
     if not math.isfinite(value):
-        raise BudgetError(f"{source}={value} is not finite; expected {valid_range(min_budget)}")
+        raise BudgetError(f"{source}={value} is not finite; expected {expected}")
     if value <= 0.0 or value > 1.0:
-        raise BudgetError(f"{source}={value:g} is out of range; expected {valid_range(min_budget)}")
-    # The 1e-12 slack matches BudgetFile.absolute_budget, which floors b·A with a 1e-9 guard.
-    if min_budget is not None and value < min_budget - 1e-12:
+        raise BudgetError(f"{source}={value:g} is out of range; expected {expected}")
+    if min_budget is not None and value < min_budget - MIN_BUDGET_SLACK:
         raise BudgetError(
             f"{source}={value:g} is below this model's minimum (every token keeps at "
-            f"least K_base experts per layer); expected {valid_range(min_budget)}"
+            f"least K_base experts per layer); expected {expected}"
         )
     return value
 

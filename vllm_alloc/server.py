@@ -1,12 +1,26 @@
 """HTTP side of per-request budgets: the ASGI middleware, and the `vllm-alloc serve` subcommand.
 
 `ActivationBudgetMiddleware` runs in every vLLM API-server process (`--middleware
-vllm_alloc.server.ActivationBudgetMiddleware`). On POST to the OpenAI generation endpoints it reads the
-`X-Activation-Budget` header and the body's `vllm_xargs.activation_budget`, refuses invalid values with
-HTTP 400 (vLLM's error JSON, naming the valid range), writes the applied budget b into `vllm_xargs` as a
-float (the server default when the request names none), salts the prefix cache per budget, and echoes b
-in the `X-Activation-Budget-Applied` response header. From there vLLM carries b as
+vllm_alloc.server.ActivationBudgetMiddleware`). On POST to the text-generation endpoints (BUDGET_PATHS)
+it reads the `X-Activation-Budget` header and the body's `vllm_xargs.activation_budget`, refuses invalid
+values with HTTP 400 (vLLM's error JSON, naming the valid range), writes the applied budget b into
+`vllm_xargs` as a float (the server default when the request names none), salts the prefix cache per
+budget, and echoes b in the `X-Activation-Budget-Applied` response header. From there vLLM carries b as
 `SamplingParams.extra_args` to the worker (DESIGN.md §3).
+
+No route in BUDGET_PATHS ignores a budget silently: each hands `vllm_xargs` (and `cache_salt`) to the
+request vLLM 0.32 builds SamplingParams from, or refuses the budget:
+  /v1/chat/completions, /v1/completions, /v1/responses  their own request models
+  /v1/messages    AnthropicMessagesRequest.vllm_xargs and .cache_salt, copied into the
+                  ChatCompletionRequest it runs (vllm/entrypoints/anthropic/serving.py,
+                  _build_base_request); 400s use vLLM's Anthropic error shape there
+  /invocations    SageMaker: vLLM tries ChatCompletionRequest, then CompletionRequest, then the pooling
+                  requests (vllm/entrypoints/serve/sagemaker/api_router.py, invocations;
+                  generate/factories.py). A body with `messages`, `prompt` or `prompt_embeds` is a
+                  generation request and gets a budget; any other goes to a pooling handler, where a
+                  budget would be ignored, so one that carries a budget is refused with 400.
+vLLM 0.32's other generation routes (/v1/chat/completions/batch, /inference/v1/generate,
+/generative_scoring, /cohere/v2/chat behind VLLM_ENABLE_COHERE_API) are not handled here yet.
 
 The launcher (`vllm-alloc serve`) lives in `vllm_alloc.launch`; this module only exposes its parser,
 so `cli.py` finds every subcommand by the module named in DESIGN.md.
@@ -16,11 +30,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
-from vllm_alloc.requests import BUDGET_KEY, MAX_BUDGET_TEXT, BudgetError, parse_budget, valid_range
+from vllm_alloc.integration.config import PluginConfig, Settings, resolve_settings
+from vllm_alloc.requests import BUDGET_KEY, BudgetError, parse_budget, valid_range
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,41 +44,29 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BUDGET_HEADER = "X-Activation-Budget"
 APPLIED_HEADER = "X-Activation-Budget-Applied"
-BUDGET_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+MESSAGES_PATH = "/v1/messages"  # Anthropic Messages API
+INVOCATIONS_PATH = "/invocations"  # SageMaker: generation or pooling, by the body (module docstring)
+BUDGET_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH, INVOCATIONS_PATH}
+)
+# The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
+_GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
+# A budget header, repeated or folded into one list (RFC 9110 §5.3), is refused past this size before it
+# is split or decoded: room for several copies of the longest budget text.
+_MAX_HEADER_BYTES = 256
 
 # vLLM refuses cache salts longer than this or containing these characters (validate_cache_salt).
 _MAX_CACHE_SALT = 128
 _SALT_PREFIX = "activation_budget="
 
 
-@dataclass(frozen=True)
-class BudgetSettings:
-    """What the middleware needs to know of the served model and the plugin configuration."""
-
-    min_budget: float | None  # the model's smallest valid b (K_base / K); None: unknown, (0, 1]
-    default_budget: float  # b of requests that name none
-
-
-def settings_from_vllm_config(vllm_config: Any) -> BudgetSettings:
-    """Resolve the budget settings the worker will use, from the API server's VllmConfig.
-
-    The same precedence as the worker (`AllocState.finalize`): `--additional-config` over VLLM_ALLOC_*
-    variables over the budget file's own defaults; no budget file = the uniform allocation at
-    K_base = 1, whose minimum is 1/K with K the model's top-k.
-    """
-    from vllm_alloc.budget import load_budget_file
-    from vllm_alloc.integration.config import PluginConfig
-
-    config = PluginConfig.from_additional_config(getattr(vllm_config, "additional_config", None))
-    if config.budget_file:
-        budget_file = load_budget_file(config.budget_file)
-        default = config.default_budget if config.default_budget is not None else budget_file.default_budget
-        return BudgetSettings(min_budget=budget_file.min_budget, default_budget=float(default))
+def settings_from_vllm_config(vllm_config: Any) -> Settings:
+    """The budget settings the worker will use, resolved from the API server's VllmConfig by the same
+    code (`vllm_alloc.integration.config`); without a budget file the minimum is 1/K, K the model's
+    top-k (the uniform allocation at K_base = 1)."""
     model_config = getattr(vllm_config, "model_config", None)
     hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
-    K = model_top_k(hf_config)
-    default = config.default_budget if config.default_budget is not None else 1.0
-    return BudgetSettings(min_budget=1.0 / K if K else None, default_budget=float(default))
+    return resolve_settings(getattr(vllm_config, "additional_config", None), top_k=model_top_k(hf_config))
 
 
 def model_top_k(hf_config: Any) -> int | None:
@@ -86,7 +88,7 @@ class ActivationBudgetMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._settings: BudgetSettings | None = None
+        self._settings: Settings | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in BUDGET_PATHS:
@@ -97,9 +99,9 @@ class ActivationBudgetMiddleware:
             return  # the client left before sending its request; nothing to answer
         settings = self.settings(scope)
         try:
-            new_body, budget = rewrite_body(_header_value(scope), body, settings)
+            new_body, budget = rewrite_body(_header_values(scope), body, settings, scope["path"])
         except BudgetRequestError as e:
-            await _send_400(send, str(e))
+            await _send_400(send, str(e), scope["path"])
             return
 
         sent = False
@@ -112,7 +114,7 @@ class ActivationBudgetMiddleware:
                 return {"type": "http.request", "body": new_body, "more_body": False}
             return await receive()
 
-        if budget is None:  # body not a JSON object: vLLM answers it as it would without the plugin
+        if budget is None:  # not a JSON object, or not generation: vLLM answers it as without the plugin
             await self.app(scope, replay, send)
             return
         scope = dict(scope)
@@ -129,7 +131,7 @@ class ActivationBudgetMiddleware:
 
         await self.app(scope, replay, send_with_budget)
 
-    def settings(self, scope: Scope) -> BudgetSettings:
+    def settings(self, scope: Scope) -> Settings:
         """Resolved once, on the first request: vLLM builds the middleware before the engine config
         exists, but by the first request the app state holds it (`app.state.vllm_config`)."""
         if self._settings is None:
@@ -138,25 +140,22 @@ class ActivationBudgetMiddleware:
                 self._settings = settings_from_vllm_config(vllm_config)
             except Exception as e:  # a bad config stops the engine at start-up; never fail requests on it
                 _logger().warning("vllm-alloc: cannot resolve budget settings (%s); accepting (0, 1]", e)
-                self._settings = BudgetSettings(min_budget=None, default_budget=1.0)
+                self._settings = PluginConfig().resolve()  # no file, model unknown: (0, 1], default 1.0
         return self._settings
 
 
-def rewrite_body(header: bytes | None, body: bytes, settings: BudgetSettings) -> tuple[bytes, float | None]:
-    """(new body, applied b) for one request; (body, None) when the body is not a JSON object.
+def rewrite_body(
+    header_values: list[bytes], body: bytes, settings: Settings, path: str
+) -> tuple[bytes, float | None]:
+    """(new body, applied b) for one request to `path`, given the values of its budget header(s);
+    (body, None) when the body is not a JSON object, or is an /invocations body vLLM does not generate
+    for and that names no budget.
 
-    BudgetRequestError (HTTP 400) for an invalid header or body budget, or when both are given and differ.
+    BudgetRequestError (HTTP 400) for an invalid header or body budget, when both are given and differ,
+    or when a budget comes with an /invocations body that is not a generation request.
     """
     lo = settings.min_budget
-    from_header = None
-    if header is not None:
-        # Checked before parsing, so a megabyte header is refused without decoding it.
-        if len(header) > MAX_BUDGET_TEXT:
-            raise BudgetRequestError(
-                f"{BUDGET_HEADER} header is {len(header)} bytes long; expected {valid_range(lo)} "
-                f"of at most {MAX_BUDGET_TEXT} characters"
-            )
-        from_header = _parse(header, lo, f"{BUDGET_HEADER} header")
+    from_header = header_budget(header_values, lo)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -167,6 +166,14 @@ def rewrite_body(header: bytes | None, body: bytes, settings: BudgetSettings) ->
     xargs = dict(data.get("vllm_xargs") or {})
     raw = xargs.get(BUDGET_KEY)
     from_body = None if raw is None else _parse(raw, lo, f"vllm_xargs.{BUDGET_KEY}")
+    if path == INVOCATIONS_PATH and not any(key in data for key in _GENERATION_KEYS):
+        if from_header is None and from_body is None:
+            return body, None  # a pooling request: no budget applies, and none was asked for
+        raise BudgetRequestError(
+            f"an activation budget applies only to text generation; this {INVOCATIONS_PATH} body has none "
+            f"of the keys {', '.join(_GENERATION_KEYS)}, so vLLM serves it with a pooling handler, which "
+            f"would ignore the budget. Send it without {BUDGET_HEADER} and vllm_xargs.{BUDGET_KEY}"
+        )
     if from_header is not None and from_body is not None and from_header != from_body:
         raise BudgetRequestError(
             f"{BUDGET_HEADER} header ({format_budget(from_header)}) and vllm_xargs.{BUDGET_KEY} "
@@ -181,6 +188,33 @@ def rewrite_body(header: bytes | None, body: bytes, settings: BudgetSettings) ->
     if salt is not None:
         data["cache_salt"] = salt
     return json.dumps(data).encode(), budget
+
+
+def header_budget(values: list[bytes], min_budget: float | None) -> float | None:
+    """b from the values of every X-Activation-Budget header of a request; None when there is none.
+
+    A proxy may fold repeated headers into one comma-separated list (RFC 9110 §5.3), so `0.5, 0.5` and
+    two headers of 0.5 are the same request: every element must be a valid budget and all must be equal
+    as numbers (`0.5, 0.50` is fine), else 400 naming the values. Empty elements are skipped, as RFC 9110
+    §5.6.1 asks of list headers.
+    """
+    if not values:
+        return None
+    size = sum(len(v) for v in values) + len(values) - 1  # as one folded header
+    if size > _MAX_HEADER_BYTES:  # checked before splitting, so a megabyte header costs nothing
+        raise BudgetRequestError(
+            f"{BUDGET_HEADER} header is {size} bytes long (at most {_MAX_HEADER_BYTES}); "
+            f"expected {valid_range(min_budget)}"
+        )
+    items = [item for v in values for item in (part.strip() for part in v.split(b",")) if item]
+    # Nothing but commas and spaces: one empty value, refused as not a number.
+    distinct = sorted({_parse(item, min_budget, f"{BUDGET_HEADER} header") for item in items or [b""]})
+    if len(distinct) > 1:
+        raise BudgetRequestError(
+            f"{BUDGET_HEADER} header has different values ({', '.join(map(format_budget, distinct))}), "
+            f"sent as repeated or comma-separated headers; send one value, {valid_range(min_budget)}"
+        )
+    return distinct[0]
 
 
 def cache_salt(client_salt: Any, budget: float) -> Any:
@@ -212,14 +246,9 @@ def _parse(raw: Any, min_budget: float | None, source: str) -> float:
         raise BudgetRequestError(str(e)) from None
 
 
-def _header_value(scope: Scope) -> bytes | None:
-    """The budget header's value; repeated headers that differ are one invalid value (400)."""
+def _header_values(scope: Scope) -> list[bytes]:
     name = BUDGET_HEADER.lower().encode()
-    values = {v.strip() for k, v in scope["headers"] if k.lower() == name}
-    if len(values) > 1:
-        # Joined, so the error says what arrived (and an oversized join is refused as oversized).
-        return b",".join(sorted(values))
-    return values.pop() if values else None
+    return [v for k, v in scope["headers"] if k.lower() == name]
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
@@ -233,11 +262,16 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
-async def _send_400(send: Send, message: str) -> None:
-    # The shape of vLLM's ErrorResponse, so clients (openai.BadRequestError) read it like vLLM's own.
-    payload = json.dumps(
-        {"error": {"message": message, "type": "BadRequestError", "param": BUDGET_KEY, "code": 400}}
-    ).encode()
+async def _send_400(send: Send, message: str, path: str) -> None:
+    # The shape of vLLM's own errors on that route, so clients (openai.BadRequestError,
+    # anthropic.BadRequestError) read it like vLLM's: ErrorResponse, or on /v1/messages the
+    # AnthropicErrorResponse vLLM translates it into (anthropic/api_router.py, translate_error_response).
+    error: dict[str, Any]
+    if path == MESSAGES_PATH:
+        error = {"type": "error", "error": {"type": "BadRequestError", "message": message}}
+    else:
+        error = {"error": {"message": message, "type": "BadRequestError", "param": BUDGET_KEY, "code": 400}}
+    payload = json.dumps(error).encode()
     await send(
         {
             "type": "http.response.start",

@@ -1,4 +1,12 @@
-"""Plugin settings: `--additional-config '{"vllm_alloc": {...}}'`, then VLLM_ALLOC_* variables.
+"""Plugin settings, resolved in one place for every process (DESIGN.md §3).
+
+Precedence, highest first:
+  1. `--additional-config '{"vllm_alloc": {...}}'`
+  2. the VLLM_ALLOC_* environment variables (`vllm_alloc.envs`)
+  3. the budget file (its scope, weights and default_budget), or without one the uniform allocation
+The launcher (`vllm-alloc serve`, before vLLM starts), the API server's budget middleware and the worker
+(`AllocState.finalize`) all call `resolve_settings` / `PluginConfig.resolve`, so they agree on the
+default budget and the smallest valid one. Budget values are validated by `vllm_alloc.requests`.
 
 Keys of the `vllm_alloc` object:
   budget_file     path of a budget file, or the name of one shipped in configs/ (default: uniform)
@@ -6,24 +14,71 @@ Keys of the `vllm_alloc` object:
   scope           Alloc-T reallocation scope: "budget" (default), "request", or "token" (no
                   reallocation: every token keeps exactly its top-K_l; for ablations)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
-The budget file supplies the defaults for the last three; these settings override it.
+
+No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
+torch, is imported only when settings are resolved.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs
+from vllm_alloc.requests import parse_budget
+
+if TYPE_CHECKING:
+    from vllm_alloc.budget import BudgetFile, ModelFingerprint
 
 CONFIG_KEY = "vllm_alloc"
 SCOPES = ("budget", "request", "token")
 WEIGHTS = ("topk", "kept", "raw")
 _KEYS = ("budget_file", "default_budget", "scope", "weights")
+_ENV = {
+    "budget_file": "VLLM_ALLOC_BUDGET_FILE",
+    "default_budget": "VLLM_ALLOC_DEFAULT_BUDGET",
+    "scope": "VLLM_ALLOC_SCOPE",
+    "weights": "VLLM_ALLOC_WEIGHTS",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings a process acts on, after precedence (see `PluginConfig.resolve`)."""
+
+    budget_file: BudgetFile | None  # None only without a file and without a model to build uniform for
+    source: str  # the budget file as configured, or "uniform"
+    scope: str
+    weights: str
+    default_budget: float  # b of requests that name none
+    min_budget: float | None  # the smallest valid b (k_base / K); None: the model's K is unknown, (0, 1]
+
+
+def plugin_section(additional_config: Any) -> dict[str, Any]:
+    """A copy of the `vllm_alloc` object of an additional config ({} when absent or null).
+
+    ValueError naming the value when it is not a JSON object or has unknown keys."""
+    section = additional_config.get(CONFIG_KEY) if isinstance(additional_config, dict) else None
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ValueError(
+            f'--additional-config "{CONFIG_KEY}" is {json.dumps(section, default=repr)}; expected a JSON '
+            f'object with keys {", ".join(_KEYS)}, e.g. {{"{CONFIG_KEY}": {{"default_budget": 0.5}}}}'
+        )
+    unknown = sorted(set(section) - set(_KEYS))
+    if unknown:
+        raise ValueError(
+            f'--additional-config "{CONFIG_KEY}" has unknown key(s) {unknown}; valid keys: {", ".join(_KEYS)}'
+        )
+    return dict(section)
 
 
 @dataclass(frozen=True)
 class PluginConfig:
+    """Levels 1 and 2 of the precedence: what the user set, None where they set nothing."""
+
     budget_file: str | None = None
     default_budget: float | None = None
     scope: str | None = None
@@ -31,47 +86,81 @@ class PluginConfig:
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PluginConfig:
-        section: Any = {}
-        if isinstance(additional_config, dict):
-            section = additional_config.get(CONFIG_KEY) or {}
-        if not isinstance(section, dict):
-            raise ValueError(
-                f'--additional-config "{CONFIG_KEY}" must be a JSON object with keys {", ".join(_KEYS)}; '
-                f"got {section!r}"
-            )
-        unknown = sorted(set(section) - set(_KEYS))
-        if unknown:
-            raise ValueError(
-                f'--additional-config "{CONFIG_KEY}" has unknown key(s) {unknown}; valid keys: '
-                f"{', '.join(_KEYS)}"
-            )
+        section = plugin_section(additional_config)
+
+        def setting(key: str) -> Any:
+            # A variable is read only when the section lacks the key: an overridden one may be invalid.
+            return section[key] if key in section else getattr(envs, _ENV[key])
+
+        default = setting("default_budget")
         config = cls(
-            budget_file=section.get("budget_file", envs.VLLM_ALLOC_BUDGET_FILE),
-            default_budget=_as_float(section.get("default_budget", envs.VLLM_ALLOC_DEFAULT_BUDGET)),
-            scope=section.get("scope", envs.VLLM_ALLOC_SCOPE),
-            weights=section.get("weights", envs.VLLM_ALLOC_WEIGHTS),
+            budget_file=setting("budget_file"),
+            default_budget=None
+            if default is None
+            else parse_budget(default, source=f"{CONFIG_KEY} default_budget"),
+            scope=setting("scope"),
+            weights=setting("weights"),
         )
         config.check()
         return config
 
     def check(self) -> None:
-        if self.scope is not None and self.scope not in SCOPES:
-            raise ValueError(f"vllm_alloc scope={self.scope!r} is not valid; expected one of {SCOPES}")
-        if self.weights is not None and self.weights not in WEIGHTS:
-            raise ValueError(f"vllm_alloc weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
-        if self.default_budget is not None and not 0.0 < self.default_budget <= 1.0:
+        if self.budget_file is not None and not isinstance(self.budget_file, str):
             raise ValueError(
-                f"vllm_alloc default_budget={self.default_budget} is out of range; "
-                "expected a number in (0, 1]"
+                f"{CONFIG_KEY} budget_file={self.budget_file!r} is not valid; expected the path of a "
+                "budget file or the name of one shipped in configs/"
+            )
+        if self.scope is not None and self.scope not in SCOPES:
+            raise ValueError(f"{CONFIG_KEY} scope={self.scope!r} is not valid; expected one of {SCOPES}")
+        if self.weights is not None and self.weights not in WEIGHTS:
+            raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
+
+    def resolve(self, *, model: ModelFingerprint | None = None, top_k: int | None = None) -> Settings:
+        """Level 3: the budget file (or the uniform allocation) under these settings.
+
+        With `model` (the worker, once the model is built) the file is validated against it, and without
+        a file the uniform budget file is built for it. Without `model` (the launcher, the API server) a
+        file is loaded as it is, and without one the minimum is 1/`top_k`, that of the uniform allocation
+        at K_base = 1 (unknown when `top_k` is None). ValueError (BudgetFileError, BudgetError) names the
+        setting, its value and the fix.
+        """
+        from vllm_alloc.budget import BudgetFile, load_budget_file, uniform_budget_file
+
+        budget_file: BudgetFile | None = None
+        if self.budget_file:
+            budget_file = load_budget_file(self.budget_file)
+            if model is not None:
+                budget_file.validate_against(model, self.budget_file)
+        elif model is not None:
+            budget_file = uniform_budget_file(model)
+        if budget_file is not None:
+            min_budget: float | None = budget_file.min_budget
+        else:
+            min_budget = 1.0 / top_k if top_k else None
+
+        def from_file(name: str) -> Any:
+            # Without a file, the defaults a uniform budget file would carry.
+            return (
+                getattr(budget_file, name)
+                if budget_file is not None
+                else BudgetFile.model_fields[name].default
             )
 
+        default = self.default_budget if self.default_budget is not None else from_file("default_budget")
+        return Settings(
+            budget_file=budget_file,
+            source=self.budget_file or "uniform",
+            scope=self.scope or from_file("scope"),
+            weights=self.weights or from_file("weights"),
+            default_budget=parse_budget(
+                default, min_budget=min_budget, source=f"{CONFIG_KEY} default_budget"
+            ),
+            min_budget=min_budget,
+        )
 
-def _as_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"vllm_alloc default_budget={value!r} is not a number; expected a number in (0, 1]"
-        ) from None
+
+def resolve_settings(
+    additional_config: Any, *, model: ModelFingerprint | None = None, top_k: int | None = None
+) -> Settings:
+    """All three levels: `--additional-config` > VLLM_ALLOC_* > the budget file (`PluginConfig.resolve`)."""
+    return PluginConfig.from_additional_config(additional_config).resolve(model=model, top_k=top_k)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_alloc import envs
-from vllm_alloc.budget import BudgetFile, ModelFingerprint, load_budget_file, uniform_budget_file
+from vllm_alloc.budget import BudgetFile, ModelFingerprint
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.requests import BudgetError, parse_budget
@@ -120,36 +120,23 @@ class AllocState:
         )
 
     def finalize(self, max_tokens: int, device: torch.device) -> Plan | None:
-        """Load and validate the budget file against the built model; allocate buffers. Idempotent."""
+        """Resolve the settings (`integration.config`: additional-config > VLLM_ALLOC_* > budget file),
+        validating the budget file against the built model; allocate buffers. Idempotent."""
         if self.plan is not None or not self.layers:
             return self.plan
-        config = self.config or PluginConfig()
         model = self.fingerprint()
-        if config.budget_file:
-            budget_file = load_budget_file(config.budget_file)
-            budget_file.validate_against(model, str(config.budget_file))
-            source = str(config.budget_file)
-        else:
-            budget_file = uniform_budget_file(model)
-            source = "uniform"
-        scope = config.scope or budget_file.scope
-        weights = config.weights or budget_file.weights
-        default_budget = config.default_budget
-        if default_budget is None:
-            default_budget = budget_file.default_budget
-        try:
-            parse_budget(default_budget, min_budget=budget_file.min_budget, source="default_budget")
-        except BudgetError as e:
-            raise ValueError(f"vllm_alloc: {e}") from None
+        settings = (self.config or PluginConfig()).resolve(model=model)
+        budget_file = settings.budget_file
+        assert budget_file is not None  # resolve(model=...) builds the uniform file when none is configured
         for column, info in enumerate(sorted(self.layers.values(), key=lambda i: i.layer_id)):
             info.column = column
         L, A = model.num_moe_layers, model.full_activations
         self.plan = Plan(
             budget_file=budget_file,
-            source=source,
-            scope=scope,
-            weights=weights,
-            default_budget=float(default_budget),
+            source=settings.source,
+            scope=settings.scope,
+            weights=settings.weights,
+            default_budget=settings.default_budget,
             table=budget_file.allocation_table().to(device),
             token_budget=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             token_group=torch.zeros(max_tokens, dtype=torch.int64, device=device),
@@ -166,23 +153,28 @@ class AllocState:
     # -- every forward pass -----------------------------------------------------------------------------
     def absolute_budget(self, raw: Any) -> int:
         """B for a request's raw budget value (None = the default). Invalid values were refused where the
-        request entered (SamplingParams check / HTTP 400); one that slips through runs at the default."""
+        request entered (SamplingParams check / HTTP 400); one that slips through runs at the model's
+        minimum when it is in (0, 1] but below that minimum, else at the default."""
         plan = self.plan
         assert plan is not None
-        key = raw if raw is None or isinstance(raw, int | float | str) else repr(raw)
+        # repr for a bool: True == 1 as a dict key, and must not share 1's cached B.
+        plain = raw is None or (isinstance(raw, int | float | str) and not isinstance(raw, bool))
+        key = raw if plain else repr(raw)
         cached = self._absolute.get(key)
         if cached is not None:
             return cached
-        minimum = plan.budget_file.min_budget
+        budget_file = plan.budget_file
         try:
-            b = plan.default_budget if raw is None else parse_budget(raw, min_budget=minimum)
+            B = budget_file.absolute_budget(plan.default_budget if raw is None else raw)
         except BudgetError as e:
-            try:  # in (0, 1] but below the model's minimum: run at the minimum
-                b = max(parse_budget(raw), minimum)
+            try:
+                parse_budget(raw)  # valid in (0, 1], so refused only for being below the minimum
+                B = budget_file.absolute_budget(budget_file.min_budget)
             except BudgetError:
-                b = plan.default_budget
-            compat.logger("vllm_alloc").warning("vllm-alloc: %s; running the request at b=%.4g", e, b)
-        B = plan.budget_file.absolute_budget(b)
+                B = budget_file.absolute_budget(plan.default_budget)
+            compat.logger("vllm_alloc").warning(
+                "vllm-alloc: %s; running the request at B=%d of A=%d", e, B, plan.A
+            )
         if len(self._absolute) < 4096:  # budgets repeat; bound the cache against adversarial variety
             self._absolute[key] = B
         return B
