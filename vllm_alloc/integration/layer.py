@@ -321,6 +321,9 @@ def _refuse_unsupported(
         problems.append("speculative decoding (--speculative-config)")
     if getattr(parallel, "enable_dbo", False):
         problems.append("dual-batch overlap (--enable-dbo)")
+    elif getattr(parallel, "ubatch_size", 0) > 1:
+        # Micro-batches split one pass into several forwards; the per-token budget buffers cover the pass.
+        problems.append(f"micro-batching (--ubatch-size {parallel.ubatch_size})")
     if getattr(parallel, "enable_eplb", False):
         problems.append("expert load balancing (--enable-eplb)")
     if getattr(vllm_config, "lora_config", None) is not None:
