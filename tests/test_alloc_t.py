@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+from cpu_isa import run_under_capability
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -320,7 +322,8 @@ def both_modes(
     )
 
 
-def test_compiles_fullgraph_with_dynamic_T() -> None:
+def check_compiles_fullgraph_with_dynamic_T() -> None:
+    """Compiled == eager, one graph for all T. Called in a subprocess per ISA (see the test below)."""
     # Inductor on CPU needs a C++ compiler; without one, aot_eager still proves the graph traces in full
     # (no graph breaks, no host sync, no data-dependent shapes), which is what vLLM's compile relies on.
     backend = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
@@ -346,3 +349,9 @@ def test_compiles_fullgraph_with_dynamic_T() -> None:
         # Inductor may fuse the "kept" rescale differently (e.g. via a reciprocal): 1 ulp in fp32.
         torch.testing.assert_close(w_kept, w_kept_ref, rtol=2e-7, atol=1e-7)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "T must not recompile"
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])  # Inductor writes different vector code for each
+def test_compiles_fullgraph_with_dynamic_T(capability: str, tmp_path: Path) -> None:
+    # 30-60 s per ISA on 2 cores, nearly all of it the C++ build (each subprocess starts with no cache).
+    run_under_capability(capability, "test_alloc_t", "check_compiles_fullgraph_with_dynamic_T", tmp_path)

@@ -101,8 +101,8 @@ def reallocate(
     # ranking is deterministic; `order[t, j]` is the input column of token t's j-th best candidate.
     sorted_keys, order = torch.sort(rank_keys, dim=1, descending=True, stable=True)
     valid = k_tok > 0  # [T]
-    keep_sorted = torch.zeros((T, K), dtype=torch.bool, device=dev)
-    keep_sorted[:, :kb] = valid[:, None]  # the floor: static slice, value is the mask
+    # The floor in one broadcast: `[:, :kb] = valid[:, None]` fails Inductor's AVX-512 C++ build (torch 2.13).
+    keep_sorted = (torch.arange(K, device=dev) < kb) & valid[:, None]  # [T, K]
 
     n_extra = K - kb  # static per call: the branches below are resolved at trace time
     if n_extra > 0 and singleton_groups:
