@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve bench-quality clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve bench-quality soak clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,10 @@ bench-serve: venv
 
 bench-quality: venv
 	$(BIN)/python benchmarks/quality.py
+
+# Bounded soak of the server on the default model (mixed load, bad budgets, exact counter check).
+soak: venv
+	$(BIN)/python benchmarks/soak.py
 
 lint: venv
 	$(BIN)/ruff check .

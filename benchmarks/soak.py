@@ -1,0 +1,463 @@
+"""Bounded soak of `vllm-alloc serve` on the default model; stops by itself.
+
+    python benchmarks/soak.py [--requests 400] [--concurrency 32] [--max-seconds 900] [--out FILE] [--seed 0]
+
+Starts the server (port chosen free, loopback only, log in a temp file), then:
+  1. mixed load: budgets {1.0, 0.75, 0.5, 0.33, default} by header or body, seeded sampling, long
+     (300-700 token) and short prompts of stdlib source, /v1/completions and /v1/chat/completions, 20%
+     streaming (half of them disconnect after a few chunks), 10% invalid budgets that must get HTTP 400;
+  2. quiet phase: once vLLM reports no running or waiting request, a verification batch of completed
+     requests whose activation counters must match exactly: per (layer, budget) series,
+     full = K · tokens and routed = Σ_tokens K_l(B), with tokens = prompt − cached + completion − 1.
+Over the whole run, routed ≤ full for every series and full ≥ K · tokens of the completed requests
+(disconnected requests computed an unknown number of tokens on top).
+
+Exits 1 on a server death, an accepted invalid budget, or counters that do not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from vllm_alloc.budget import BudgetFile, load_budget_file
+from vllm_alloc.metrics import budget_label
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "models/default"
+SERVER_ARGS = ["--budget-config", "default", "--max-model-len", "1024", "--gpu-memory-utilization", "0.3"]
+SERVER_ARGS += ["--enable-prompt-tokens-details", "--max-num-batched-tokens", "256"]  # long prefills split
+BUDGETS: tuple[float | None, ...] = (1.0, 0.75, 0.5, 0.33, None)  # None: the server default
+INVALID: list[tuple[str, str | None, Any]] = [  # (kind, header, body's activation_budget); must be 400
+    ("out of range", "1.5", None),
+    ("out of range", None, 0),
+    ("out of range", "-1", None),
+    ("non-numeric", "abc", None),
+    ("non-numeric", None, "abc"),
+    ("huge integer", None, 10**400),  # json.dumps writes all 401 digits
+    ("header/body disagree", "0.5", 0.75),
+]
+CORPUS = ["textwrap.py", "heapq.py", "functools.py", "argparse.py", "json/decoder.py", "string.py"]
+FULL, ROUTED = "vllm_alloc:full_activations_total", "vllm_alloc:routed_activations_total"
+PromptFn = Callable[[random.Random, bool], str]  # (rng, long) -> prompt text
+Series = dict[tuple[str, str, str], float]  # {(sample name, layer, budget): value}
+
+
+@dataclass(frozen=True)
+class Spec:
+    chat: bool
+    prompt: str
+    max_tokens: int
+    budget: float | None = None  # the valid budget asked for; None: the server default
+    header: str | None = None  # X-Activation-Budget sent
+    body_budget: Any = None  # vllm_xargs.activation_budget sent (None: absent)
+    invalid: str | None = None  # kind of invalid budget: the answer must be 400
+    stream: bool = False
+    disconnect: bool = False  # close the stream after a few chunks
+    seed: int | None = None  # sample at temperature 0.8 with this seed; None: greedy
+    ignore_eos: bool = False  # verification: no early stop, exact token counts
+
+
+@dataclass
+class Stats:
+    sent: int = 0
+    completed: int = 0
+    disconnects: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # 400s by invalid kind
+    errors: Counter[str] = field(default_factory=Counter)  # by kind: "HTTP 500", an exception type, ...
+    examples: list[str] = field(default_factory=list)  # the first errors, verbatim
+    deaths: int = 0
+    verified_tokens: int = 0  # tokens of the verification batch, checked exactly
+    counter_problems: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind] += 1
+        if len(self.examples) < 20:
+            self.examples.append(f"{kind}: {detail[:300]}")
+
+
+# -- pure helpers (tests/test_soak.py) ------------------------------------------------------------------
+def plan(n: int, rng: random.Random, prompt: PromptFn, mixed: bool = True) -> list[Spec]:
+    """n requests. mixed: 10% invalid, 10% streamed to the end, 10% disconnected, the rest plain;
+    else (verification) 25% streamed to the end, `ignore_eos`, never invalid or disconnected."""
+    if mixed:
+        roles = ["invalid"] * (n // 10) + ["stream"] * (n // 10) + ["disconnect"] * (n // 10)
+    else:
+        roles = ["stream"] * (n // 4)
+    roles += ["plain"] * (n - len(roles))
+    rng.shuffle(roles)
+    specs = []
+    for i, role in enumerate(roles):
+        b = BUDGETS[i % len(BUDGETS)]
+        header, body = (None, None) if b is None else (str(b), None) if rng.random() < 0.5 else (None, b)
+        invalid = None
+        if role == "invalid":
+            invalid, header, body = rng.choice(INVALID)
+        specs.append(
+            Spec(
+                chat=rng.random() < 0.5,
+                prompt=prompt(rng, rng.random() < 0.3),
+                max_tokens=rng.randint(32, 64) if role == "disconnect" else rng.randint(4, 48),
+                budget=None if invalid else b,
+                header=header,
+                body_budget=body,
+                invalid=invalid,
+                stream=role in ("stream", "disconnect") or (role == "invalid" and rng.random() < 0.2),
+                disconnect=role == "disconnect",
+                seed=rng.randrange(2**31) if rng.random() < 0.8 else None,
+                ignore_eos=not mixed,
+            )
+        )
+    return specs
+
+
+def request(spec: Spec) -> tuple[str, dict[str, str], bytes]:
+    """(path, headers, JSON body) of one spec."""
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": spec.max_tokens, "stream": spec.stream}
+    body |= {"messages": [{"role": "user", "content": spec.prompt}]} if spec.chat else {"prompt": spec.prompt}
+    body |= {"temperature": 0.0} if spec.seed is None else {"temperature": 0.8, "seed": spec.seed}
+    body["ignore_eos"] = spec.ignore_eos
+    if spec.stream:
+        body["stream_options"] = {"include_usage": True}
+    if spec.body_budget is not None:
+        body["vllm_xargs"] = {"activation_budget": spec.body_budget}
+    headers = {"content-type": "application/json"}
+    if spec.header is not None:
+        headers["X-Activation-Budget"] = spec.header
+    path = "/v1/chat/completions" if spec.chat else "/v1/completions"
+    return path, headers, json.dumps(body).encode()
+
+
+def computed_tokens(usage: dict[str, Any]) -> int:
+    """Tokens a finished request ran through the model: the last sampled token is never fed back."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return usage["prompt_tokens"] - cached + usage["completion_tokens"] - 1
+
+
+def parse_metrics(text: str) -> Series:
+    """{(sample name, layer, budget): value} of a /metrics page, summed over other labels."""
+    out: Series = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, s.labels.get("layer", ""), s.labels.get("budget", ""))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def expected_counters(tokens_by_B: dict[int, int], bf: BudgetFile) -> Series:
+    """full = K · tokens and routed = K_l(B) · tokens, per (layer, budget label) series."""
+    K, A, table = bf.model.top_k, bf.model.full_activations, bf.allocation_table()
+    out: Series = {}
+    for B, tokens in tokens_by_B.items():
+        label = budget_label(B / A)  # B values sharing a label cannot exist: B/A to 4 digits is exact here
+        for i, layer in enumerate(map(str, bf.model.moe_layers)):
+            out[(FULL, layer, label)] = out.get((FULL, layer, label), 0.0) + K * tokens
+            out[(ROUTED, layer, label)] = out.get((ROUTED, layer, label), 0.0) + int(table[B, i]) * tokens
+    return out
+
+
+def activations(metrics: Series) -> Series:
+    return {k: v for k, v in metrics.items() if k[0] in (FULL, ROUTED)}
+
+
+def mismatches(got: dict[Any, float], want: dict[Any, float], relation: str = "==") -> list[str]:
+    """One line per series where `got relation want` fails (absent series count as 0)."""
+    ok = {"==": float.__eq__, ">=": float.__ge__}[relation]
+    out = []
+    for k in sorted(set(got) | set(want)):
+        g, w = float(got.get(k, 0.0)), float(want.get(k, 0.0))
+        if not ok(g, w):
+            out.append(f"{k[0]}{{layer={k[1]},budget={k[2]}}}: got {g:g}, want {relation} {w:g}")
+    return out
+
+
+def routed_over_full(metrics: Series) -> list[str]:
+    full = {(layer, b): v for (name, layer, b), v in metrics.items() if name == FULL}
+    return [
+        f"routed > full for layer={layer} budget={b}: {v:g} > {full.get((layer, b), 0.0):g}"
+        for (name, layer, b), v in metrics.items()
+        if name == ROUTED and v > full.get((layer, b), 0.0)
+    ]
+
+
+def table(stats: Stats) -> str:
+    rows = [("requests sent (mixed + verification)", stats.sent), ("completed", stats.completed)]
+    rows += [(f"400 ({kind})", n) for kind, n in sorted(stats.rejected.items())]
+    rows += [("disconnects", stats.disconnects)]
+    rows += [(f"error ({kind})", n) for kind, n in sorted(stats.errors.items())] or [("errors", 0)]
+    rows += [
+        ("verification tokens", stats.verified_tokens),
+        ("server deaths", stats.deaths),
+        ("wall time (s)", f"{stats.wall_s:.0f}"),
+    ]
+    problems = len(stats.counter_problems)
+    rows += [("counter check", f"{problems} problems" if problems else "ok")]
+    return "\n".join(["| what | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+# -- the server ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", MODEL, *SERVER_ARGS]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    with log.open("wb") as out:  # own session: a Ctrl-C here reaches the server only through stop_server
+        return subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} while starting; log: {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {timeout_s:.0f} s; log: {log}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the launcher (it forwards to vLLM), then SIGKILL to whatever of its tree is left."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.poll() is None:
+        proc.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+
+
+# -- the load --------------------------------------------------------------------------------------------
+class Soak:
+    """One running server: the request clients, the statistics, and the stop flag a server death sets."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], url: str, concurrency: int, stats: Stats, bf: BudgetFile
+    ):
+        self.proc, self.concurrency, self.stats, self.bf = proc, concurrency, stats, bf
+        limits = httpx.Limits(max_connections=concurrency)
+        self.client = httpx.AsyncClient(base_url=url, timeout=300, limits=limits)
+        self.ctl = httpx.AsyncClient(base_url=url, timeout=30)  # /health, /metrics: never queued behind load
+        self.stop = asyncio.Event()
+
+    async def send(self, spec: Spec) -> tuple[float, int] | None:
+        """One request; (applied budget, computed tokens) when it completed with usage, else None."""
+        stats, (path, headers, content) = self.stats, request(spec)
+        stats.sent += 1
+        try:
+            async with self.client.stream("POST", path, headers=headers, content=content) as r:
+                if spec.invalid or r.status_code != 200 or not spec.stream:
+                    await r.aread()
+                if spec.invalid:
+                    if r.status_code == 400:
+                        stats.rejected[spec.invalid] += 1
+                    else:
+                        sent = f"header {spec.header}, body {spec.body_budget!s:.20}"
+                        stats.error(
+                            "invalid accepted", f"{spec.invalid} ({sent}): HTTP {r.status_code} {r.text}"
+                        )
+                    return None
+                if r.status_code != 200:
+                    stats.error(f"HTTP {r.status_code}", r.text)
+                    return None
+                applied = float(r.headers.get("x-activation-budget-applied", "nan"))
+                if applied != (self.bf.default_budget if spec.budget is None else spec.budget):
+                    stats.error("wrong applied budget", f"asked {spec.budget}, applied {applied}")
+                usage = await self.stream_usage(r, spec) if spec.stream else json.loads(r.content)["usage"]
+        except Exception as e:  # any failure is a finding of the soak, counted by its type
+            stats.error(type(e).__name__, f"{path}: {e!r}")
+            return None
+        if usage is None:
+            return None  # a disconnect or an error in the stream, counted as such
+        stats.completed += 1
+        return applied, computed_tokens(usage)
+
+    async def stream_usage(self, r: httpx.Response, spec: Spec) -> dict[str, Any] | None:
+        """Read an SSE stream to its end (its last chunk has the usage); None after a disconnect or error."""
+        chunks, usage = 0, None
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk, chunks = json.loads(line[6:]), chunks + 1
+            if "error" in chunk:
+                self.stats.error("error in stream", line)
+                return None
+            if spec.disconnect and chunks == 3:  # the caller leaves the `stream` block: connection closed
+                self.stats.disconnects += 1
+                return None
+            usage = chunk.get("usage") or usage
+        if usage is None:
+            self.stats.error("no usage", f"stream of {chunks} chunks ended without usage")
+        return usage
+
+    async def batch(self, specs: list[Spec], deadline: float, desc: str) -> Counter[int]:
+        """Send `specs`, `concurrency` at a time, until done, a server death or `deadline`: tokens by B."""
+        tokens: Counter[int] = Counter()
+        todo = iter(specs)
+        with tqdm(total=len(specs), desc=desc, unit="req") as bar:
+
+            async def worker() -> None:
+                for spec in todo:  # one shared iterator: every spec goes to one worker
+                    if self.stop.is_set() or time.monotonic() > deadline:
+                        return
+                    done = await self.send(spec)
+                    if done is not None:
+                        tokens[self.bf.absolute_budget(done[0])] += done[1]
+                    bar.update()
+
+            await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+        return tokens
+
+    async def watch(self) -> None:
+        """A server death: the process exited, or /health failed 3 times in a row (2 s apart)."""
+        failures = 0
+        while failures < 3 and self.proc.poll() is None:
+            await asyncio.sleep(2)
+            try:
+                healthy = (await self.ctl.get("/health", timeout=10)).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            failures = 0 if healthy else failures + 1
+        self.stats.deaths += 1
+        code = self.proc.poll()
+        self.stats.examples.append(
+            f"server death: {'/health failing' if code is None else f'exit code {code}'}"
+        )
+        self.stop.set()
+
+    async def metrics(self) -> Series:
+        return parse_metrics((await self.ctl.get("/metrics")).text)
+
+    async def idle(self, timeout_s: float = 180) -> bool:
+        """Whether vLLM reports no running or waiting request (before a death or `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            m = await self.metrics()
+            if sum(m.get((f"vllm:num_requests_{s}", "", ""), 0.0) for s in ("running", "waiting")) == 0:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def run(self, load: list[Spec], check: list[Spec], deadline: float) -> None:
+        """The mixed load, then the verification batch on an idle server and the counter checks."""
+        watcher = asyncio.create_task(self.watch())
+        problems = self.stats.counter_problems
+        try:
+            run_tokens = await self.batch(load, deadline, "mixed")
+            if self.stop.is_set():
+                return  # a server death: reported as such, nothing left to check
+            if not await self.idle():
+                problems.append("vLLM never went idle after the mixed load")
+                return
+            before = activations(await self.metrics())
+            tokens = await self.batch(check, float("inf"), "verify")
+            if not await self.idle():
+                problems.append("no quiet phase after the verification batch (server death or never idle)")
+                return
+            self.stats.verified_tokens = sum(tokens.values())
+            want = expected_counters(tokens, self.bf)
+            for _ in range(40):  # the worker flushes after each pass, which can land after the response
+                now = activations(await self.metrics())
+                got = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+                if got == want:
+                    break
+                await asyncio.sleep(0.25)
+            problems += mismatches(got, want) + routed_over_full(now)
+            lower = {k: v for k, v in expected_counters(run_tokens + tokens, self.bf).items() if k[0] == FULL}
+            problems += mismatches({k: now.get(k, 0.0) for k in lower}, lower, ">=")
+        finally:
+            watcher.cancel()
+            await self.client.aclose()
+            await self.ctl.aclose()
+
+
+def prompt_maker() -> PromptFn:
+    """Prompts cut from stdlib source (the default model's training domain), 300-700 or 4-40 tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ROOT / MODEL / "tokenizer.json"))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    ids = tok.encode("\n".join((stdlib / f).read_text() for f in CORPUS)).ids
+
+    def prompt(rng: random.Random, long: bool) -> str:
+        n = rng.randint(300, 700) if long else rng.randint(4, 40)
+        start = rng.randrange(len(ids) - n)
+        return tok.decode(ids[start : start + n])
+
+    return prompt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=400, help="requests of the mixed load")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most")
+    p.add_argument("--verify", type=int, default=40, help="requests of the quiet verification batch")
+    p.add_argument("--max-seconds", type=float, default=900, help="stop sending the mixed load after this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "vllm-alloc-soak.json")
+    args = p.parse_args()
+    bf = load_budget_file("default")
+    K = json.loads((ROOT / MODEL / "config.json").read_text())["num_experts_per_tok"]
+    if bf.model.top_k != K:
+        raise RuntimeError(f"configs/default.json has K = {bf.model.top_k}, {MODEL} has K = {K}")
+    rng, prompt = random.Random(args.seed), prompt_maker()
+    load, check = plan(args.requests, rng, prompt), plan(args.verify, rng, prompt, mixed=False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `kill` of the soak still stops the server
+    stats, t0, port = Stats(), time.monotonic(), free_port()
+    log = Path(tempfile.mkstemp(prefix="vllm-alloc-soak-", suffix=".log")[1])
+    print(f"server log: {log}")
+    proc = start_server(port, log)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        soak = Soak(proc, f"http://127.0.0.1:{port}", args.concurrency, stats, bf)
+        asyncio.run(soak.run(load, check, deadline=time.monotonic() + args.max_seconds))
+    finally:
+        stop_server(proc)
+        stats.wall_s = time.monotonic() - t0
+    print(table(stats))
+    for line in stats.examples + stats.counter_problems:
+        print(f"- {line}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, **vars(stats)}, indent=1))
+    print(f"JSON: {args.out}")
+    failed = stats.deaths or stats.errors["invalid accepted"] or stats.counter_problems
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
