@@ -404,6 +404,21 @@ def test_serve_command_cpu(tmp_path: Any) -> None:
         launch._remove(result.prometheus_dir)
 
 
+def test_serve_drains_requests_on_shutdown_unless_told_otherwise() -> None:
+    # vLLM 0.32's default (0: abort) leaves in-flight connections unanswered at SIGTERM.
+    ours = launch_for(["m"])
+    launch._remove(ours.prometheus_dir)
+    assert flag(ours.argv, "--shutdown-timeout") == str(launch.SHUTDOWN_TIMEOUT_S)
+    assert ours.kill_after_s == launch.SHUTDOWN_TIMEOUT_S + launch.KILL_GRACE_S
+    for given in (["--shutdown-timeout", "5"], ["--shutdown_timeout=5"]):
+        theirs = launch_for(["m", *given])
+        launch._remove(theirs.prometheus_dir)
+        assert sum(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in theirs.argv) == 1
+        assert theirs.kill_after_s == 5 + launch.KILL_GRACE_S
+    with pytest.raises(launch.LaunchError, match=r"--shutdown-timeout 'soon' is not a number"):
+        launch_for(["m", "--shutdown-timeout", "soon"])
+
+
 def test_serve_command_cuda_merges_additional_config() -> None:
     user = json.dumps({"other_plugin": 1, "vllm_alloc": {"scope": "request"}})
     result = launch_for(["m", "--additional-config", user, "--default-budget", "1"], cuda=True)

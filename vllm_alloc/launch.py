@@ -7,6 +7,11 @@ What it adds to a plain `vllm serve` (and nothing else: every other argument pas
   --moe-backend triton                          on CUDA, unless given (the plugin routes through Triton)
   --enforce-eager                               on CUDA, unless given: budget-aware CUDA-graph capture is
                                                 not implemented yet, and the plugin refuses graphs
+  --shutdown-timeout 30                         unless given: on SIGTERM/SIGINT requests in flight
+                                                finish (up to 30 s) instead of being cut off. With vLLM
+                                                0.32's default (0, abort) their connections are never
+                                                answered and the server waits on them until the clients
+                                                give up
   PROMETHEUS_MULTIPROC_DIR=<fresh temp dir>     so worker-side counters reach /metrics; removed at exit
 It resolves and checks the settings (budget file, default budget) before vLLM starts, with the code the
 engine uses (a bad file is a one-line error and exit code 2, not a traceback after a minute of model
@@ -25,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,11 @@ MIDDLEWARE = "vllm_alloc.server.ActivationBudgetMiddleware"
 # vLLM's FlexibleArgumentParser accepts both spellings of every flag.
 _ADDITIONAL_CONFIG = ("--additional-config", "--additional_config")
 _API_SERVER_COUNT = ("--api-server-count", "--api_server_count", "-asc")
+_SHUTDOWN_TIMEOUT = ("--shutdown-timeout", "--shutdown_timeout")
+SHUTDOWN_TIMEOUT_S = 30
+# After a stop signal, vLLM gets its drain time plus this long to exit; then its process group is killed,
+# so a stuck shutdown never outlives an orchestrator's own grace period by much.
+KILL_GRACE_S = 15
 
 
 class LaunchError(Exception):
@@ -48,6 +59,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     prometheus_dir: str | None = None  # created here, removed when the server exits
+    kill_after_s: float = SHUTDOWN_TIMEOUT_S + KILL_GRACE_S  # from a stop signal to SIGKILL
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -140,10 +152,20 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
         passthrough += ["--moe-backend", "triton"]
     if cuda and "--enforce-eager" not in rest:
         passthrough += ["--enforce-eager"]
+    shutdown_timeout = _flag_value(rest, _SHUTDOWN_TIMEOUT)
+    if shutdown_timeout is None:
+        passthrough += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+        shutdown_timeout = str(SHUTDOWN_TIMEOUT_S)
+    try:
+        kill_after_s = float(shutdown_timeout) + KILL_GRACE_S
+    except ValueError:
+        raise LaunchError(
+            f"--shutdown-timeout {shutdown_timeout!r} is not a number of seconds; expected an integer >= 0"
+        ) from None
     tail = ["--model", model, *passthrough, "--middleware", MIDDLEWARE]
     tail += ["--additional-config", json.dumps(additional, sort_keys=True)]
 
-    launch = Launch(argv=[*_vllm_command(api_servers), *tail])
+    launch = Launch(argv=[*_vllm_command(api_servers), *tail], kill_after_s=kill_after_s)
     # The user's own directory wins; with several API servers vLLM creates (and removes) one itself.
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and (api_servers or 1) <= 1:
         launch.prometheus_dir = tempfile.mkdtemp(prefix="vllm-alloc-prometheus-")
@@ -178,19 +200,45 @@ def run(launch: Launch) -> int:
         print(f"vllm-alloc serve: error: cannot start {launch.argv[0]}: {e}", file=sys.stderr)
         return 2
 
+    stop_signalled: list[float] = []
+
     def forward(signum: int, _frame: Any) -> None:
         if child.poll() is None:
             child.send_signal(signum)
+        stop_signalled.append(time.monotonic())
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, forward) for s in stops}
     try:
-        code = child.wait()
+        while True:
+            try:
+                code = child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_signalled and time.monotonic() - stop_signalled[0] > launch.kill_after_s:
+                    print(
+                        f"vllm-alloc serve: vLLM still running {launch.kill_after_s:g} s after the stop "
+                        "signal; killing it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os.killpg(child.pid, signal.SIGKILL)
+                    stop_signalled.clear()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _remove(launch.prometheus_dir)
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+
+
+def _flag_value(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of a vLLM flag in `argv` (`--flag V` or `--flag=V`; the last one wins), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        name, eq, inline = arg.partition("=")
+        if name in names:
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return value
 
 
 def _vllm_command(api_servers: int | None) -> list[str]:

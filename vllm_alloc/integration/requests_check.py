@@ -35,14 +35,14 @@ def _install_check() -> None:
         return
 
     def _verify_extra_args(self: Any) -> None:
-        original(self)
+        # Ours first: vLLM's own check refuses integers beyond 2**64 without naming the budget's range.
         raw = budget_from_extra_args(self.extra_args)
-        if raw is None:
-            return
-        try:
-            parse_budget(raw, source=BUDGET_KEY)
-        except BudgetError as e:
-            raise compat.validation_error(str(e), parameter=BUDGET_KEY) from None
+        if raw is not None:
+            try:
+                parse_budget(raw, source=BUDGET_KEY)
+            except BudgetError as e:
+                raise compat.validation_error(str(e), parameter=BUDGET_KEY) from None
+        original(self)
 
     setattr(_verify_extra_args, _MARK, True)
     cls._verify_extra_args = _verify_extra_args
