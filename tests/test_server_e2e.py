@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -166,6 +167,39 @@ def test_responses_endpoint(server: Server) -> None:
     assert raw.parse().usage.output_tokens >= 1
 
 
+@pytest.mark.parametrize("route", ["/v1/messages", "/invocations"])
+def test_other_generating_routes_honour_budgets(server: Server, route: str) -> None:
+    """vLLM 0.32 also generates on /v1/messages (Anthropic) and /invocations (SageMaker): budgets are
+    applied there the same way, and counted."""
+    before = metrics(server)
+    messages = [{"role": "user", "content": f"hello from {route}"}]
+    body: dict[str, Any] = {"model": server.model, "max_tokens": 5, "messages": messages, "ignore_eos": True}
+    r = httpx.post(f"{server.base_url}{route}", json=body, headers={"X-Activation-Budget": "0.5"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers[APPLIED] == "0.5"
+    got = {}
+    for _ in range(20):
+        got = {k: v for k, v in delta(metrics(server), before).items() if k[0].endswith("activations_total")}
+        if got:
+            break
+        time.sleep(0.25)
+    assert got and {k[2] for k in got} == {"0.5"}, got  # counted at the requested budget only
+    for layer in map(str, range(L)):
+        full = got[("vllm_alloc:full_activations_total", layer, "0.5")]
+        assert got[("vllm_alloc:routed_activations_total", layer, "0.5")] == full * ROUTED_FRACTION["0.5"]
+
+
+def test_invocations_refuses_a_budget_it_cannot_apply(server: Server) -> None:
+    # A pooling body on /invocations generates nothing a budget could apply to: refused, not ignored.
+    r = httpx.post(
+        f"{server.base_url}/invocations",
+        json={"model": server.model, "input": "x"},
+        headers={"X-Activation-Budget": "0.5"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "activation" in r.text.lower(), r.text
+
+
 # -- invalid input: 400 naming the range, the server keeps serving -------------------------------------------
 
 
@@ -283,15 +317,35 @@ def test_64_concurrent_mixed_requests(server: Server) -> None:
 # -- shutdown (last: stops the module's server) --------------------------------------------------------------
 
 
-def test_sigterm_shuts_down_cleanly(server: Server) -> None:
+def test_sigterm_with_requests_in_flight_shuts_down_cleanly(server: Server) -> None:
     assert Path(server.prometheus_dir).is_dir()
     descendants = psutil.Process(server.process.pid).children(recursive=True)
     assert descendants  # the API server, EngineCore, ...
+    outcomes: list[str] = []
+
+    def one(i: int) -> None:
+        # Each request finishes or fails with a clean error; none may hang past the shutdown.
+        try:
+            out = server.client().completions.create(
+                model=server.model, prompt=f"in flight {i}", max_tokens=200, extra_body={"ignore_eos": True},
+                extra_headers={"X-Activation-Budget": ("1.0", "0.5", "0.25")[i % 3]},
+            )  # fmt: skip
+            outcomes.append(f"done {out.usage.completion_tokens}")
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            outcomes.append(type(e).__name__)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the requests are in the engine
     server.process.send_signal(signal.SIGTERM)
     try:
-        code = server.process.wait(timeout=30)
+        code = server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"server still running 30 s after SIGTERM:\n{server.log_tail()}")
+        pytest.fail(f"server still running 60 s after SIGTERM:\n{server.log_tail()}")
+    for t in threads:
+        t.join(timeout=60)
+    assert len(outcomes) == 6, f"a request hung past the shutdown: {outcomes}"
     _, alive = psutil.wait_procs(descendants, timeout=10)
     assert not alive, f"left behind: {alive}"
     assert code == 0, server.log_tail()

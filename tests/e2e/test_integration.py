@@ -1,8 +1,8 @@
 """End-to-end: the plugin inside real vLLM CPU engines on tiny checkpoints of every MoE family.
 
-Engines run in a child process (tests/e2e/engine_driver.py), several per process start, so a stock
-engine (VLLM_ALLOC_DISABLE=1) and a plugin engine can be compared. Each engine start costs ~20-40 s on
-a 2-core machine, so the checks are grouped into few engines.
+Engines run in child processes (tests/e2e/engine_driver.py), one per engine, so a stock engine
+(VLLM_ALLOC_DISABLE=1, checked to have built vLLM's own MoE runners) and a plugin engine can be compared.
+Each engine start costs ~20-40 s on a 2-core machine, so the checks are grouped into few engines.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ FAMILY_KWARGS: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
     "deepseek_v3": {"enable_chunked_prefill": False, "enable_prefix_caching": False},
 }
-# Stock vLLM itself is not reproducible across engine starts for these families on CPU: two stock
-# engines on the same tiny DeepSeek-V3 gave the same tokens but logprobs up to 4.4e-3 apart (and two
-# plugin engines at b = 1.0 up to 7.8e-3); on the tiny DeepSeek-V2, two stock engines were bit-equal
-# in some runs and up to 4.3e-3 apart in others (1 in 2 runs of the pair here). Bit-identity cannot be
-# observed across processes there, so the check is tokens equal and logprobs within that spread.
-NOT_REPRODUCIBLE = {"deepseek_v2": 2e-2, "deepseek_v3": 2e-2}
+# A known defect, bounded here, not hidden: on the DeepSeek families the plugin at b = 1.0 is not
+# bit-identical to stock. Measured (tests' tiny checkpoints, 3 stock + 2 plugin engines each): the stock
+# engines were bit-equal to each other (spread 0, for V2 and V3); the plugin engines gave stock's tokens
+# but logprobs up to 5.9e-3 (V2, one engine of two; the other bit-equal) and 6.8e-3 (V3, both, and 6.8e-3
+# from each other) away. The stock spread is 0, so any slack is the plugin's: the bound is the largest
+# deviation measured (6.8e-3), rounded up to 7e-3. Earlier notes blamed stock; stock was not the cause.
+PLUGIN_DEVIATES = {"deepseek_v2": 7e-3, "deepseek_v3": 7e-3}
 L, E, K, H, I = 2, 16, 4, 128, 64  # the tiny checkpoints' shape (vllm_alloc.tiny defaults)
 A = L * K
 
@@ -55,6 +56,19 @@ def drive(
     if proc.returncode != 0 or not out.exists():
         raise AssertionError(f"engine driver failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
     return json.loads(out.read_text()), proc.stdout
+
+
+def assert_stock(engine: dict[str, Any]) -> None:
+    """The baseline engine really is stock vLLM: every worker built vLLM's own MoE runner only."""
+    assert engine["moe_runners"] and all(r == ["MoERunner"] for r in engine["moe_runners"]), engine[
+        "moe_runners"
+    ]
+
+
+def assert_plugin(engine: dict[str, Any]) -> None:
+    assert engine["moe_runners"] and all(r == ["BudgetMoERunner"] for r in engine["moe_runners"]), engine[
+        "moe_runners"
+    ]
 
 
 def per_budget(counters: dict[str, Any], column: int, B: int) -> tuple[float, float]:
@@ -115,6 +129,8 @@ def test_qwen3_compiled_bit_identical_and_exact_counts(tmp_path: Path, tiny_mode
             },
         ],
     )
+    assert_stock(results[0])
+    assert_plugin(results[1])
     stock, plugin = results[0]["runs"][0], results[1]["runs"]
     for key in ("tokens", "logprobs", "prompt_logprobs"):
         assert plugin[0][key] == stock[key], f"b = 1.0 differs from stock vLLM in {key}"
@@ -160,12 +176,14 @@ def test_family_stock_at_full_budget_and_exact_at_half(tmp_path: Path, tiny_mode
         ],
         name=family,
     )
+    assert_stock(results[0])
+    assert_plugin(results[1])
     stock, plugin = results[0]["runs"][0], results[1]["runs"]
     assert plugin[0]["tokens"] == stock["tokens"]
-    if family in NOT_REPRODUCIBLE:
+    if family in PLUGIN_DEVIATES:
         for key in ("logprobs", "prompt_logprobs"):
             for ours, theirs in zip(plugin[0][key], stock[key], strict=True):
-                assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= NOT_REPRODUCIBLE[family]
+                assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= PLUGIN_DEVIATES[family]
     else:
         assert plugin[0]["logprobs"] == stock["logprobs"]
         assert plugin[0]["prompt_logprobs"] == stock["prompt_logprobs"]
@@ -208,29 +226,44 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
 
 def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> None:
     """Scope `request`: a request gets the same experts alone or batched with others, so its greedy
-    output does not depend on what else runs (up to kernel rounding across batch shapes)."""
+    output does not depend on what else runs (up to kernel rounding across batch shapes); scope `budget`
+    does depend on it, and the same check sees that."""
     model = tiny_model("qwen3_moe")
     target = "def quicksort(xs):\n    if len(xs) <= 1:"
     others = ["import numpy as np", "class Node:\n    def __init__(self):", "for i in range(10):"]
+    runs = [
+        {"prompts": [target], "budgets": [0.5], "max_tokens": 8},
+        {"prompts": [target, *others], "budgets": [0.5, 0.25, 0.5, 0.75], "max_tokens": 8},
+    ]
     results, _ = drive(
         tmp_path,
         model,
         [
             {
                 "plugin": True,
-                "additional_config": {"vllm_alloc": {"scope": "request"}},
+                "additional_config": {"vllm_alloc": {"scope": scope}},
                 "llm_kwargs": {"enable_prefix_caching": False},
-                "runs": [
-                    {"prompts": [target], "budgets": [0.5], "max_tokens": 8},
-                    {"prompts": [target, *others], "budgets": [0.5, 0.25, 0.5, 0.75], "max_tokens": 8},
-                ],
+                "runs": runs,
             }
+            for scope in ("request", "budget")
         ],
     )
-    alone, batched = results[0]["runs"]
-    assert batched["tokens"][0] == alone["tokens"][0]
-    for a, b in zip(alone["prompt_logprobs"][0], batched["prompt_logprobs"][0], strict=True):
-        assert abs(a - b) < 2e-2  # bf16 kernels round differently at other batch shapes
+
+    def batch_invariant(engine: dict[str, Any]) -> bool:
+        alone, batched = engine["runs"]
+        # Slack for bf16 kernels rounding differently at other batch shapes. Measured on this tiny model:
+        # scope `request` 0 (prompt) and 4e-5 (samples); scope `budget` 6.8e-3 and 8.1e-3. The tiny
+        # model's near-flat logits make every effect small, so the slack sits between the two.
+        return batched["tokens"][0] == alone["tokens"][0] and all(
+            abs(a - b) < 2e-3
+            for key in ("prompt_logprobs", "logprobs")
+            for a, b in zip(alone[key][0], batched[key][0], strict=True)
+        )
+
+    assert batch_invariant(results[0])
+    # Negative control: under scope `budget` the target shares its pool with the other b = 0.5 request,
+    # so the same check must see the batch (else it could not tell invariance from a blind comparison).
+    assert not batch_invariant(results[1])
 
 
 def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:
@@ -255,3 +288,73 @@ def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:
     assert f"budget file {path}: field 'model.num_experts'" in stderr
     assert "the loaded model has 16" in stderr
     assert "vllm-alloc profile" in stderr  # the fix
+
+
+# A squeezed engine: every long prompt's prefill is split (64 tokens a step, shared between requests), and
+# 12 KV blocks of 32 tokens cannot hold six long requests, so the scheduler preempts and recomputes.
+SQUEEZED = {
+    "max_num_batched_tokens": 64,
+    "enable_chunked_prefill": True,
+    "block_size": 32,
+    "num_gpu_blocks_override": 12,
+    "enable_prefix_caching": True,
+}
+LONG = [f"# module {i}\n" + "def f(x):\n    return x * 2 + 1\n" * 11 for i in range(6)]
+
+
+def test_split_prefill_preemption_prefix_cache_and_seeds_offline(tmp_path: Path, tiny_model: Any) -> None:
+    """Offline `LLM` under a squeezed engine, against a stock engine squeezed the same way:
+    - budgets never share prefix-cache entries (the plugin salts offline requests too), one budget does;
+    - full-budget requests batched with budgeted ones, split and preempted, still give stock's tokens;
+    - counted activations stay exactly K_l(B) per token (recomputed tokens are computed, and counted);
+    - a seeded request gives the same sample alone and batched (vLLM CPU alone dies on it, see below)."""
+    model = tiny_model("qwen3_moe")
+    mixed = [1.0, 0.5, 0.25, 1.0, 0.5, 0.25]
+    seeded = {"temperature": 1.0, "seed": 1234, "max_tokens": 12}
+    results, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "plugin": False,
+                "llm_kwargs": SQUEEZED,
+                "runs": [{"prompts": LONG, "budgets": [None] * 6, "max_tokens": 24}],
+            },
+            {
+                "plugin": True,
+                "llm_kwargs": SQUEEZED,
+                "runs": [
+                    *(
+                        {"prompts": [LONG[0]], "budgets": [b], "max_tokens": 2, "prompt_logprobs": False}
+                        for b in (1.0, 0.5, 0.5, None, 0.25)
+                    ),
+                    {"prompts": LONG, "budgets": mixed, "max_tokens": 24},
+                    {"prompts": [LONG[1] + "#"], "budgets": [0.5], **seeded},
+                    {"prompts": [LONG[2], LONG[1] + "#", LONG[3]], "budgets": [1.0, 0.5, 0.25], **seeded},
+                ],
+            },
+        ],
+    )
+    assert_stock(results[0])
+    assert_plugin(results[1])
+    stock, runs = results[0]["runs"][0], results[1]["runs"]
+    assert runs[0]["prompt_tokens"][0] > 32  # longer than a KV block, so a hit would show
+    cached = [run["cached_tokens"][0] for run in runs[:5]]
+    # b = 1.0, then 0.5 (no hit: other experts), 0.5 (hit), the default 1.0 (hit), 0.25 (no hit).
+    assert cached[0] == 0 and cached[1] == 0 and cached[2] >= 32 and cached[3] >= 32 and cached[4] == 0, (
+        cached
+    )
+
+    batch, before = runs[5], runs[4]
+    for i, b in enumerate(mixed):
+        if b == 1.0:
+            assert batch["tokens"][i] == stock["tokens"][i], f"request {i} at b = 1.0 differs from stock"
+    delta: dict[str, Any] = {"A": A, "K": K}
+    for key in ("used", "full"):
+        delta[key] = [
+            [s - f for s, f in zip(sr, fr, strict=True)]
+            for sr, fr in zip(batch["counters"][key], before["counters"][key], strict=True)
+        ]
+    assert_counts_follow(delta, {B: [B // L] * L for B in (8, 4, 2)})
+    alone, together = runs[6], runs[7]
+    assert together["tokens"][1] == alone["tokens"][0]
