@@ -220,7 +220,6 @@ def test_messages_errors_have_vllms_anthropic_shape() -> None:
     [
         ("/v1/models", "GET"),  # not a generation endpoint
         ("/metrics", "GET"),
-        ("/v1/embeddings", "POST"),  # POST, but no MoE budget applies
         ("/v1/completions", "GET"),  # generation path, wrong method: vLLM answers 405
     ],
 )
@@ -553,3 +552,18 @@ def test_run_forwards_the_exit_code_and_removes_the_dir(tmp_path: Any) -> None:
 def test_parser_has_no_abbreviations() -> None:
     args, rest = build_parser().parse_known_args(["serve", "m", "--default", "x"])
     assert isinstance(args, argparse.Namespace) and rest == ["--default", "x"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/inference/v1/generate", "/v1/chat/completions/batch", "/v1/embeddings", "/pooling"]
+)
+def test_other_routes_refuse_a_budget_header_instead_of_ignoring_it(path: str) -> None:
+    app, sent = call({"prompt": "hi"}, "0.5", path=path)
+    assert not app.calls and sent[0]["status"] == 400
+    message = json.loads(sent[1]["body"])["error"]["message"]
+    assert f"not applied on {path}" in message and "/v1/completions" in message
+
+
+def test_other_routes_without_the_header_pass_through() -> None:
+    app, sent = call({"prompt": "hi"}, path="/inference/v1/generate")
+    assert len(app.calls) == 1 and sent[0]["status"] == 200

@@ -19,8 +19,11 @@ request vLLM 0.32 builds SamplingParams from, or refuses the budget:
                   generate/factories.py). A body with `messages`, `prompt` or `prompt_embeds` is a
                   generation request and gets a budget; any other goes to a pooling handler, where a
                   budget would be ignored, so one that carries a budget is refused with 400.
-vLLM 0.32's other generation routes (/v1/chat/completions/batch, /inference/v1/generate,
-/generative_scoring, /cohere/v2/chat behind VLLM_ENABLE_COHERE_API) are not handled here yet.
+On every other POST route (vLLM 0.32 also generates on /v1/chat/completions/batch, /inference/v1/generate,
+/generative_scoring and /cohere/v2/chat) a budget header is refused with 400, since nothing there would
+apply it. A `vllm_xargs` budget in such a body still reaches SamplingParams where vLLM passes
+`vllm_xargs` on, and the engine then applies it and salts the prefix cache
+(`integration/requests_check.py`).
 
 The launcher (`vllm-alloc serve`) lives in `vllm_alloc.launch`; this module only exposes its parser,
 so `cli.py` finds every subcommand by the module named in DESIGN.md.
@@ -91,7 +94,19 @@ class ActivationBudgetMiddleware:
         self._settings: Settings | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in BUDGET_PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] not in BUDGET_PATHS:
+            if _header_values(scope):
+                # A route that would ignore the header: say so rather than serve at the wrong budget.
+                await _send_400(
+                    send,
+                    f"{BUDGET_HEADER} is not applied on {scope['path']}; activation budgets apply on "
+                    f"{', '.join(sorted(BUDGET_PATHS))}. Send this request without the header",
+                    scope["path"],
+                )
+                return
             await self.app(scope, receive, send)
             return
         body, disconnected = await _read_body(receive)
