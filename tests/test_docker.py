@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from vllm_alloc.cli import build_parser
-from vllm_alloc.launch import MIDDLEWARE, build_launch
+from vllm_alloc.launch import KILL_GRACE_S, MIDDLEWARE, SHUTDOWN_TIMEOUT_S, build_launch
 from vllm_alloc.server import APPLIED_HEADER, BUDGET_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,6 +283,8 @@ def test_compose_ports_volumes_restart_health(name: str) -> None:
     targets = {_volume_target(v) for v in service["volumes"]}
     assert {"/models", "/configs", image_env["HF_HOME"]} <= targets
     assert service["restart"] == "unless-stopped"
+    # Longer than the launcher's drain plus its kill grace, so `docker stop` does not cut requests off.
+    assert int(service["stop_grace_period"].rstrip("s")) > SHUTDOWN_TIMEOUT_S + KILL_GRACE_S
     assert HEALTH_URL in " ".join(service["healthcheck"]["test"])
     assert OFFLINE.items() <= service["environment"].items()
 
@@ -368,7 +370,8 @@ def test_launcher_command_from_the_entrypoint(tmp_path: Path, cuda: bool) -> Non
         "--enforce-eager",
     ]
     assert launch[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-    assert launch[3:-4] == ["--model", argv[1], *passthrough, *(["--moe-backend", "triton"] if cuda else [])]
+    added = [*(["--moe-backend", "triton"] if cuda else []), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    assert launch[3:-4] == ["--model", argv[1], *passthrough, *added]
     assert launch[-4:-2] == ["--middleware", MIDDLEWARE]
     assert json.loads(launch[-1]) == {"vllm_alloc": {}}  # uniform allocation, the launcher's defaults
 
@@ -405,7 +408,7 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
 
     # The image's environment, with paths into the simulated image; the machine is shared, so a small
     # memory fraction, and a free port on 127.0.0.1 given as container arguments (they override).
-    from test_server_e2e import _free_port, _memory_fraction, _stop_tree
+    from e2e.serving import free_port, memory_fraction, stop_tree
 
     run_env = {
         **env,
@@ -414,14 +417,14 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
         # The image's configs/default.json is the default model's; a missing file exercises the entrypoint's
         # fallback (a warning, then the uniform allocation), which is what the tiny model needs.
         "BUDGET_CONFIG": str(tmp_path / "no-such-budget-file.json"),
-        "GPU_MEMORY_UTILIZATION": _memory_fraction(),
+        "GPU_MEMORY_UTILIZATION": memory_fraction(),
     }
     help_run = subprocess.run(
         [str(rootfs / ENTRYPOINT.lstrip("/")), "--help"], env=run_env, capture_output=True, text=True
     )
     assert help_run.returncode == 0 and "--budget-config" in help_run.stdout, help_run.stderr
 
-    port = _free_port()
+    port = free_port()
     cmd = json.loads(only(parse(CPU_FILE), "CMD")[0])
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -445,7 +448,7 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
         assert server.wait(timeout=60) == 0, log.read_text(errors="replace")[-4000:]
     finally:
         if server.poll() is None:
-            _stop_tree(server.pid)
+            stop_tree(server.pid)
     assert "uniform allocation" in log.read_text(errors="replace")
 
 

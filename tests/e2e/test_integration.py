@@ -194,7 +194,7 @@ def test_family_stock_at_full_budget_and_exact_at_half(tmp_path: Path, tiny_mode
 
 
 def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) -> None:
-    """TP = 2 on CPU: the same greedy tokens as TP = 1 under a mixed-budget batch, the budget file made
+    """TP = 2 on CPU: the same computation as TP = 1 under a mixed-budget batch, the budget file made
     for the unsharded model is accepted (the fingerprint uses the full I, not a rank's share), and
     every rank routes and counts the same tokens (so only rank 0 exports: no double counting)."""
     model = tiny_model("qwen3_moe")
@@ -217,7 +217,13 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
         ],
     )
     single, sharded = results[0]["runs"][0], results[1]["runs"][0]
-    assert sharded["tokens"] == single["tokens"]
+    # TP = 2 sums the row-parallel partial products in another order than TP = 1, so logits differ in the
+    # last bf16 bits; on the tiny model's near-flat logits a greedy decode can then take another token
+    # (seen on an AMX machine: b = 0.75's 2nd of 6 tokens). Teacher-forced prompt logprobs and the first
+    # sampled token compare what the two computed on the same inputs.
+    assert [t[0] for t in sharded["tokens"]] == [t[0] for t in single["tokens"]]
+    for ours, theirs in zip(sharded["prompt_logprobs"], single["prompt_logprobs"], strict=True):
+        assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 2e-2
     per_rank = sharded["counters_per_rank"]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
     assert_counts_follow(per_rank[0], {B: rows[B] for B in (8, 4, 2, 6)})
