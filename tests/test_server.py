@@ -250,6 +250,11 @@ def test_cache_salt_edges() -> None:
     assert cache_salt(long, 0.5) != cache_salt("t" * 128, 0.5)
     assert cache_salt("", 0.5) == ""  # malformed: vLLM refuses it with its own message
     assert cache_salt(7, 0.5) == 7
+    # Idempotent: the engine's front end salts again what the middleware salted.
+    for client in (None, "tenant", long):
+        once = cache_salt(client, 0.5)
+        assert cache_salt(once, 0.5) == once
+    assert cache_salt(cache_salt(None, 0.5), 0.25) != cache_salt(None, 0.25)  # another b: salted on top
 
 
 # -- invalid budgets: 400 with vLLM's error shape, the app never sees the request --------------------------

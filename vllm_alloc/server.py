@@ -236,12 +236,15 @@ def cache_salt(client_salt: Any, budget: float) -> Any:
     """The request's cache_salt under budget b: prefix-cache KV computed at one budget must never serve
     another (the experts that produced it differ). b = 1.0 keeps the client's salt (or none), so
     full-budget requests share the stock namespace. A malformed client salt is returned unchanged for
-    vLLM to refuse with its own message."""
+    vLLM to refuse with its own message. Idempotent: a salt this already made for b comes back as it is
+    (the middleware salts first, then the engine's front end salts every request, whatever its route)."""
     if budget == 1.0 or (client_salt is not None and not (isinstance(client_salt, str) and client_salt)):
         return client_salt
     ours = f"{_SALT_PREFIX}{format_budget(budget)}"
     if client_salt is None:
         return ours
+    if f"{client_salt};".startswith(f"{ours};"):
+        return client_salt
     combined = f"{ours};{client_salt}"
     if len(combined) > _MAX_CACHE_SALT and len(client_salt) <= _MAX_CACHE_SALT:
         # Still one namespace per (client salt, budget), within vLLM's length limit.

@@ -69,7 +69,7 @@ def _install_salt() -> None:
 
 def budget_salt(processor: Any, raw: Any, client_salt: str | None) -> str | None:
     """The cache salt of a request with raw budget `raw` (None: the server default) and the client's salt.
-    The API server's middleware may have salted the request already; the salt is then unchanged."""
+    The API server's middleware may have salted the request already; `cache_salt` then leaves it as is."""
     from vllm_alloc.server import cache_salt, settings_from_vllm_config
 
     settings = getattr(processor, "_vllm_alloc_settings", None)
@@ -80,7 +80,4 @@ def budget_salt(processor: Any, raw: Any, client_salt: str | None) -> str | None
         b = settings.default_budget if raw is None else parse_budget(raw)
     except BudgetError:
         return client_salt  # refused by the SamplingParams check before it gets here
-    ours = cache_salt(None, b)
-    if ours is None or (client_salt is not None and (client_salt + ";").startswith(ours + ";")):
-        return client_salt  # b = 1.0, or salted by the middleware already
     return cache_salt(client_salt, b)
