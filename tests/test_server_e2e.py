@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("vllm")
 
-from e2e.serving import Server, delta, memory_fraction, metrics, serve  # noqa: E402
+from e2e.serving import Server, delta, memory_fraction, metrics, serve, stop_with_requests_in_flight  # noqa: E402
 
 K = 4  # the tiny model's top-k
 L = 2
@@ -319,34 +317,8 @@ def test_64_concurrent_mixed_requests(server: Server) -> None:
 
 def test_sigterm_with_requests_in_flight_shuts_down_cleanly(server: Server) -> None:
     assert Path(server.prometheus_dir).is_dir()
-    descendants = psutil.Process(server.process.pid).children(recursive=True)
-    assert descendants  # the API server, EngineCore, ...
-    outcomes: list[str] = []
-
-    def one(i: int) -> None:
-        # Each request finishes or fails with a clean error; none may hang past the shutdown.
-        try:
-            out = server.client().completions.create(
-                model=server.model, prompt=f"in flight {i}", max_tokens=200, extra_body={"ignore_eos": True},
-                extra_headers={"X-Activation-Budget": ("1.0", "0.5", "0.25")[i % 3]},
-            )  # fmt: skip
-            outcomes.append(f"done {out.usage.completion_tokens}")
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
-            outcomes.append(type(e).__name__)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)  # the requests are in the engine
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        code = server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"server still running 60 s after SIGTERM:\n{server.log_tail()}")
-    for t in threads:
-        t.join(timeout=60)
-    assert len(outcomes) == 6, f"a request hung past the shutdown: {outcomes}"
-    _, alive = psutil.wait_procs(descendants, timeout=10)
-    assert not alive, f"left behind: {alive}"
-    assert code == 0, server.log_tail()
-    assert not Path(server.prometheus_dir).exists()
+    assert psutil.Process(server.process.pid).children(recursive=True)  # the API server, EngineCore, ...
+    # Each request finishes or fails with a clean error; none may hang past the shutdown (checked inside).
+    stop_with_requests_in_flight(
+        server, signal.SIGTERM, ["1.0", "0.5", "0.25"] * 2, max_tokens=200, settle_s=1.0, wait_s=60
+    )

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,7 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("vllm")
 
-from e2e.serving import Server, delta, memory_fraction, metrics, serve  # noqa: E402
+from e2e.serving import Server, delta, memory_fraction, metrics, serve, stop_with_requests_in_flight  # noqa: E402
 
 K, L = 4, 2
 ROUTED_FRACTION = {"1": 1.0, "0.5": 0.5, "0.25": 0.25}  # K_l(B) / K under the uniform allocation
@@ -288,33 +286,8 @@ def generated(srv: Server) -> float:
 
 
 def test_sigint_with_requests_in_flight(server: Server) -> None:
-    results: list[str] = []
-
-    def one(i: int) -> None:
-        try:
-            out = complete(
-                server, f"count {i}:", (1.0, 0.5)[i % 2], max_tokens=240, extra_body={"ignore_eos": True}
-            )
-            results.append(f"done {out.usage.completion_tokens}")
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
-            results.append(f"failed {type(e).__name__}")
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)  # the requests are in the engine
-    assert server.healthy() and len(results) < 4, f"nothing in flight to test: {results}"
-    descendants = psutil.Process(server.process.pid).children(recursive=True)
-    server.process.send_signal(signal.SIGINT)
-    try:
-        code = server.process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"server still running 90 s after SIGINT:\n{server.log_tail()}")
-    for t in threads:
-        t.join(timeout=60)
-    assert len(results) == 4, f"a request hung past the shutdown: {results}"
+    answered, results = stop_with_requests_in_flight(
+        server, signal.SIGINT, ["1.0", "0.5"] * 2, max_tokens=240, settle_s=0.5, wait_s=90
+    )
+    assert answered < 4, f"nothing in flight to test: {results}"
     assert all(r == "done 240" for r in results), results  # drained: in-flight requests finish
-    _, alive = psutil.wait_procs(descendants, timeout=10)
-    assert not alive, f"left behind: {alive}"
-    assert code == 0, server.log_tail()
-    assert not Path(server.prometheus_dir).exists()

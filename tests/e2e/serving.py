@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal as signals
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,3 +123,53 @@ def metrics(srv: Server, prefix: str = "vllm_alloc:") -> dict[tuple[str, str, st
 
 def delta(after: dict[Any, float], before: dict[Any, float]) -> dict[Any, float]:
     return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def stop_with_requests_in_flight(
+    srv: Server,
+    signum: signals.Signals,
+    budgets: list[str],
+    *,
+    max_tokens: int,
+    settle_s: float,
+    wait_s: float,
+) -> tuple[int, list[str]]:
+    """Start one completion per budget, send `signum` `settle_s` later, and check a clean stop: the
+    server exits 0 within `wait_s`, leaves no process behind and removes its metrics dir. Returns (the
+    requests already answered when the signal went out, each request's outcome: "done N" for N tokens,
+    or the openai error's type). Fails when a request is still waiting 60 s after the exit."""
+    outcomes: list[str] = []
+
+    def one(i: int, budget: str) -> None:
+        try:
+            out = srv.client().completions.create(
+                model=srv.model,
+                prompt=f"in flight {i}:",
+                max_tokens=max_tokens,
+                extra_body={"ignore_eos": True},
+                extra_headers={"X-Activation-Budget": budget},
+            )
+            outcomes.append(f"done {out.usage.completion_tokens}")
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            outcomes.append(type(e).__name__)
+
+    threads = [threading.Thread(target=one, args=(i, b)) for i, b in enumerate(budgets)]
+    for t in threads:
+        t.start()
+    time.sleep(settle_s)  # the requests are in the engine
+    assert srv.healthy(), srv.log_tail()
+    answered_before = len(outcomes)
+    descendants = psutil.Process(srv.process.pid).children(recursive=True)
+    srv.process.send_signal(signum)
+    try:
+        code = srv.process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running {wait_s:g} s after {signum.name}:\n{srv.log_tail()}")
+    for t in threads:
+        t.join(timeout=60)
+    assert len(outcomes) == len(budgets), f"a request hung past the shutdown: {outcomes}"
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert not alive, f"left behind: {alive}"
+    assert code == 0, srv.log_tail()
+    assert not Path(srv.prometheus_dir).exists()
+    return answered_before, outcomes
