@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test bench-kernel bench-serve bench-quality soak clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality soak clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,21 @@ e2e: venv
 
 kernel-test: venv
 	$(BIN)/python -m pytest -q tests/kernels $(PYTEST_ARGS)
+
+# On a CUDA machine with torch and Triton only (no vLLM, no venv: the lent GPU machine): the kernel tests
+# (fp32, fp16, bf16), the CUDA-graph capture and replay of the budget path, and both kernel benchmarks,
+# whose tables land in $(GPU_CHECK_OUT). docs/design.md, "GPU path", says what each part proves.
+GPU_PYTHON    ?= python3
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else \
+		'make gpu-check needs a CUDA GPU: torch.cuda.is_available() is False')"
+	mkdir -p $(GPU_CHECK_OUT)
+	$(GPU_PYTHON) -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
+		'CUDA', torch.version.cuda, 'triton', triton.__version__)" | tee $(GPU_CHECK_OUT)/device.txt
+	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -rs -p no:cacheprovider tests/kernels
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_graph.py --out $(GPU_CHECK_OUT)/bench_graph.md
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_kernel.py --out $(GPU_CHECK_OUT)/bench_kernel.md
 
 bench-kernel: venv
 	$(BIN)/python benchmarks/bench_kernel.py

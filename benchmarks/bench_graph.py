@@ -1,0 +1,211 @@
+"""Cost of the budget path under CUDA-graph replay, per MoE layer, at decode batch sizes (GPU only).
+
+For the layer shapes of DeepSeek-V2-Lite and Qwen3-30B-A3B, at T tokens, one CUDA graph per variant holds
+LAYERS MoE layers (each its own weights, so weight reads are not served by L2) and is timed by replay:
+
+  kernel b=1        the expert kernel on the stock routing (no budget path): the reference cost
+  routing           Alloc-T from the persistent buffers alone (`device_budget.layer_routing`)
+  routing+kernel b  the whole budget path with every token at budget b (b = 1.0: nothing pruned)
+
+`routing` is what a pass at b = 1.0 pays on top of the stock expert call when the budget path is always
+captured. Every graph is checked against the eager run of the same layers first. Needs only torch and
+Triton (`vllm_alloc.kernels`).
+
+    python benchmarks/bench_graph.py --out BENCH_GRAPH.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_kernel import MODELS, LayerShape
+
+from vllm_alloc.device_budget import layer_routing
+
+LAYERS = 8
+
+
+def graph_time_us(fn: Callable[[], torch.Tensor], replays: int) -> tuple[float, torch.Tensor]:
+    """Median µs of one replay of fn captured in a CUDA graph, and the graph's output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times), out
+
+
+@dataclass
+class Pass:
+    """One decode step of LAYERS layers at T tokens: inputs, stock routing per layer, budget buffers."""
+
+    x: torch.Tensor  # [T, H]
+    weights: torch.Tensor  # [LAYERS, T, K] stock routing weights (also the ranking keys)
+    ids: torch.Tensor  # [LAYERS, T, K] int32
+    table: torch.Tensor  # [A + 1, LAYERS] int32, K_l(B)
+    token_budget: torch.Tensor  # [T] int64
+    token_group: torch.Tensor  # [T] int64
+    used: torch.Tensor  # [LAYERS, A + 1] float64
+
+    def routing(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer_routing(
+            self.weights[layer],
+            self.weights[layer],
+            self.ids[layer],
+            table=self.table,
+            token_budget=self.token_budget,
+            token_group=self.token_group,
+            used=self.used,
+            column=layer,
+            k_base=1,
+        )
+
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def kernel_only(p: Pass, layers: Layers) -> torch.Tensor:
+    from vllm_alloc.kernels import fused_moe
+
+    y = p.x
+    for layer, (w13, w2) in enumerate(layers):
+        y = y + fused_moe(y, w13, w2, p.ids[layer], p.weights[layer])  # a residual stream
+    return y
+
+
+def routing_only(p: Pass, layers: Layers) -> torch.Tensor:
+    return torch.stack([p.routing(layer)[1] for layer in range(len(layers))])
+
+
+def budget_path(p: Pass, layers: Layers) -> torch.Tensor:
+    from vllm_alloc.kernels import fused_moe
+
+    y = p.x
+    for layer, (w13, w2) in enumerate(layers):
+        weights, ids = p.routing(layer)
+        y = y + fused_moe(y, w13, w2, ids, weights)
+    return y
+
+
+def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays: int) -> list[str]:
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    layers = [
+        (
+            torch.randn(shape.E, 2 * shape.I, shape.H, device="cuda", generator=g, dtype=dtype)
+            * shape.H**-0.5,
+            torch.randn(shape.E, shape.H, shape.I, device="cuda", generator=g, dtype=dtype) * shape.I**-0.5,
+        )
+        for _ in range(LAYERS)
+    ]
+    A = LAYERS * shape.K
+    # K_l(B): uniform, ceil(B / L) capped at K; rows below L (one expert per layer) are padding (0).
+    table = torch.tensor(
+        [[0 if B < LAYERS else min(shape.K, math.ceil(B / LAYERS))] * LAYERS for B in range(A + 1)],
+        dtype=torch.int32,
+        device="cuda",
+    )
+    rows = []
+    for T in Ts:
+        logits = torch.randn(LAYERS, T, shape.E, device="cuda", generator=g)
+        weights, ids = logits.softmax(dim=-1).topk(shape.K, dim=-1)
+        p = Pass(
+            x=torch.randn(T, shape.H, device="cuda", dtype=dtype),
+            weights=weights,
+            ids=ids.int(),
+            table=table,
+            token_budget=torch.full((T,), A, dtype=torch.int64, device="cuda"),
+            token_group=torch.zeros(T, dtype=torch.int64, device="cuda"),
+            used=torch.zeros(LAYERS, A + 1, dtype=torch.float64, device="cuda"),
+        )
+        base_us, base_out = graph_time_us(functools.partial(kernel_only, p, layers), replays)
+        if not torch.equal(base_out, kernel_only(p, layers)):
+            raise AssertionError(f"{shape.name} T={T}: kernel graph differs from eager")
+        route_us, _ = graph_time_us(functools.partial(routing_only, p, layers), replays)
+        new = [
+            f"| {shape.name} | {T} | kernel b=1 | {base_us / LAYERS:.1f} | 1.00 |",
+            f"| {shape.name} | {T} | routing | {route_us / LAYERS:.1f} | {route_us / base_us:.2f} |",
+        ]
+        for b in budgets:
+            p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
+            us, out = graph_time_us(functools.partial(budget_path, p, layers), replays)
+            if not torch.equal(out, budget_path(p, layers)):
+                raise AssertionError(f"{shape.name} T={T} b={b}: budget-path graph differs from eager")
+            if b == 1.0 and not torch.equal(out, base_out):
+                raise AssertionError(
+                    f"{shape.name} T={T}: budget path at b=1.0 differs from the kernel alone"
+                )
+            new.append(
+                f"| {shape.name} | {T} | routing+kernel b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |"
+            )
+        print("\n".join(new), flush=True)
+        rows += new
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=["deepseek-v2-lite", "qwen3-30b-a3b"],
+        default=["deepseek-v2-lite", "qwen3-30b-a3b"],
+    )
+    parser.add_argument("--T", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5])
+    parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_graph.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
+        return 2
+    header = [
+        f"# Budget path under CUDA-graph replay on {torch.cuda.get_device_name()}, bfloat16, "
+        f"torch {torch.__version__}",
+        "",
+        f"µs per MoE layer = median replay of a {LAYERS}-layer graph / {LAYERS} ({args.replays} replays); "
+        "× = over `kernel b=1` (the expert kernel alone on the stock routing, same T)",
+        "",
+        "| model | T | graph | µs / layer | × |",
+        "|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    rows: list[str] = []
+    for key in args.models:
+        rows += bench_shape(MODELS[key], args.T, args.budgets, args.replays)
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text("\n".join([*header, *rows]) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

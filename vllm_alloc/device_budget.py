@@ -1,0 +1,64 @@
+"""One MoE layer's budget routing on the device, from persistent buffers: the path CUDA graphs capture.
+
+Inside a captured region nothing may depend on per-pass host data, so everything a pass changes is read
+from device buffers that the runner hook writes before the forward (`integration.state.Plan`):
+`token_budget[t]` (the absolute budget B of token t, 0 for a padding row) and `token_group[t]`, and
+`table[B, l]` = K_l(B). Alloc-T then runs with the padded T of the graph, and pruned pairs come out as
+data (id −1, weight 0), never as shapes. The activation count is a device scatter into `used[l, B]`:
+padding rows keep nothing and add 0, so graph warm-up, dummy and capture runs (all-zero budgets) count
+nothing without a host flag.
+
+At b = 1.0 every token keeps all K candidates, and `alloc_t.reallocate` returns the input weights bit
+for bit (`torch.where`, never a product) and the input ids; both are cast back to the input dtypes, so
+the expert call that follows receives exactly what the stock router produced.
+
+Pure torch: imports neither vLLM nor Triton (runs on the GPU test machine, in `make gpu-check`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_alloc import alloc_t
+
+
+def layer_routing(
+    rank_keys: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    table: torch.Tensor,
+    token_budget: torch.Tensor,
+    token_group: torch.Tensor,
+    used: torch.Tensor,
+    column: int,
+    k_base: int,
+    weights: str = "topk",
+    singleton_groups: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alloc-T for the T rows of this layer call; returns (weights, ids) [T, K] in the input dtypes.
+
+    rank_keys/topk_weights/topk_ids: [T, K] as in `alloc_t.reallocate`. table: [A + 1, L] int, K_l(B)
+    (row 0 all zero). token_budget, token_group: [N ≥ T] int, read for rows [0, T). used: [L, A + 1],
+    activations performed, incremented in place. column: this layer's column l. singleton_groups: a
+    static promise (read at trace time); under a captured graph it must be False.
+    """
+    T = rank_keys.shape[0]
+    if token_budget.shape[0] < T or token_group.shape[0] < T:
+        raise ValueError(
+            f"T={T} tokens exceed the budget buffers (token_budget {tuple(token_budget.shape)}, "
+            f"token_group {tuple(token_group.shape)})"
+        )
+    budget = token_budget[:T]
+    kept_w, kept_ids, kept = alloc_t.reallocate(
+        rank_keys,
+        topk_weights,
+        topk_ids,
+        table[budget, column],
+        token_group[:T],
+        k_base=k_base,
+        weights=weights,
+        singleton_groups=singleton_groups,
+    )
+    used[column].index_add_(0, budget, kept.sum(dim=1).to(used.dtype))
+    return kept_w.to(topk_weights.dtype), kept_ids.to(topk_ids.dtype)
