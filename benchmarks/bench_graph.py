@@ -6,6 +6,8 @@ LAYERS MoE layers (each its own weights, so weight reads are not served by L2) a
   kernel b=1        the expert kernel on the stock routing (no budget path): the reference cost
   routing           Alloc-T from the persistent buffers alone (`device_budget.layer_routing`)
   routing+kernel b  the whole budget path with every token at budget b (b = 1.0: nothing pruned)
+  conditional b     both paths behind CUDA-graph conditional nodes on a device flag, as the plugin
+                    captures them (`device_budget.stock_or_budget`): b = 1.0 runs the kernel alone
 
 `routing` is what a pass at b = 1.0 pays on top of the stock expert call when the budget path is always
 captured. Every graph is checked against the eager run of the same layers first. Needs only torch and
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernel import MODELS, LayerShape
 
-from vllm_alloc.device_budget import layer_routing
+from vllm_alloc.device_budget import layer_routing, stock_or_budget
 
 LAYERS = 8
 
@@ -112,6 +114,27 @@ def budget_path(p: Pass, layers: Layers) -> torch.Tensor:
     return y
 
 
+def conditional(full: torch.Tensor, p: Pass, layers: Layers) -> torch.Tensor:
+    """Both paths behind conditional nodes per layer (what the plugin captures): stock at b = 1.0."""
+    from vllm_alloc.kernels import fused_moe
+
+    y = p.x
+    for layer, (w13, w2) in enumerate(layers):
+
+        def stock(y: torch.Tensor = y, layer: int = layer, w13: torch.Tensor = w13, w2: torch.Tensor = w2):
+            return fused_moe(y, w13, w2, p.ids[layer], p.weights[layer])
+
+        def budget(y: torch.Tensor = y, layer: int = layer, w13: torch.Tensor = w13, w2: torch.Tensor = w2):
+            weights, ids = p.routing(layer)
+            return fused_moe(y, w13, w2, ids, weights)
+
+        if torch.cuda.is_current_stream_capturing():
+            y = y + stock_or_budget(full, stock, budget)
+        else:  # eager warm-up: the host knows the pass
+            y = y + (stock() if bool(full) else budget())
+    return y
+
+
 def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays: int) -> list[str]:
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -151,8 +174,14 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
             f"| {shape.name} | {T} | kernel b=1 | {base_us / LAYERS:.1f} | 1.00 |",
             f"| {shape.name} | {T} | routing | {route_us / LAYERS:.1f} | {route_us / base_us:.2f} |",
         ]
+        full = torch.ones((), dtype=torch.bool, device="cuda")
         for b in budgets:
             p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
+            full.fill_(b == 1.0)
+            us, out = graph_time_us(functools.partial(conditional, full, p, layers), replays)
+            if not torch.equal(out, (kernel_only if b == 1.0 else budget_path)(p, layers)):
+                raise AssertionError(f"{shape.name} T={T} b={b}: conditional graph took the wrong body")
+            new.append(f"| {shape.name} | {T} | conditional b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
             us, out = graph_time_us(functools.partial(budget_path, p, layers), replays)
             if not torch.equal(out, budget_path(p, layers)):
                 raise AssertionError(f"{shape.name} T={T} b={b}: budget-path graph differs from eager")

@@ -12,10 +12,17 @@ At b = 1.0 every token keeps all K candidates, and `alloc_t.reallocate` returns 
 for bit (`torch.where`, never a product) and the input ids; both are cast back to the input dtypes, so
 the expert call that follows receives exactly what the stock router produced.
 
+Passes where every token is at b = 1.0 must stay the stock model under graphs too. `stock_or_budget`
+captures both paths into one graph behind CUDA-graph conditional (IF) nodes on a device flag the runner
+hook writes: a replay runs the stock expert call on the stock routing (the same kernels on the same
+inputs as vLLM without the plugin, so the same bits) or the budget path, never both.
+
 Pure torch: imports neither vLLM nor Triton (runs on the GPU test machine, in `make gpu-check`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -62,3 +69,34 @@ def layer_routing(
     )
     used[column].index_add_(0, budget, kept.sum(dim=1).to(used.dtype))
     return kept_w.to(topk_weights.dtype), kept_ids.to(topk_ids.dtype)
+
+
+def stock_or_budget(
+    all_full: torch.Tensor, stock: Callable[[], torch.Tensor], budget: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Inside a CUDA-graph capture: `stock()` where the device flag `all_full` (a CUDA bool scalar) is
+    true at replay, else `budget()`, as two conditional nodes of the graph being captured.
+
+    Both callables must return tensors of one shape and dtype; only the taken body's kernels run at replay,
+    and nothing is read on the host. Outside a capture there is no graph to branch in: the caller decides
+    on the host (it knows the pass), so this raises rather than guess.
+    """
+    if not (all_full.is_cuda and torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError("stock_or_budget branches inside a CUDA-graph capture only")
+    if all_full.dtype != torch.bool or all_full.numel() != 1:
+        raise ValueError(
+            f"all_full must be one CUDA bool; got {all_full.dtype} of shape {tuple(all_full.shape)}"
+        )
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    not_full = torch.logical_not(all_full)  # recorded before the bodies, in the enclosing graph
+    graph.begin_capture_to_if_node(all_full)
+    try:
+        out = stock()
+    finally:
+        graph.end_capture_to_conditional_node()
+    graph.begin_capture_to_if_node(not_full)
+    try:
+        out.copy_(budget())
+    finally:
+        graph.end_capture_to_conditional_node()
+    return out

@@ -244,3 +244,49 @@ def test_cuda_graph_capture_refuses_host_sync():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError), torch.cuda.graph(graph):
         _with_host_sync(static, w13, w2)
+
+
+def stock_twin(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """A stand-in for vLLM's stock expert call (absent on the GPU test machine): the same function as the
+    kernel on the unpruned routing, computed by torch, so its bits differ from the kernel's and a test can
+    tell which body a replay ran."""
+    x, ids, weights = inputs["x"], inputs["ids"].long(), inputs["weights"]
+    gate_up = torch.einsum("th,tkih->tki", x.float(), w13[ids].float())
+    act = torch.nn.functional.silu(gate_up[..., :I]) * gate_up[..., I:]
+    down = torch.einsum("tki,tkhi->tkh", act, w2[ids].float())
+    return (down * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
+    """One graph, two bodies (device_budget.stock_or_budget): a replay with the flag set runs the stock
+    call on the stock routing and counts nothing; with it clear, the budget path and its counts."""
+    from vllm_alloc.device_budget import stock_or_budget
+
+    w13, w2 = expert_weights(dtype)
+    static = pass_contents(0, T_PAD, dtype)
+    flag = torch.ones((), dtype=torch.bool, device=DEVICE)
+    for fn in (stock_twin, budget_layer):  # warm-up (Triton compiles) outside the capture
+        fn({n: t.clone() for n, t in static.items()}, w13, w2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = stock_or_budget(
+            flag, lambda: stock_twin(static, w13, w2), lambda: budget_layer(static, w13, w2)
+        )
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        stock_or_budget(flag, lambda: static["x"], lambda: static["x"])
+    for seed, n_real in PASSES:
+        for full in (True, False):
+            inputs = pass_contents(seed, n_real, dtype, all_full=full)
+            for n, t in inputs.items():
+                static[n].copy_(t)
+            flag.fill_(full)
+            graph.replay()
+            torch.cuda.synchronize()
+            expected = (stock_twin if full else budget_layer)(inputs, w13, w2)
+            assert torch.equal(static_out, expected), f"pass {seed}, full={full}: wrong body or wrong result"
+            assert torch.equal(static["used"], inputs["used"]), f"pass {seed}, full={full}: counts"
+            assert full or static["used"].sum() == inputs["used"].sum() > 0 or n_real == 0
