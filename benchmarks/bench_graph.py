@@ -38,17 +38,20 @@ from vllm_alloc.device_budget import layer_routing, stock_or_budget
 LAYERS = 8
 
 
-def graph_time_us(fn: Callable[[], torch.Tensor], replays: int) -> tuple[float, torch.Tensor]:
-    """Median µs of one replay of fn captured in a CUDA graph, and the graph's output."""
+def graph_time_us(
+    fn: Callable[..., torch.Tensor], replays: int, with_graph: bool = False
+) -> tuple[float, torch.Tensor]:
+    """Median µs of one replay of fn captured in a CUDA graph, and the graph's output. with_graph: fn
+    takes the graph being captured (None when not capturing)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            fn()
+            fn(None) if with_graph else fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn()
+        out = fn(graph) if with_graph else fn()
     for _ in range(3):
         graph.replay()
     times = []
@@ -114,7 +117,9 @@ def budget_path(p: Pass, layers: Layers) -> torch.Tensor:
     return y
 
 
-def conditional(full: torch.Tensor, p: Pass, layers: Layers) -> torch.Tensor:
+def conditional(
+    full: torch.Tensor, p: Pass, layers: Layers, graph: torch.cuda.CUDAGraph | None
+) -> torch.Tensor:
     """Both paths behind conditional nodes per layer (what the plugin captures): stock at b = 1.0."""
     from vllm_alloc.kernels import fused_moe
 
@@ -128,8 +133,8 @@ def conditional(full: torch.Tensor, p: Pass, layers: Layers) -> torch.Tensor:
             weights, ids = p.routing(layer)
             return fused_moe(y, w13, w2, ids, weights)
 
-        if torch.cuda.is_current_stream_capturing():
-            y = y + stock_or_budget(full, stock, budget)
+        if graph is not None:
+            y = y + stock_or_budget(full, stock, budget, graph)
         else:  # eager warm-up: the host knows the pass
             y = y + (stock() if bool(full) else budget())
     return y
@@ -178,7 +183,7 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
         for b in budgets:
             p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
             full.fill_(b == 1.0)
-            us, out = graph_time_us(functools.partial(conditional, full, p, layers), replays)
+            us, out = graph_time_us(functools.partial(conditional, full, p, layers), replays, with_graph=True)
             if not torch.equal(out, (kernel_only if b == 1.0 else budget_path)(p, layers)):
                 raise AssertionError(f"{shape.name} T={T} b={b}: conditional graph took the wrong body")
             new.append(f"| {shape.name} | {T} | conditional b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")

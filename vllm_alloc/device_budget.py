@@ -72,14 +72,18 @@ def layer_routing(
 
 
 def stock_or_budget(
-    all_full: torch.Tensor, stock: Callable[[], torch.Tensor], budget: Callable[[], torch.Tensor]
+    all_full: torch.Tensor,
+    stock: Callable[[], torch.Tensor],
+    budget: Callable[[], torch.Tensor],
+    graph: torch.cuda.CUDAGraph | None = None,
 ) -> torch.Tensor:
     """Inside a CUDA-graph capture: `stock()` where the device flag `all_full` (a CUDA bool scalar) is
     true at replay, else `budget()`, as two conditional nodes of the graph being captured.
 
     Both callables must return tensors of one shape and dtype; only the taken body's kernels run at replay,
     and nothing is read on the host. Outside a capture there is no graph to branch in: the caller decides
-    on the host (it knows the pass), so this raises rather than guess.
+    on the host (it knows the pass), so this raises rather than guess. graph: the graph being captured;
+    None asks torch (`CUDAGraph.get_currently_capturing_graph`, which older torch releases lack).
     """
     if not (all_full.is_cuda and torch.cuda.is_current_stream_capturing()):
         raise RuntimeError("stock_or_budget branches inside a CUDA-graph capture only")
@@ -87,7 +91,14 @@ def stock_or_budget(
         raise ValueError(
             f"all_full must be one CUDA bool; got {all_full.dtype} of shape {tuple(all_full.shape)}"
         )
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    if graph is None:
+        current = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+        if current is None:
+            raise RuntimeError(
+                f"torch {torch.__version__} cannot name the CUDA graph being captured "
+                "(no CUDAGraph.get_currently_capturing_graph); pass graph= explicitly"
+            )
+        graph = current()
     not_full = torch.logical_not(all_full)  # recorded before the bodies, in the enclosing graph
     graph.begin_capture_to_if_node(all_full)
     try:

@@ -274,7 +274,7 @@ def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = stock_or_budget(
-            flag, lambda: stock_twin(static, w13, w2), lambda: budget_layer(static, w13, w2)
+            flag, lambda: stock_twin(static, w13, w2), lambda: budget_layer(static, w13, w2), graph
         )
     with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
         stock_or_budget(flag, lambda: static["x"], lambda: static["x"])
