@@ -268,13 +268,13 @@ class _Engine:
 
         Returns, per path ("budget": a pass with pruned pairs; "stock": an all-b = 1.0 pass) and per T (tokens
         in the layer call), [median Alloc-T µs, median layer µs, calls]. Alloc-T = the ranking keys plus the
-        host reallocation and its activation count (`layer.rank_keys`, `layer.host_routing`); layer = the
-        whole routed-expert call of the op (`_budget_experts` / `_stock_experts`): Alloc-T, then the experts.
+        host reallocation and its activation count (`layer.rank_keys`, `cpu.host_routing`); layer = the
+        whole routed-expert call of the op (`layer._budget_path` / `layer._stock_path`): Alloc-T, then the
+        experts.
         Timers cost ~1 µs a call; they wrap the plugin's functions for this one measurement only.
         """
-        from vllm_alloc.integration import layer
+        from vllm_alloc.integration import cpu, layer
 
-        runner_cls = type(next(iter(layer._RUNNERS.values())))
         calls: dict[str, dict[int, list[tuple[float, float]]]] = {"budget": {}, "stock": {}}
         inner = [0.0]
 
@@ -300,9 +300,9 @@ class _Engine:
 
         originals = [
             (layer, "rank_keys", timed_part(layer.rank_keys)),
-            (layer, "host_routing", timed_part(layer.host_routing)),
-            (runner_cls, "_budget_experts", timed_layer(runner_cls._budget_experts, "budget")),
-            (runner_cls, "_stock_experts", timed_layer(runner_cls._stock_experts, "stock")),
+            (cpu, "host_routing", timed_part(cpu.host_routing)),
+            (layer, "_budget_path", timed_layer(layer._budget_path, "budget")),
+            (layer, "_stock_path", timed_layer(layer._stock_path, "stock")),
         ]
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in originals]
         try:

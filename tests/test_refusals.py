@@ -31,9 +31,11 @@ def plain_method(monolithic: bool = False) -> Any:
     return method
 
 
-def refusal(vllm_config: Any, method: Any = None) -> str | None:
+def refusal(vllm_config: Any, method: Any = None, activation: str = "silu") -> str | None:
     moe_config = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=False))
-    experts = SimpleNamespace(quant_method=method if method is not None else plain_method())
+    experts = SimpleNamespace(
+        quant_method=method if method is not None else plain_method(), activation=activation
+    )
     runner = SimpleNamespace(routed_input_transform=None, routed_output_transform=None)
     try:
         _refuse_unsupported(LAYER, vllm_config, moe_config, experts, runner)
@@ -87,3 +89,35 @@ def test_lora_is_refused() -> None:
 def test_monolithic_backend_is_refused() -> None:
     message = refusal(VllmConfig(), plain_method(monolithic=True))
     assert message is not None and "monolithic MoE backend (start with --moe-backend triton)" in message
+
+
+def on_cuda(monkeypatch: pytest.MonkeyPatch, conditional_nodes: bool = True) -> Any:
+    """A VllmConfig as on CUDA with vLLM's default graph mode (FULL_AND_PIECEWISE), the platform reported
+    as CUDA, and torch with or without CUDA-graph conditional nodes."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_alloc.integration import layer
+
+    monkeypatch.setattr(compat, "is_cpu_platform", lambda: False)
+    monkeypatch.setattr(layer, "conditional_nodes_available", lambda: conditional_nodes)
+    config = VllmConfig()
+    object.__setattr__(config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+    assert compat.uses_cuda_graphs(config)
+    return config
+
+
+def test_cuda_graphs_are_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert refusal(on_cuda(monkeypatch)) is None
+
+
+def test_cuda_graphs_without_conditional_nodes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(on_cuda(monkeypatch, conditional_nodes=False))
+    assert message is not None and "lacks CUDA-graph conditional nodes" in message
+    assert "--enforce-eager" in message
+
+
+def test_activation_without_a_kernel_is_refused_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert refusal(VllmConfig(), activation="swigluoai") is None  # CPU: vLLM's own kernel computes it
+    message = refusal(on_cuda(monkeypatch), activation="swigluoai")
+    assert message is not None and "MoE activation 'swigluoai'" in message and "silu, gelu" in message
+    assert refusal(on_cuda(monkeypatch), activation="gelu_tanh") is None

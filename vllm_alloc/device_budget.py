@@ -71,6 +71,19 @@ def layer_routing(
     return kept_w.to(topk_weights.dtype), kept_ids.to(topk_ids.dtype)
 
 
+def conditional_nodes_available() -> bool:
+    """Whether this torch can capture CUDA-graph conditional nodes from Python (torch >= 2.12)."""
+    graph = getattr(torch.cuda, "CUDAGraph", None)
+    return all(
+        hasattr(graph, name)
+        for name in (
+            "get_currently_capturing_graph",
+            "begin_capture_to_if_node",
+            "end_capture_to_conditional_node",
+        )
+    )
+
+
 def stock_or_budget(
     all_full: torch.Tensor,
     stock: Callable[[], torch.Tensor],

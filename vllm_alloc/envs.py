@@ -78,6 +78,11 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         _str_or_none("VLLM_ALLOC_KERNEL_CONFIG"),
         'Pin one Triton launch config for debugging, as JSON: {"BLOCK_M": 16, "BLOCK_N": 64, ...}.',
     ),
+    "VLLM_ALLOC_TEST_DEVICE_PATH": (
+        _flag("VLLM_ALLOC_TEST_DEVICE_PATH"),
+        "Tests only: on CPU, run budget passes through the CUDA path (Alloc-T on the device, the Triton "
+        "kernel; set TRITON_INTERPRET=1 and dtype float32) instead of the host path.",
+    ),
 }
 
 

@@ -5,8 +5,6 @@ What it adds to a plain `vllm serve` (and nothing else: every other argument pas
   --additional-config '{"vllm_alloc": {...}}'  merged from --budget-config / --default-budget and any
                                                 --additional-config the user gave
   --moe-backend triton                          on CUDA, unless given (the plugin routes through Triton)
-  --enforce-eager                               on CUDA, unless given: budget-aware CUDA-graph capture is
-                                                not implemented yet, and the plugin refuses graphs
   --shutdown-timeout 30                         unless given: on SIGTERM/SIGINT requests in flight
                                                 finish (up to 30 s) instead of being cut off. With vLLM
                                                 0.32's default (0, abort) their connections are never
@@ -150,8 +148,6 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
         passthrough += ["--api-server-count", str(api_servers)]
     if cuda and not any(a == "--moe-backend" or a.startswith("--moe-backend=") for a in rest):
         passthrough += ["--moe-backend", "triton"]
-    if cuda and "--enforce-eager" not in rest:
-        passthrough += ["--enforce-eager"]
     shutdown_timeout = _flag_value(rest, _SHUTDOWN_TIMEOUT)
     if shutdown_timeout is None:
         passthrough += ["--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]

@@ -155,6 +155,47 @@ def test_qwen3_compiled_bit_identical_and_exact_counts(tmp_path: Path, tiny_mode
     assert plugin[1]["prompt_logprobs"] != plugin[0]["prompt_logprobs"]
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_cuda_branch_inside_vllm_cpu_matches_host_path(tmp_path: Path, tiny_model: Any, family: str) -> None:
+    """The CUDA branch of the integration (`integration.cuda`: Alloc-T on the device from the persistent
+    buffers, then vLLM-alloc's Triton kernel, here in Triton's interpreter) inside a vLLM CPU engine,
+    switched on by the test setting VLLM_ALLOC_TEST_DEVICE_PATH. Against the host path (`integration.cpu`,
+    itself checked against stock vLLM above) on the same mixed-budget batches, in float32 (the interpreter
+    computes bf16 wrong): teacher-forced prompt logprobs within float32 rounding, the same first token,
+    and the same exact counts. (Later greedy tokens may part: the tiny model's logits are nearly flat, so
+    a last-bit difference between two float32 kernels can flip an argmax, as between AMX and AVX-512.)"""
+    model = tiny_model(family)
+    architecture = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}[family]
+    budget_file, rows = skewed_budget_file(tmp_path, architecture)
+    kwargs = {**FAMILY_KWARGS.get(family, {}), "dtype": "float32"}
+    mixed = [1.0, 0.5, 0.25, 0.75]  # B = 8, 4, 2, 6
+    runs = [
+        {"prompts": PROMPTS, "budgets": mixed, "max_tokens": 4},
+        {"prompts": PROMPTS, "budgets": [0.5] * 4, "max_tokens": 3},
+    ]
+    engine = {"additional_config": {"vllm_alloc": {"budget_file": str(budget_file)}}, "llm_kwargs": kwargs}
+    device_env = {"VLLM_ALLOC_TEST_DEVICE_PATH": "1", "TRITON_INTERPRET": "1"}
+    results, _ = drive(
+        tmp_path,
+        model,
+        [{**engine, "runs": runs}, {**engine, "env": device_env, "runs": runs}],
+        name=f"device-{family}",
+    )
+    host, device = results[0]["runs"], results[1]["runs"]
+    for run_host, run_device in zip(host, device, strict=True):
+        assert [t[0] for t in run_device["tokens"]] == [t[0] for t in run_host["tokens"]]
+        gaps = [
+            max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+            for ours, theirs in zip(run_device["prompt_logprobs"], run_host["prompt_logprobs"], strict=True)
+        ]
+        assert max(gaps) <= 1e-4, gaps
+        assert [len(t) for t in run_device["tokens"]] == [len(t) for t in run_host["tokens"]]
+        assert run_device["counters"] == run_host["counters"]
+    assert_counts_follow(device[1]["counters"], {B: rows[B] for B in (8, 4, 2, 6)})
+    # The budgets changed the model: b = 0.5 differs from the same prompts' b = 1.0 row somewhere.
+    assert device[1]["prompt_logprobs"][0] != device[0]["prompt_logprobs"][0]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_stock_at_full_budget_and_exact_at_half(tmp_path: Path, tiny_model: Any, family: str) -> None:
     """Every MoE family: b = 1.0 bit-identical to stock (eager), b = 0.5 counts exactly uniform K_l."""

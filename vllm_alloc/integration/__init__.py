@@ -20,6 +20,8 @@ def install() -> None:
     compat.check_version()
     compat.register_oot_layer(compat.moe_runner_cls(), layer.make_runner_cls())
     runner_hook.install()
+    if envs.VLLM_ALLOC_TEST_DEVICE_PATH:
+        compat.keep_plain_expert_weights()
     requests_check.install()
     _add_worker_method(compat.worker_base_cls())
     _installed = True

@@ -37,6 +37,33 @@ def moe_runner_cls() -> type:
     return MoERunner
 
 
+def shared_experts_no_overlap() -> Any:
+    """`SharedExpertsOrder.NO_OVERLAP`: shared experts run before the routed ones, on the same stream."""
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+
+    return SharedExpertsOrder.NO_OVERLAP
+
+
+PLAIN_WEIGHTS = "_vllm_alloc_plain_weights"
+
+
+def keep_plain_expert_weights() -> None:
+    """Test setting VLLM_ALLOC_TEST_DEVICE_PATH on CPU: vLLM's CPU experts prepack w13/w2 in place into
+    their grouped-GEMM layout (same shapes, other element order), which the Triton kernel cannot read. Keep
+    a copy of each layer's weights in vLLM's plain Triton layout, as they are before the prepack."""
+    method_cls: Any = unquantized_method_cls()
+    original = method_cls._setup_kernel
+    if getattr(original, PLAIN_WEIGHTS, False):
+        return
+
+    def _setup_kernel(self: Any, layer: Any, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        setattr(layer, PLAIN_WEIGHTS, (w13.detach().clone(), w2.detach().clone()))
+        original(self, layer, w13, w2)
+
+    setattr(_setup_kernel, PLAIN_WEIGHTS, True)
+    method_cls._setup_kernel = _setup_kernel
+
+
 def unquantized_method_cls() -> type:
     from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
 

@@ -1,9 +1,18 @@
-"""Routed-expert compute on CUDA for passes with pruned pairs.
+"""Routed-expert compute on CUDA for passes with pruned pairs: Alloc-T on the device from the persistent
+budget buffers (`device_budget.layer_routing`), then the budget-aware Triton kernel (`vllm_alloc.kernels`),
+which drops pruned pairs (id −1) before any GEMM.
 
-Uses the budget-aware Triton kernel (`vllm_alloc.kernels.fused_moe`) on the weights in vLLM's Triton
-layout (w13 [E, 2I, H], w2 [E, H, I]); the plugin requires `--moe-backend triton` so no backend
-shuffles or prepacks them. Nothing here has been run inside vLLM-CUDA yet (no CUDA vLLM on the
-development machines); the kernel itself is tested against the reference on GPU and CPU.
+Under CUDA-graph capture the layer records both its paths behind conditional nodes on the device flag
+`Plan.all_full` (`device_budget.stock_or_budget`): a replayed pass whose tokens are all at b = 1.0 runs
+vLLM's own expert call on the stock routing, any other pass the budget path.
+
+Why our kernel and not vLLM's stock Triton experts with −1 sentinels: in vLLM 0.32, `TritonExperts`
+aligns with −1 pairs dropped but then sums every [T, K] slot with the plain `moe_sum`, so a real token
+with some slots at −1 would add rows nothing wrote (docs/design.md, "Which kernel computes pruned pairs").
+
+The kernel reads the weights in vLLM's Triton layout (w13 [E, 2I, H], w2 [E, H, I]). Sibling of
+`integration.cpu`; on CPU this module runs only under the test setting VLLM_ALLOC_TEST_DEVICE_PATH, with
+the kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -12,16 +21,68 @@ from typing import Any
 
 import torch
 
-_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "swigluoai": "swigluoai"}
+from vllm_alloc.device_budget import layer_routing, stock_or_budget
+from vllm_alloc.integration import compat
+from vllm_alloc.integration.state import STATE
 
 
-def triton_experts(runner: Any, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def kernel_activation(routed_experts: Any) -> str | None:
+    """The kernel's name for the layer's activation, or None where the kernel has none."""
+    from vllm_alloc.kernels.gate_up import ACTIVATION_CODES
+
+    activation = str(getattr(routed_experts.activation, "value", routed_experts.activation)).lower()
+    return activation if activation in ACTIVATION_CODES else None
+
+
+def budget_experts(
+    runner: Any,
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    weights_in: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    singleton_groups: bool = False,
+) -> torch.Tensor:
+    """Alloc-T on the device for this layer call (counting into `Plan.used`), then the kept pairs."""
     from vllm_alloc.kernels import fused_moe
 
+    plan = STATE.plan
+    assert plan is not None
+    weights, ids = layer_routing(
+        keys,
+        weights_in,
+        topk_ids,
+        table=plan.table,
+        token_budget=plan.token_budget,
+        token_group=plan.token_group,
+        used=plan.used,
+        column=runner._alloc_info.column,
+        k_base=plan.k_base,
+        weights=plan.alloc_t_weights,
+        singleton_groups=singleton_groups,
+    )
     experts = runner.routed_experts
-    activation = str(getattr(experts.activation, "value", experts.activation)).lower()
-    if activation not in _ACTIVATIONS:
-        raise RuntimeError(f"vllm-alloc: MoE activation {activation!r} has no budget-aware kernel yet")
-    return fused_moe(
-        x, experts.w13_weight, experts.w2_weight, ids, weights, activation=_ACTIVATIONS[activation]
+    activation = kernel_activation(experts)
+    assert activation is not None  # refused at start-up (layer._refuse_unsupported)
+    # On CUDA the layer's own weights; on CPU (test setting) the plain copies kept before vLLM's prepack.
+    w13, w2 = getattr(experts, compat.PLAIN_WEIGHTS, (experts.w13_weight, experts.w2_weight))
+    return fused_moe(x, w13, w2, ids, weights, activation=activation)
+
+
+def captured_experts(
+    runner: Any,
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    shared_in: torch.Tensor | None,
+) -> torch.Tensor:
+    """Both paths of one layer call, recorded into the CUDA graph being captured (see module docstring).
+    Nothing here may read per-pass host state: which body runs is decided on the device at replay."""
+    plan = STATE.plan
+    assert plan is not None
+    return stock_or_budget(
+        plan.all_full,
+        lambda: runner.stock_experts(x, topk_weights, topk_ids, shared_in),
+        lambda: budget_experts(runner, x, *runner.budget_inputs(router_logits, topk_weights, topk_ids)),
     )

@@ -9,6 +9,11 @@ through `moe_apply` below, which:
     (`alloc_t.reallocate`) with the per-token K_l(B_t) of this layer, counts activations, and computes
     only the kept (token, expert) pairs.
 
+The budget path has two siblings: `integration.cpu` (Alloc-T on the host, kept pairs compacted through
+vLLM's CPU kernel) and `integration.cuda` (Alloc-T on the device, vLLM-alloc's Triton kernel). Under
+CUDA-graph capture the host cannot know the pass, so both the stock call and the budget path are recorded
+behind conditional nodes on a device flag (`cuda.captured_experts`).
+
 On CPU, `moe_apply` is an opaque custom op: Dynamo traces the model's MoE code on CPU, and the branch
 and the data-dependent compute must run eagerly, every step. On CUDA the whole MoE layer already runs
 inside vLLM's opaque `moe_forward` op.
@@ -16,19 +21,15 @@ inside vLLM's opaque `moe_forward` op.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from vllm_alloc import alloc_t
-from vllm_alloc.integration import compat
+from vllm_alloc import envs
+from vllm_alloc.device_budget import conditional_nodes_available
+from vllm_alloc.integration import compat, cpu, cuda
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.integration.state import STATE, LayerInfo
-
-if TYPE_CHECKING:
-    # Imported where used, never at plugin registration: numba must not be loaded before vLLM's worker init
-    # (see alloc_t_host).
-    from vllm_alloc.alloc_t_host import KeptPairs
 
 _RUNNERS: dict[str, Any] = {}  # layer name -> BudgetMoERunner, for the custom op's lookup
 
@@ -87,9 +88,38 @@ def moe_apply(
     layer_name: str,
 ) -> torch.Tensor:
     runner = _RUNNERS[layer_name]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return cuda.captured_experts(runner, x, router_logits, topk_weights, topk_ids, shared_experts_input)
     if not STATE.budgeted:
-        return runner._stock_experts(x, topk_weights, topk_ids, shared_experts_input)
-    return runner._budget_experts(x, router_logits, topk_weights, topk_ids)
+        return _stock_path(runner, x, topk_weights, topk_ids, shared_experts_input)
+    return _budget_path(runner, x, router_logits, topk_weights, topk_ids)
+
+
+def _stock_path(
+    runner: Any,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    shared_experts_input: torch.Tensor | None,
+) -> torch.Tensor:
+    """A layer call in a pass with every token at b = 1.0 (eager): vLLM's own expert call."""
+    return runner.stock_experts(x, topk_weights, topk_ids, shared_experts_input)
+
+
+def _budget_path(
+    runner: Any,
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """A layer call in a pass with pruned pairs (eager): ranking keys, then the device's sibling module."""
+    keys, weights_in, topk_ids = runner.budget_inputs(router_logits, topk_weights, topk_ids)
+    if runner.device_path:
+        return cuda.budget_experts(
+            runner, x, keys, weights_in, topk_ids, singleton_groups=STATE.singleton_groups
+        )
+    return cpu.budget_experts(runner, x, keys, weights_in, topk_ids)
 
 
 def _moe_apply_fake(
@@ -157,9 +187,7 @@ def make_runner_cls() -> type:
             shared_experts_overlapping: bool = False,
         ) -> Any:
             # Same steps as the stock method, except that the routed-expert call goes through moe_apply.
-            from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
-
-            self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
+            self._maybe_apply_shared_experts(shared_experts_input, compat.shared_experts_no_overlap())
             topk_weights, topk_ids = self.router.select_experts(
                 hidden_states=hidden_states,
                 router_logits=router_logits,
@@ -167,7 +195,7 @@ def make_runner_cls() -> type:
                 input_ids=input_ids,
             )
             if STATE.plan is None:  # profile run before the plan exists: stock path
-                fused_out = self._stock_experts(hidden_states, topk_weights, topk_ids, shared_experts_input)
+                fused_out = self.stock_experts(hidden_states, topk_weights, topk_ids, shared_experts_input)
             else:
                 fused_out = torch.ops.vllm_alloc.moe_apply(
                     hidden_states,
@@ -183,126 +211,51 @@ def make_runner_cls() -> type:
             return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
 
         # -- the two paths ----------------------------------------------------------------------------
-        def _cpu_kernel(self) -> Any:
-            """vLLM's CPU expert kernel bound to this layer (None on CUDA or a non-plain layer); resolved
-            at the first call, once vLLM has set up the layer's kernel and prepacked its weights."""
-            if self._alloc_cpu_kernel is _UNRESOLVED:
-                on_cpu = self.routed_experts.w13_weight.device.type == "cpu"
-                self._alloc_cpu_kernel = compat.cpu_expert_kernel(self.routed_experts) if on_cpu else None
-            return self._alloc_cpu_kernel
+        @property
+        def device_path(self) -> bool:
+            """Budget passes go through `integration.cuda` (on CUDA; on CPU only under the test setting)."""
+            return self.routed_experts.w13_weight.device.type != "cpu" or envs.VLLM_ALLOC_TEST_DEVICE_PATH
 
-        def _stock_experts(
+        def stock_experts(
             self,
             x: torch.Tensor,
             topk_weights: torch.Tensor,
             topk_ids: torch.Tensor,
-            shared_in: torch.Tensor | None,
+            shared_in: torch.Tensor | None = None,
+            with_shared: bool = True,
         ) -> torch.Tensor:
-            kernel = self._cpu_kernel()
-            if kernel is not None:
-                return kernel(x, topk_weights, topk_ids)
+            """The stock routed-expert call: vLLM's CPU kernel bound to this layer where it is the plain
+            case (`compat.cpu_expert_kernel`, resolved at the first call, once vLLM has prepacked the
+            weights), else the layer's modular kernel, given the shared experts as stock vLLM gives them
+            (`with_shared=False` for calls on a subset of rows)."""
+            if self._alloc_cpu_kernel is _UNRESOLVED:
+                on_cpu = self.routed_experts.w13_weight.device.type == "cpu"
+                self._alloc_cpu_kernel = compat.cpu_expert_kernel(self.routed_experts) if on_cpu else None
+            if self._alloc_cpu_kernel is not None:
+                return self._alloc_cpu_kernel(x, topk_weights, topk_ids)
             return self.routed_experts.forward_modular(
                 x=x,
                 topk_weights=topk_weights,
                 topk_ids=topk_ids,
-                shared_experts=self._shared_experts,
-                shared_experts_input=shared_in,
+                shared_experts=self._shared_experts if with_shared else None,
+                shared_experts_input=shared_in if with_shared else None,
             )
 
-        def _budget_experts(
-            self,
-            x: torch.Tensor,
-            router_logits: torch.Tensor,
-            topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor,
-        ) -> torch.Tensor:
+        def budget_inputs(
+            self, router_logits: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(ranking keys, weights Alloc-T keeps, ids) of one layer call, on the input's device."""
             plan = STATE.plan
             assert plan is not None
             weights_in = topk_weights
             if plan.weights == "raw":
                 weights_in = raw_weights(self.router, router_logits, topk_ids)
-            keys = rank_keys(self.router, router_logits, topk_weights, topk_ids)
-            if x.device.type == "cpu":
-                pairs = host_routing(self._alloc_info.column, keys, weights_in, topk_ids)
-                return compacted_experts(self, x, pairs)
-            T = x.shape[0]
-            column = self._alloc_info.column
-            token_budget = plan.token_budget[:T]
-            weights, ids, kept = alloc_t.reallocate(
-                keys,
-                weights_in,
-                topk_ids,
-                plan.table[token_budget, column],
-                plan.token_group[:T],
-                k_base=plan.k_base,
-                weights="kept" if plan.weights == "kept" else "topk",
-                singleton_groups=STATE.singleton_groups,
-            )
-            if STATE.counting:  # `full` is counted once per pass, in AllocState.fill
-                plan.used[column].index_add_(0, token_budget, kept.sum(dim=1).to(torch.float64))
-            from vllm_alloc.integration.cuda import triton_experts
-
-            return triton_experts(self, x, weights, ids)
+            return rank_keys(self.router, router_logits, topk_weights, topk_ids), weights_in, topk_ids
 
     return BudgetMoERunner
 
 
 _UNRESOLVED = object()
-
-
-def host_routing(
-    column: int, keys: torch.Tensor, weights_in: torch.Tensor, topk_ids: torch.Tensor
-) -> KeptPairs:
-    """Alloc-T of one CPU layer call on the host, and its activation count: the kept pairs."""
-    from vllm_alloc import alloc_t_host
-
-    plan = STATE.plan
-    assert plan is not None and plan.host is not None
-    T = keys.shape[0]
-    rank = keys.numpy()
-    return alloc_t_host.layer_call(
-        rank,
-        rank if weights_in is keys else weights_in.float().numpy(),
-        topk_ids.numpy(),
-        plan.host["token_budget"][:T],
-        plan.host["table"],
-        column,
-        plan.host["token_group"][:T],
-        plan.k_base,
-        "kept" if plan.weights == "kept" else "topk",
-        STATE.singleton_groups,
-        plan.host["used"][column],
-        STATE.counting,
-    )
-
-
-def compacted_experts(runner: Any, x: torch.Tensor, pairs: KeptPairs) -> torch.Tensor:
-    """Kept pairs only, through vLLM's own expert kernel (CPU).
-
-    The stock CPU kernel corrupts the heap on id −1, and computing pruned pairs at weight 0 would save
-    nothing. Where every token keeps n pairs, the kernel runs the tokens routed top-n; otherwise the P kept
-    pairs become P rows routed top-1 each ([P, H] inputs, [P, 1] ids/weights) and are summed back per
-    token. Either way: same kernel, same prepacked weights; work and weight traffic scale with P and the
-    distinct experts among them.
-    """
-    weights = torch.from_numpy(pairs.weights)
-    ids = torch.from_numpy(pairs.ids)
-    if pairs.tokens is None:
-        return _expert_call(runner, x, weights, ids)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    if pairs.tokens.size:
-        tokens = torch.from_numpy(pairs.tokens)
-        out.index_add_(0, tokens, _expert_call(runner, x.index_select(0, tokens), weights, ids).float())
-    return out.to(x.dtype)
-
-
-def _expert_call(runner: Any, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    kernel = runner._cpu_kernel()
-    if kernel is not None:
-        return kernel(x, weights, ids)
-    return runner.routed_experts.forward_modular(
-        x=x, topk_weights=weights, topk_ids=ids, shared_experts=None, shared_experts_input=None
-    )
 
 
 def _refuse_unsupported(
@@ -333,10 +286,19 @@ def _refuse_unsupported(
         problems.append(f"quantised MoE weights ({type(method).__name__})")
     elif getattr(method, "is_monolithic", False):
         problems.append("a monolithic MoE backend (start with --moe-backend triton)")
-    if not compat.is_cpu_platform() and compat.uses_cuda_graphs(vllm_config):
-        # A captured graph replays whatever path ran at capture time (the stock one), so budgets would
-        # be silently ignored on every replayed step. Budget-aware capture is not implemented yet.
-        problems.append("CUDA graphs (start with --enforce-eager; `vllm-alloc serve` adds it on CUDA)")
+    on_cpu = compat.is_cpu_platform()
+    if not on_cpu and compat.uses_cuda_graphs(vllm_config) and not conditional_nodes_available():
+        # Budget-aware capture records both paths behind conditional nodes (integration.cuda).
+        problems.append(
+            f"CUDA graphs with torch {torch.__version__}, which lacks CUDA-graph conditional nodes "
+            "(start with --enforce-eager, or use the torch that vLLM pins)"
+        )
+    if (not on_cpu or envs.VLLM_ALLOC_TEST_DEVICE_PATH) and cuda.kernel_activation(routed_experts) is None:
+        from vllm_alloc.kernels.gate_up import ACTIVATION_CODES
+
+        activation = getattr(routed_experts.activation, "value", routed_experts.activation)
+        kernels = ", ".join(ACTIVATION_CODES)
+        problems.append(f"MoE activation {activation!r} (the budget-aware kernel implements {kernels})")
     if runner.routed_input_transform is not None or runner.routed_output_transform is not None:
         problems.append("latent MoE (routed input/output transforms)")
     if problems:

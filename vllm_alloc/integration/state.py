@@ -5,7 +5,9 @@ into its absolute budget B = floor(b·A) and a reallocation group, writes them p
 buffers (`token_budget`, `token_group`, updated in place so graph capture and compile see one address),
 and sets `budgeted` when any token is below b = 1.0. Each MoE layer then gathers K_l(B_t) from the
 allocation table and runs Alloc-T. A pass where every token is at b = 1.0 leaves `budgeted` False and
-the layers take vLLM's stock path untouched.
+the layers take vLLM's stock path untouched. Replayed CUDA graphs cannot read `budgeted`: they read the
+device flag `all_full` instead, written with it and set back to True after each pass, so graph replays
+outside real passes (warm-up, dummy runs) take the stock path and count nothing.
 
 Counters live on the device (`used`, `full`: [L, A + 1], activations performed and the full-budget
 count, per layer and per absolute budget) and are copied to Prometheus outside the forward pass.
@@ -53,6 +55,7 @@ class Plan:
     token_group: torch.Tensor  # [N] int64 in [0, N): reallocation group of each token
     used: torch.Tensor  # [L, A + 1] float64: routed activations performed
     full: torch.Tensor  # [L, A + 1] float64: activations the full model would have performed
+    all_full: torch.Tensor  # [] bool: every token of the pass at b = 1.0 (read by captured graphs)
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
     # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
@@ -61,6 +64,11 @@ class Plan:
         if self.table.device.type == "cpu":
             names = ("table", "token_budget", "token_group", "used")
             self.host = {name: getattr(self, name).numpy() for name in names}
+
+    @property
+    def alloc_t_weights(self) -> str:
+        """`alloc_t.reallocate`'s weights mode: `raw` keeps the raw weights it is given, as `topk` does."""
+        return "kept" if self.weights == "kept" else "topk"
 
     @property
     def A(self) -> int:
@@ -142,6 +150,7 @@ class AllocState:
             token_group=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             used=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
+            all_full=torch.ones((), dtype=torch.bool, device=device),
         )
         self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
         if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
@@ -193,7 +202,7 @@ class AllocState:
         self.counting = True
         self._observe_new_requests(req_ids, budgets)
         if budgets.size == 0 or bool((budgets == plan.A).all()):
-            self.budgeted = False
+            self.budgeted = False  # all_full is already True (end_pass)
             # The stock path runs: every MoE layer routes each real token to K experts.
             plan.used[:, plan.A] += num_tokens * plan.K
             plan.full[:, plan.A] += num_tokens * plan.K
@@ -225,8 +234,11 @@ class AllocState:
         # Every group one token (scope `token`, or decode with distinct groups): Alloc-T's closed form.
         self.singleton_groups = groups is None or np.unique(token_group).size == n
         self.budgeted = True
+        plan.all_full.fill_(False)
 
     def end_pass(self) -> None:
+        if self.budgeted and self.plan is not None:
+            self.plan.all_full.fill_(True)
         self.budgeted = False
         self.singleton_groups = False
         self.counting = False
