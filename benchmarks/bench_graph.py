@@ -6,6 +6,7 @@ LAYERS MoE layers (each its own weights, so weight reads are not served by L2) a
   kernel b=1        the expert kernel on the stock routing (no budget path): the reference cost
   routing           Alloc-T from the persistent buffers alone (`device_budget.layer_routing`)
   routing+kernel b  the whole budget path with every token at budget b (b = 1.0: nothing pruned)
+  kernel b          the expert kernel alone on routing pruned to budget b outside the graph
   conditional b     both paths behind CUDA-graph conditional nodes on a device flag, as the plugin
                     captures them (`device_budget.stock_or_budget`): b = 1.0 runs the kernel alone
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernel import MODELS, LayerShape
 
-from vllm_alloc.device_budget import layer_routing, stock_or_budget
+from vllm_alloc.device_budget import conditional_nodes_available, layer_routing, stock_or_budget
 
 LAYERS = 8
 
@@ -100,6 +101,16 @@ def kernel_only(p: Pass, layers: Layers) -> torch.Tensor:
     y = p.x
     for layer, (w13, w2) in enumerate(layers):
         y = y + fused_moe(y, w13, w2, p.ids[layer], p.weights[layer])  # a residual stream
+    return y
+
+
+def kernel_pruned(p: Pass, layers: Layers, routed: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The expert kernel alone on routing pruned beforehand (outside the graph)."""
+    from vllm_alloc.kernels import fused_moe
+
+    y = p.x
+    for (w13, w2), (weights, ids) in zip(layers, routed, strict=True):
+        y = y + fused_moe(y, w13, w2, ids, weights)
     return y
 
 
@@ -182,6 +193,16 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
         full = torch.ones((), dtype=torch.bool, device="cuda")
         for b in budgets:
             p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
+            if b < 1.0:
+                routed = [p.routing(layer) for layer in range(LAYERS)]
+                us, out = graph_time_us(functools.partial(kernel_pruned, p, layers, routed), replays)
+                if not torch.equal(out, budget_path(p, layers)):
+                    raise AssertionError(
+                        f"{shape.name} T={T} b={b}: pruned kernel differs from the budget path"
+                    )
+                new.append(f"| {shape.name} | {T} | kernel b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
+            if not conditional_nodes_available():
+                continue
             full.fill_(b == 1.0)
             us, out = graph_time_us(functools.partial(conditional, full, p, layers), replays, with_graph=True)
             if not torch.equal(out, (kernel_only if b == 1.0 else budget_path)(p, layers)):
@@ -225,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}",
         "",
         f"µs per MoE layer = median replay of a {LAYERS}-layer graph / {LAYERS} ({args.replays} replays); "
-        "× = over `kernel b=1` (the expert kernel alone on the stock routing, same T)",
+        "× = over `kernel b=1` (the expert kernel alone on the stock routing, same T). `kernel b`: the "
+        "kernel alone on routing pruned to budget b beforehand."
+        + (
+            ""
+            if conditional_nodes_available()
+            else " No `conditional` rows: this torch lacks CUDA-graph conditional nodes."
+        ),
         "",
         "| model | T | graph | µs / layer | × |",
         "|---|---|---|---|---|",
