@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vllm_alloc.kernels import fused_moe
 
 from vllm_alloc.alloc_t import reallocate
-from vllm_alloc.device_budget import layer_routing
+from vllm_alloc.device_budget import conditional_nodes_available, layer_routing
 from vllm_alloc.reference import moe_forward
 
 T_PAD, K, E, H, I, L = 8, 4, 8, 64, 32, 3  # graph size T_PAD; L MoE layers; A = L·K
@@ -259,6 +259,10 @@ def stock_twin(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA")
+@pytest.mark.skipif(
+    not conditional_nodes_available(),
+    reason=f"torch {torch.__version__} lacks CUDA-graph conditional nodes (vLLM 0.32's torch 2.13 has them)",
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
     """One graph, two bodies (device_budget.stock_or_budget): a replay with the flag set runs the stock
