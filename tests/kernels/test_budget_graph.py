@@ -79,19 +79,24 @@ def expert_weights(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return w13, w2
 
 
-def budget_layer(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The device-side budget path of one MoE layer: routing from the buffers, then the expert kernel."""
-    weights, ids = layer_routing(
+def routing(inputs: Inputs, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer_routing` of the pass in `inputs`, counting into `used`."""
+    return layer_routing(
         inputs["keys"],
         inputs["weights"],
         inputs["ids"],
         table=inputs["table"],
         token_budget=inputs["token_budget"],
         token_group=inputs["token_group"],
-        used=inputs["used"],
+        used=used,
         column=COLUMN,
         k_base=K_BASE,
     )
+
+
+def budget_layer(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The device-side budget path of one MoE layer: routing from the buffers, then the expert kernel."""
+    weights, ids = routing(inputs, inputs["used"])
     return fused_moe(inputs["x"], w13, w2, ids, weights, config=SMALL_CONFIG)
 
 
@@ -157,17 +162,7 @@ def check_replays(replay: Callable[[Inputs], torch.Tensor], dtype: torch.dtype, 
         if n_real < T_PAD:
             assert (out[n_real:] == 0).all(), "padding rows must run no expert"
         if seed == 6:  # all at b = 1.0: the stock routing reaches the kernel unchanged
-            weights, ids = layer_routing(
-                inputs["keys"],
-                inputs["weights"],
-                inputs["ids"],
-                table=inputs["table"],
-                token_budget=inputs["token_budget"],
-                token_group=inputs["token_group"],
-                used=torch.zeros_like(inputs["used"]),
-                column=COLUMN,
-                k_base=K_BASE,
-            )
+            weights, ids = routing(inputs, torch.zeros_like(inputs["used"]))
             assert torch.equal(weights, inputs["weights"]) and torch.equal(ids, inputs["ids"])
             assert weights.dtype == inputs["weights"].dtype and ids.dtype == inputs["ids"].dtype
 
