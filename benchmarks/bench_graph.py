@@ -78,6 +78,9 @@ class Pass:
     token_group: torch.Tensor  # [T] int64
     used: torch.Tensor  # [LAYERS, A + 1] float64
 
+    def stock(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weights[layer], self.ids[layer]
+
     def routing(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return layer_routing(
             self.weights[layer],
@@ -93,25 +96,27 @@ class Pass:
 
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
+Routing = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer -> (weights, ids)
 
 
-def kernel_only(p: Pass, layers: Layers) -> torch.Tensor:
+def residual(p: Pass, layers: Layers, route: Routing) -> torch.Tensor:
+    """The layers on a residual stream (y += experts(y)), each routed by `route(layer)`."""
     from vllm_alloc.kernels import fused_moe
 
     y = p.x
     for layer, (w13, w2) in enumerate(layers):
-        y = y + fused_moe(y, w13, w2, p.ids[layer], p.weights[layer])  # a residual stream
+        weights, ids = route(layer)
+        y = y + fused_moe(y, w13, w2, ids, weights)
     return y
+
+
+def kernel_only(p: Pass, layers: Layers) -> torch.Tensor:
+    return residual(p, layers, p.stock)
 
 
 def kernel_pruned(p: Pass, layers: Layers, routed: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The expert kernel alone on routing pruned beforehand (outside the graph)."""
-    from vllm_alloc.kernels import fused_moe
-
-    y = p.x
-    for (w13, w2), (weights, ids) in zip(layers, routed, strict=True):
-        y = y + fused_moe(y, w13, w2, ids, weights)
-    return y
+    return residual(p, layers, routed.__getitem__)
 
 
 def routing_only(p: Pass, layers: Layers) -> torch.Tensor:
@@ -119,13 +124,7 @@ def routing_only(p: Pass, layers: Layers) -> torch.Tensor:
 
 
 def budget_path(p: Pass, layers: Layers) -> torch.Tensor:
-    from vllm_alloc.kernels import fused_moe
-
-    y = p.x
-    for layer, (w13, w2) in enumerate(layers):
-        weights, ids = p.routing(layer)
-        y = y + fused_moe(y, w13, w2, ids, weights)
-    return y
+    return residual(p, layers, p.routing)
 
 
 def conditional(
@@ -137,17 +136,16 @@ def conditional(
     y = p.x
     for layer, (w13, w2) in enumerate(layers):
 
-        def stock(y: torch.Tensor = y, layer: int = layer, w13: torch.Tensor = w13, w2: torch.Tensor = w2):
-            return fused_moe(y, w13, w2, p.ids[layer], p.weights[layer])
-
-        def budget(y: torch.Tensor = y, layer: int = layer, w13: torch.Tensor = w13, w2: torch.Tensor = w2):
-            weights, ids = p.routing(layer)
+        def body(route: Routing, y: torch.Tensor = y, layer: int = layer, w13=w13, w2=w2) -> torch.Tensor:
+            weights, ids = route(layer)
             return fused_moe(y, w13, w2, ids, weights)
 
-        if graph is not None:
-            y = y + stock_or_budget(full, stock, budget, graph)
-        else:  # eager warm-up: the host knows the pass
-            y = y + (stock() if bool(full) else budget())
+        if graph is None:  # eager warm-up: the host knows the pass
+            y = y + body(p.stock if bool(full) else p.routing)
+        else:
+            y = y + stock_or_budget(
+                full, functools.partial(body, p.stock), functools.partial(body, p.routing), graph
+            )
     return y
 
 
