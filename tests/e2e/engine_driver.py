@@ -37,6 +37,11 @@ def moe_runner_classes(worker: Any) -> list[str]:
 
 def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
     os.environ["VLLM_ALLOC_DISABLE"] = "0" if spec.get("plugin", True) else "1"
+    # The engine core in this process: `generate` queues every request before the first step, so two
+    # engines given the same runs prefill the same batches. With the core in a process of its own, a step
+    # can start before the last requests arrive; the batches then differ from engine to engine, and so do
+    # Alloc-T's groups (outputs at b < 1) and the kernels' shapes (rounding, at any b).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.update(spec.get("env", {}))
     # collective_rpc with a function (moe_runner_classes) pickles it to the workers.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
