@@ -69,6 +69,25 @@ def test_fill_scope_token_turns_reallocation_off() -> None:
     assert plan.token_group[:5].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_fill_scope_position_groups_by_budget_and_position() -> None:
+    """Scope `position`: a group is the tokens at one B and one position of their requests (what N
+    same-budget decode streams started together give), wherever the requests' chunks start."""
+    state = make_state(scope="position")
+    plan = state.plan
+    assert plan is not None
+    # a: b = 0.5, positions 0-2; b: b = 0.5, positions 1-2 (one token computed); c: b = 0.25, positions
+    # 0-1; d: b = 0.5, one decode token at position 7.
+    state.fill(["a", "b", "c", "d"], [0.5, 0.5, 0.25, 0.5], np.array([0, 3, 5, 7, 8]), np.array([0, 1, 0, 7]))
+    assert plan.token_group[:8].tolist() == [0, 1, 2, 1, 2, 5, 6, 7]
+    assert not state.singleton_groups
+    # N streams in lockstep decode: one token each at the same position, one group.
+    state.end_pass()
+    state.fill(["a", "b", "d"], [0.5, 0.5, 0.5], np.array([0, 1, 2, 3]), np.array([9, 9, 9]))
+    assert plan.token_group[:3].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="starts"):
+        state.fill(["a"], [0.5], np.array([0, 1]))
+
+
 def test_all_full_pass_takes_stock_path_and_is_counted() -> None:
     state = make_state()
     plan = state.plan

@@ -60,7 +60,8 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "VLLM_ALLOC_SCOPE": (
         _str_or_none("VLLM_ALLOC_SCOPE"),
-        "Alloc-T reallocation scope, `budget`, `request` or `token` (no reallocation). Unset: the file's.",
+        "Alloc-T reallocation scope, `budget`, `request`, `token` (no reallocation) or `position` "
+        "(evaluation only: groups by budget and position). Unset: the file's.",
     ),
     "VLLM_ALLOC_WEIGHTS": (
         _str_or_none("VLLM_ALLOC_WEIGHTS"),

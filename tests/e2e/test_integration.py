@@ -317,6 +317,61 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
     assert not batch_invariant(results[1])
 
 
+def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny_model: Any) -> None:
+    """The decode-regime quality measurement (benchmarks/quality.py) teacher-forces N sequences in one
+    pass under scope `position`. Here that is checked against a real decode loop: N = 4 streams at
+    b = 0.5 under the serving scope `budget`, started together from one-token prompts, so every step's
+    group is the 4 streams' tokens. Teacher-forcing what they generated gives the same logprobs, float32
+    rounding apart; one stream per pass (groups of one) does not, so the check can tell the groups."""
+    model = tiny_model("qwen3_moe")
+    starts = [{"prompt_token_ids": [t]} for t in (11, 23, 37, 41)]
+    steps = 10
+    decode, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "llm_kwargs": {"dtype": "float32"},
+                "runs": [{"prompts": starts, "budgets": [0.5] * 4, "max_tokens": steps}],
+            }
+        ],
+        name="decode",
+    )
+    real = decode[0]["runs"][0]
+    # The last sampled token of each stream is never fed back, so the forced sequences stop before it.
+    forced = [
+        {"prompt_token_ids": s["prompt_token_ids"] + t[:-1]}
+        for s, t in zip(starts, real["tokens"], strict=True)
+    ]
+    results, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "llm_kwargs": {"dtype": "float32"},
+                "additional_config": {"vllm_alloc": {"scope": "position"}},
+                "runs": [
+                    {"prompts": forced, "budgets": [0.5] * 4, "max_tokens": 1},
+                    *({"prompts": [f], "budgets": [0.5], "max_tokens": 1} for f in forced),
+                ],
+            }
+        ],
+        name="forced",
+    )
+    together, *alone = results[0]["runs"]
+
+    def gap(forced_logprobs: list[list[float]]) -> float:
+        return max(
+            abs(a - b)
+            for ours, theirs in zip(forced_logprobs, real["logprobs"], strict=True)
+            for a, b in zip(ours, theirs[:-1], strict=True)
+        )
+
+    assert all(len(t) == steps for t in real["tokens"]), real["tokens"]
+    assert gap(together["prompt_logprobs"]) <= 1e-5
+    assert gap([run["prompt_logprobs"][0] for run in alone]) > 1e-3
+
+
 def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:
     """A budget file for another model (E = 8) stops start-up with the file, the field and the fix."""
     model = tiny_model("qwen3_moe")

@@ -205,10 +205,15 @@ def v2_runner_cls() -> type | None:
     return GPUModelRunner
 
 
-def v1_batch(runner: Any) -> tuple[list[str], Any]:
-    """(request ids in batch order, query_start_loc as numpy [num_reqs + 1]) of the V1 runner's batch."""
+def v1_batch(runner: Any) -> tuple[list[str], Any, Any]:
+    """(request ids in batch order, query_start_loc as numpy [num_reqs + 1], the position of each
+    request's first scheduled token, numpy [num_reqs]) of the V1 runner's batch."""
     num_reqs = runner.input_batch.num_reqs
-    return list(runner.input_batch.req_ids[:num_reqs]), runner.query_start_loc.np[: num_reqs + 1]
+    return (
+        list(runner.input_batch.req_ids[:num_reqs]),
+        runner.query_start_loc.np[: num_reqs + 1],
+        runner.input_batch.num_computed_tokens_cpu[:num_reqs],
+    )
 
 
 def v1_request_extra_args(runner: Any, req_id: str) -> dict[str, Any] | None:
@@ -217,13 +222,14 @@ def v1_request_extra_args(runner: Any, req_id: str) -> dict[str, Any] | None:
     return getattr(params, "extra_args", None)
 
 
-def v2_batch(input_batch: Any) -> tuple[list[str], Any, int]:
-    """(request ids, query_start_loc numpy, padded token count) of a V2 `InputBatch`."""
+def v2_batch(input_batch: Any) -> tuple[list[str], Any, Any]:
+    """(request ids, query_start_loc numpy, the position of each request's first scheduled token) of a
+    V2 `InputBatch`."""
     num_reqs = input_batch.num_reqs
     return (
         list(input_batch.req_ids[:num_reqs]),
         input_batch.query_start_loc_np[: num_reqs + 1],
-        int(input_batch.num_tokens_after_padding),
+        input_batch.num_computed_tokens_np[:num_reqs],
     )
 
 

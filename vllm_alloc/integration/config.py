@@ -11,8 +11,10 @@ default budget and the smallest valid one. Budget values are validated by `vllm_
 Keys of the `vllm_alloc` object:
   budget_file     path of a budget file, or the name of one shipped in configs/ (default: uniform)
   default_budget  b for requests that name none (default: the budget file's, normally 1.0)
-  scope           Alloc-T reallocation scope: "budget" (default), "request", or "token" (no
-                  reallocation: every token keeps exactly its top-K_l; for ablations)
+  scope           Alloc-T reallocation scope: "budget" (default), "request", "token" (no
+                  reallocation: every token keeps exactly its top-K_l; for ablations) or "position"
+                  (evaluation only: a group is the tokens at one budget and one position of their
+                  requests, so teacher-forcing N sequences in one pass measures N decode streams)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from vllm_alloc.budget import BudgetFile, ModelFingerprint
 
 CONFIG_KEY = "vllm_alloc"
-SCOPES = ("budget", "request", "token")
+SCOPES = ("budget", "request", "token", "position")
 WEIGHTS = ("topk", "kept", "raw")
 _KEYS = ("budget_file", "default_budget", "scope", "weights")
 _ENV = {

@@ -83,9 +83,9 @@ def _v1_model_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         if STATE.plan is None:
             return original(self, *args, **kwargs)
-        req_ids, query_start_loc = compat.v1_batch(self)
+        req_ids, query_start_loc, starts = compat.v1_batch(self)
         raw = [budget_from_extra_args(compat.v1_request_extra_args(self, r)) for r in req_ids]
-        STATE.fill(req_ids, raw, query_start_loc)
+        STATE.fill(req_ids, raw, query_start_loc, starts)
         try:
             return original(self, *args, **kwargs)
         finally:
@@ -152,8 +152,8 @@ def _v2_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
     def prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         input_batch = original(self, *args, **kwargs)
         if STATE.plan is not None:
-            req_ids, query_start_loc, _ = compat.v2_batch(input_batch)
-            STATE.fill(req_ids, [_V2_BUDGETS.get(r) for r in req_ids], query_start_loc)
+            req_ids, query_start_loc, starts = compat.v2_batch(input_batch)
+            STATE.fill(req_ids, [_V2_BUDGETS.get(r) for r in req_ids], query_start_loc, starts)
         return input_batch
 
     return prepare_inputs

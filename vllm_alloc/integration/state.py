@@ -188,8 +188,15 @@ class AllocState:
             self._absolute[key] = B
         return B
 
-    def fill(self, req_ids: list[str], raw_budgets: list[Any], query_start_loc: np.ndarray) -> None:
-        """Write per-token budgets and groups for the scheduled batch; set `budgeted`."""
+    def fill(
+        self,
+        req_ids: list[str],
+        raw_budgets: list[Any],
+        query_start_loc: np.ndarray,
+        starts: np.ndarray | None = None,
+    ) -> None:
+        """Write per-token budgets and groups for the scheduled batch; set `budgeted`. `starts`: the
+        position of each request's first scheduled token (its computed tokens); scope `position` needs it."""
         plan = self.plan
         if plan is None:
             self.budgeted = False
@@ -207,8 +214,8 @@ class AllocState:
             plan.used[:, plan.A] += num_tokens * plan.K
             plan.full[:, plan.A] += num_tokens * plan.K
             return
-        if plan.scope == "token":
-            groups = None  # every token is its own group: plain top-K_l per token, no reallocation
+        if plan.scope in ("token", "position"):
+            groups = None  # token: every token is its own group (plain top-K_l, no reallocation)
         elif plan.scope == "request":
             groups = np.arange(len(req_ids), dtype=np.int64)
         else:
@@ -216,7 +223,12 @@ class AllocState:
             _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
             groups = first[inverse].astype(np.int64)
         token_budget = np.repeat(budgets, counts)
-        token_group = np.arange(num_tokens, dtype=np.int64) if groups is None else np.repeat(groups, counts)
+        if plan.scope == "position":
+            token_group = position_groups(token_budget, query_start_loc, counts, starts)
+        elif groups is None:
+            token_group = np.arange(num_tokens, dtype=np.int64)
+        else:
+            token_group = np.repeat(groups, counts)
         n = token_budget.shape[0]
         if n > plan.token_budget.shape[0]:
             raise RuntimeError(
@@ -232,7 +244,7 @@ class AllocState:
         tokens_per_budget = np.bincount(budgets, weights=counts, minlength=plan.A + 1)
         plan.full.add_(torch.from_numpy(tokens_per_budget * plan.K).to(plan.full.device))
         # Every group one token (scope `token`, or decode with distinct groups): Alloc-T's closed form.
-        self.singleton_groups = groups is None or np.unique(token_group).size == n
+        self.singleton_groups = plan.scope == "token" or np.unique(token_group).size == n
         self.budgeted = True
         plan.all_full.fill_(False)
 
@@ -327,3 +339,18 @@ class AllocState:
 
 
 STATE = AllocState()
+
+
+def position_groups(
+    token_budget: np.ndarray, query_start_loc: np.ndarray, counts: np.ndarray, starts: np.ndarray | None
+) -> np.ndarray:
+    """Scope `position` (evaluation only): one group per (B, position in the request). Teacher-forcing N
+    same-budget sequences in one pass then gives Alloc-T exactly the groups N decode streams started
+    together give: at every step, the N tokens at one position. Group ids are each group's first token."""
+    if starts is None:
+        raise ValueError("vllm-alloc: scope 'position' needs each request's first position (starts)")
+    offsets = np.arange(token_budget.shape[0], dtype=np.int64) - np.repeat(query_start_loc[:-1], counts)
+    positions = np.repeat(np.asarray(starts, dtype=np.int64), counts) + offsets
+    keys = token_budget * (int(positions.max(initial=0)) + 1) + positions
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first[inverse].astype(np.int64)
