@@ -26,6 +26,15 @@ allocation rows of B = ⌊b·A⌋ are installed live (`vllm_alloc_set_allocation
 or restored from the loaded file (`vllm_alloc_reset_allocation`), and budgets go per request. Each budget
 is its own `generate` call, so a batch never mixes budgets and every configuration sees the same batches.
 The candidate ranking score of Alloc-T is the router's own score in every row (not varied).
+
+Regimes. Alloc-T's groups depend on how tokens share a forward pass, so the rows above (scope `budget`,
+2048-token steps of whole windows) measure the prefill regime. The decode regime, N concurrent
+same-budget streams, is measured by teacher forcing too, with groups made exactly as N streams' decode
+steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows), and N = 8, 64
+(engines `decode N=…`) run scope `position` with N windows per `generate` call, all N prefilled in one
+step, so a group is the N tokens at one position (tests/e2e: equal to a real decode loop). Rows without
+Alloc-T (the uniforms, `(token)`) are the same in every regime. `regime_tables` prints one table per
+regime. Every engine keeps its engine core in-process, so every configuration sees the same batches.
 """
 
 from __future__ import annotations
@@ -48,6 +57,33 @@ from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402
 BUDGETS = (1.0, 0.75, 0.5, 0.33)
 SEQ_LEN = 256
 SHIPPED_ROW = "L+T shipped (budget, topk)"  # the configuration `--budget-config default` serves
+# Decode regime: N concurrent same-budget streams. N = 1 is scope `token` (a group of one token), so its
+# rows are the `(token)` rows; N > 1 teacher-forces N windows per pass under scope `position`.
+DECODE_STREAMS = (1, 8, 64)
+# Each regime's rows, as (what the row is, the result label in that regime).
+REGIMES: dict[str, list[tuple[str, str]]] = {
+    "prefill (scope budget, 2048-token steps)": [
+        ("T only (uniform K_l)", "T only (budget)"),
+        ("L+T shipped (served)", SHIPPED_ROW),
+        ("L+T isolating DP", "L+T isolating DP (budget)"),
+        ("L+T operating-point DP", "L+T operating-point DP (budget)"),
+    ],
+    "decode N = 1 (a lone stream: groups of one token, Alloc-T idle)": [
+        ("T only (uniform K_l)", "uniform same-B (token, topk)"),
+        ("L+T shipped (served)", "L only: shipped (token)"),
+        ("L+T isolating DP", "L only: isolating DP (token)"),
+        ("L+T operating-point DP", "L only: operating-point DP (token)"),
+    ],
+    **{
+        f"decode N = {n} (groups: the {n} streams' tokens at one position)": [
+            ("T only (uniform K_l)", f"T only (decode N={n})"),
+            ("L+T shipped (served)", f"L+T shipped (decode N={n})"),
+            ("L+T isolating DP", f"L+T isolating DP (decode N={n})"),
+            ("L+T operating-point DP", f"L+T operating-point DP (decode N={n})"),
+        ]
+        for n in DECODE_STREAMS[1:]
+    },
+}
 
 
 # -- one engine (child process) ------------------------------------------------------------------------
@@ -58,12 +94,19 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
 
     from vllm_alloc.calibration import nll_sum
 
+    # The engine core in this process: `generate` queues every sequence before the first step, so every
+    # configuration sees the same batches (with the core in a process of its own, the first step can
+    # start before the last sequence arrives, and scope `budget`'s groups then vary from run to run).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Decode regime (scope `position`): N windows per `generate` call, all N prefilled in one step, so a
+    # position's group is exactly those N streams' tokens there.
+    streams = spec.get("streams")
     kwargs: dict[str, Any] = dict(
         model=str(MODEL),
         dtype="bfloat16",
         max_model_len=SEQ_LEN + 1,
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
+        max_num_seqs=max(64, streams or 0),
+        max_num_batched_tokens=max(2048, (streams or 0) * SEQ_LEN),
         gpu_memory_utilization=0.3,
         enforce_eager=True,
         enable_prefix_caching=False,
@@ -90,7 +133,10 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
             extra = {"activation_budget": b} if spec["plugin"] else None
             params = SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=extra)
             t0 = time.monotonic()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            calls = (
+                [prompts[i : i + streams] for i in range(0, len(prompts), streams)] if streams else [prompts]
+            )
+            outputs = [o for call in calls for o in llm.generate(call, params, use_tqdm=False)]
             nll = sum(nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs, strict=True))
             ppl = math.exp(nll / sum(len(ids) - 1 for ids in seqs))
             out[ev["label"]][str(b)] = ppl
@@ -196,6 +242,20 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
             [ev("L+T shipped (budget, kept)", None), ev("T only (budget, kept)", src["uniform"])],
         ),
     ]
+    for n in DECODE_STREAMS[1:]:
+        engines.append(
+            plugin(
+                f"decode N={n}",
+                {"budget_file": str(shipped), "scope": "position"},
+                [
+                    ev(f"L+T shipped (decode N={n})", None),
+                    ev(f"T only (decode N={n})", src["uniform"]),
+                    ev(f"L+T isolating DP (decode N={n})", src["isolating"]),
+                    ev(f"L+T operating-point DP (decode N={n})", src["operating-point"]),
+                ],
+            )
+            | {"streams": n}
+        )
     if small.is_file():
         engines.append(
             plugin("small-calib", {"budget_file": str(small)}, [ev("L+T small calib (budget)", None)])
@@ -282,6 +342,54 @@ def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[st
             + f" | {recovery(mid, uni['0.5'])} | {recovery(mid, same_b['0.5'])} |"
         )
     return rows, "\n".join(lines)
+
+
+def regime_tables(results: dict[str, dict[str, float]]) -> str:
+    """One table per regime: each configuration against the two uniforms (vLLM's top-⌊bK⌋, and the
+    plugin without a budget file and without Alloc-T, same B), recovery at b = 0.5, and every (b) where
+    the served configuration is worse than either uniform."""
+    full = results["full model"]["1.0"]
+    uni, same_b = uniform_row(results), results["uniform same-B (token, topk)"]
+    low = [str(b) for b in BUDGETS[1:]]
+
+    def recovery(ppl: float, base: float) -> str:
+        return "—" if base <= full else f"{100 * (base - ppl) / (base - full):+.0f}%"
+
+    out = []
+    for regime, rows in REGIMES.items():
+        lines = [
+            f"**{regime}**",
+            "",
+            "| configuration | "
+            + " | ".join(f"b = {b}" for b in low)
+            + " | recovery @0.5 vs top-⌊bK⌋ | vs same-B |",
+            "|---|" + "---:|" * (len(low) + 2),
+        ]
+        shown = [
+            ("uniform top-⌊bK⌋ (vLLM config top-k)", uni),
+            ("uniform same B, no Alloc-T (plugin, no file)", same_b),
+            *((name, results[label]) for name, label in rows if label in results),
+        ]
+        for name, row in shown:
+            cells = [f"{row[b]:.3f} ({100 * (row[b] / full - 1):+.2f}%)" if b in row else "—" for b in low]
+            mid = row.get("0.5")
+            rec = "—" if mid is None else f"{recovery(mid, uni['0.5'])} | {recovery(mid, same_b['0.5'])}"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {rec} |")
+        served = dict(rows)["L+T shipped (served)"]
+        if served in results:
+            worse = [
+                f"b = {b} ({100 * (results[served][b] / min(uni[b], same_b[b]) - 1):+.3f}%)"
+                for b in low
+                if results[served][b] > min(uni[b], same_b[b])
+            ]
+            verdict = (
+                "never worse than either uniform"
+                if not worse
+                else "worse than a uniform at " + ", ".join(worse)
+            )
+            lines += ["", f"Served configuration: {verdict}."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def hard_target(results: dict[str, dict[str, float]], shipped_file: Path) -> list[str]:
@@ -400,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, results["full model"]["1.0"], args.png)
     for line in hard_target(results, args.budget_file):
         print(line)
+    print("\nBy regime (full model " + f"{results['full model']['1.0']:.3f}):\n")
+    print(regime_tables(results))
     print(f"plot: {args.png}")
     return 0
 
