@@ -436,6 +436,8 @@ def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> No
         "T only (budget)",
         "T only (request)",
         SHIPPED_ROW,
+        "L+T shipped (decode N=8)",
+        "L+T shipped (decode N=64)",
         "L+T shipped (request)",
         "L+T shipped (budget, kept)",
         "L+T K_base=2 (budget)",
@@ -451,7 +453,12 @@ def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> No
         ys = [100 * (row.get(str(b), full) / full - 1) for b in bs]
         style = dict(lw=2.8, color="black", zorder=5) if name == SHIPPED_ROW else dict(lw=1.3)
         dashed = "--" if name.startswith("uniform") else "-"
-        label = name + (" ★ shipped" if name == SHIPPED_ROW else "")
+        if name.startswith("L+T shipped (decode"):  # the shipped configuration in the decode regime
+            style, dashed = dict(lw=1.8, color="dimgray" if "N=8" in name else "black", zorder=4), ":"
+        label = {
+            SHIPPED_ROW: name + " ★ shipped, prefill",
+            "L only: shipped (token)": name + " = shipped at decode N=1",
+        }.get(name, name)
         ax.plot(bs, [min(y, top) for y in ys], dashed, marker="o", ms=4, label=label, **style)
         for b, y in zip(bs, ys, strict=True):
             if y > top:
