@@ -215,7 +215,7 @@ class AllocState:
             plan.full[:, plan.A] += num_tokens * plan.K
             return
         if plan.scope in ("token", "position"):
-            groups = None  # token: every token is its own group (plain top-K_l, no reallocation)
+            groups = None  # per token: its own group (token), or by budget and position (below)
         elif plan.scope == "request":
             groups = np.arange(len(req_ids), dtype=np.int64)
         else:
