@@ -214,21 +214,17 @@ class AllocState:
             plan.used[:, plan.A] += num_tokens * plan.K
             plan.full[:, plan.A] += num_tokens * plan.K
             return
-        if plan.scope in ("token", "position"):
-            groups = None  # per token: its own group (token), or by budget and position (below)
+        token_budget = np.repeat(budgets, counts)
+        if plan.scope == "token":  # every token is its own group: plain top-K_l per token, no reallocation
+            token_group = np.arange(num_tokens, dtype=np.int64)
         elif plan.scope == "request":
-            groups = np.arange(len(req_ids), dtype=np.int64)
+            token_group = np.repeat(np.arange(len(req_ids), dtype=np.int64), counts)
+        elif plan.scope == "position":
+            token_group = position_groups(token_budget, query_start_loc, counts, starts)
         else:
             # One group per distinct B, named by the first request that has it (ids stay below T).
             _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
-            groups = first[inverse].astype(np.int64)
-        token_budget = np.repeat(budgets, counts)
-        if plan.scope == "position":
-            token_group = position_groups(token_budget, query_start_loc, counts, starts)
-        elif groups is None:
-            token_group = np.arange(num_tokens, dtype=np.int64)
-        else:
-            token_group = np.repeat(groups, counts)
+            token_group = np.repeat(first[inverse].astype(np.int64), counts)
         n = token_budget.shape[0]
         if n > plan.token_budget.shape[0]:
             raise RuntimeError(
