@@ -90,20 +90,9 @@ def moe_apply(
     runner = _RUNNERS[layer_name]
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return cuda.captured_experts(runner, x, router_logits, topk_weights, topk_ids, shared_experts_input)
-    if not STATE.budgeted:
-        return _stock_path(runner, x, topk_weights, topk_ids, shared_experts_input)
+    if not STATE.budgeted:  # every token of the pass at b = 1.0 (eager): vLLM's own expert call
+        return runner.stock_experts(x, topk_weights, topk_ids, shared_experts_input)
     return _budget_path(runner, x, router_logits, topk_weights, topk_ids)
-
-
-def _stock_path(
-    runner: Any,
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    shared_experts_input: torch.Tensor | None,
-) -> torch.Tensor:
-    """A layer call in a pass with every token at b = 1.0 (eager): vLLM's own expert call."""
-    return runner.stock_experts(x, topk_weights, topk_ids, shared_experts_input)
 
 
 def _budget_path(
@@ -115,7 +104,7 @@ def _budget_path(
 ) -> torch.Tensor:
     """A layer call in a pass with pruned pairs (eager): ranking keys, then the device's sibling module."""
     keys, weights_in, topk_ids = runner.budget_inputs(router_logits, topk_weights, topk_ids)
-    if runner.device_path:
+    if runner._alloc_device_path:
         return cuda.budget_experts(
             runner, x, keys, weights_in, topk_ids, singleton_groups=STATE.singleton_groups
         )
@@ -176,6 +165,7 @@ def make_runner_cls() -> type:
             )
             self._alloc_info = STATE.layers[layer_name]
             self._alloc_cpu_kernel: Any = _UNRESOLVED
+            self._alloc_device_path = device_path()
             _RUNNERS[layer_name] = self
 
         def _apply_quant_method(
@@ -211,11 +201,6 @@ def make_runner_cls() -> type:
             return (self._shared_experts.output if self._shared_experts is not None else None, fused_out)
 
         # -- the two paths ----------------------------------------------------------------------------
-        @property
-        def device_path(self) -> bool:
-            """Budget passes go through `integration.cuda` (on CUDA; on CPU only under the test setting)."""
-            return self.routed_experts.w13_weight.device.type != "cpu" or envs.VLLM_ALLOC_TEST_DEVICE_PATH
-
         def stock_experts(
             self,
             x: torch.Tensor,
@@ -258,6 +243,11 @@ def make_runner_cls() -> type:
 _UNRESOLVED = object()
 
 
+def device_path() -> bool:
+    """Budget passes go through `integration.cuda`: on CUDA, and on CPU only under the test setting."""
+    return not compat.is_cpu_platform() or envs.VLLM_ALLOC_TEST_DEVICE_PATH
+
+
 def _refuse_unsupported(
     layer_name: str, vllm_config: Any, moe_config: Any, routed_experts: Any, runner: Any
 ) -> None:
@@ -286,14 +276,17 @@ def _refuse_unsupported(
         problems.append(f"quantised MoE weights ({type(method).__name__})")
     elif getattr(method, "is_monolithic", False):
         problems.append("a monolithic MoE backend (start with --moe-backend triton)")
-    on_cpu = compat.is_cpu_platform()
-    if not on_cpu and compat.uses_cuda_graphs(vllm_config) and not conditional_nodes_available():
+    if (
+        not compat.is_cpu_platform()
+        and compat.uses_cuda_graphs(vllm_config)
+        and not conditional_nodes_available()
+    ):
         # Budget-aware capture records both paths behind conditional nodes (integration.cuda).
         problems.append(
             f"CUDA graphs with torch {torch.__version__}, which lacks CUDA-graph conditional nodes "
             "(start with --enforce-eager, or use the torch that vLLM pins)"
         )
-    if (not on_cpu or envs.VLLM_ALLOC_TEST_DEVICE_PATH) and cuda.kernel_activation(routed_experts) is None:
+    if device_path() and cuda.kernel_activation(routed_experts) is None:
         from vllm_alloc.kernels.gate_up import ACTIVATION_CODES
 
         activation = getattr(routed_experts.activation, "value", routed_experts.activation)
