@@ -311,6 +311,11 @@ def uniform_row(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return row
 
 
+def recovery(ppl: float | None, base: float, full: float) -> str:
+    """Share of a uniform's perplexity loss (base − full) that `ppl` recovers; — where there is none."""
+    return "—" if ppl is None or base <= full else f"{100 * (base - ppl) / (base - full):+.0f}%"
+
+
 def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[str, float]]], str]:
     full = results["full model"]["1.0"]
     rows: list[tuple[str, dict[str, float]]] = [("full model", {"1.0": full})]
@@ -318,9 +323,6 @@ def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[st
     rows += [(k, v) for k, v in results.items() if k != "full model" and not k.startswith("uniform top-")]
     uni = uniform_row(results)
     same_b = results["uniform same-B (token, topk)"]
-
-    def recovery(ppl: float | None, base: float) -> str:
-        return "—" if ppl is None or base <= full else f"{100 * (base - ppl) / (base - full):+.0f}%"
 
     head = (
         "| configuration | "
@@ -339,7 +341,7 @@ def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[st
         lines.append(
             f"| {name} | "
             + " | ".join(cells)
-            + f" | {recovery(mid, uni['0.5'])} | {recovery(mid, same_b['0.5'])} |"
+            + f" | {recovery(mid, uni['0.5'], full)} | {recovery(mid, same_b['0.5'], full)} |"
         )
     return rows, "\n".join(lines)
 
@@ -351,9 +353,6 @@ def regime_tables(results: dict[str, dict[str, float]]) -> str:
     full = results["full model"]["1.0"]
     uni, same_b = uniform_row(results), results["uniform same-B (token, topk)"]
     low = [str(b) for b in BUDGETS[1:]]
-
-    def recovery(ppl: float, base: float) -> str:
-        return "—" if base <= full else f"{100 * (base - ppl) / (base - full):+.0f}%"
 
     out = []
     for regime, rows in REGIMES.items():
@@ -373,7 +372,7 @@ def regime_tables(results: dict[str, dict[str, float]]) -> str:
         for name, row in shown:
             cells = [f"{row[b]:.3f} ({100 * (row[b] / full - 1):+.2f}%)" if b in row else "—" for b in low]
             mid = row.get("0.5")
-            rec = "—" if mid is None else f"{recovery(mid, uni['0.5'])} | {recovery(mid, same_b['0.5'])}"
+            rec = f"{recovery(mid, uni['0.5'], full)} | {recovery(mid, same_b['0.5'], full)}"
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {rec} |")
         served = dict(rows)["L+T shipped (served)"]
         if served in results:
