@@ -22,8 +22,9 @@ training, model selection or profiling saw). Rows, at b ∈ {1.0, 0.75, 0.5, 0.3
 
 Each engine-level setting (plugin on/off, hf_overrides, budget file, scope, weights) is one engine in a
 child process (`--engine SPEC OUT`), started once and run one after another; within an engine the
-allocation rows of B = ⌊b·A⌋ are installed live (`vllm_alloc_set_allocation`, the profiler's mechanism)
-or restored from the loaded file (`vllm_alloc_reset_allocation`), and budgets go per request. Each budget
+allocation rows of B = ⌊b·A⌋ are installed live, with Alloc-T on (`vllm_alloc_set_allocation`, the
+profiler's mechanism), or restored from the loaded file with its Alloc-T flags
+(`vllm_alloc_reset_allocation`), and budgets go per request. Each budget
 is its own `generate` call, so a batch never mixes budgets and every configuration sees the same batches.
 The candidate ranking score of Alloc-T is the router's own score in every row (not varied).
 
@@ -123,9 +124,10 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
     for ev in spec["evals"]:
         if spec["plugin"]:
             if ev.get("rows"):
-                llm.collective_rpc(
-                    "vllm_alloc_set_allocation", args=({int(B): ks for B, ks in ev["rows"].items()},)
-                )
+                rows = {int(B): ks for B, ks in ev["rows"].items()}
+                # Installed rows run with Alloc-T (the scope decides what it does), whatever the file's
+                # flag at that B.
+                llm.collective_rpc("vllm_alloc_set_allocation", args=(rows, dict.fromkeys(rows, True)))
             else:
                 llm.collective_rpc("vllm_alloc_reset_allocation")
         out[ev["label"]] = {}

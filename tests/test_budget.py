@@ -326,6 +326,69 @@ def test_candidates_that_pass() -> None:
     assert [c.name for c in bf.allocations[4].candidates] == ["uniform", "isolating"]
 
 
+def _tested(chosen: str, alloc_t: bool, *highs: float) -> Callable[[dict[str, Any]], None]:
+    """At B = 8 of SMALL: the two baselines and an "isolating" candidate whose paired tests have these
+    upper bounds (0.0 = the same run); `chosen` ships, with `alloc_t`."""
+
+    def edit(d: dict[str, Any]) -> None:
+        tests = [
+            {"regime": r, "baseline": b, "delta": h - 0.001 if h else 0.0, "low": h - 0.002 if h else 0.0}
+            | {"high": h}
+            for (b, r), h in zip(
+                [(b, r) for b in ("uniform", "uniform (no Alloc-T)") for r in ("prefill", "decode")],
+                highs,
+                strict=True,
+            )
+        ]
+        a = d["allocations"][4]
+        a["candidates"] = [
+            {"name": "uniform", "allocation": UNI, "measured": 10.0},
+            {"name": "uniform (no Alloc-T)", "allocation": UNI, "measured": 10.1, "alloc_t": False},
+            {"name": "isolating", "allocation": OTHER, "measured": 9.0, "alloc_t": alloc_t, "tests": tests},
+        ]
+        a["chosen"], a["alloc_t"] = chosen, alloc_t
+        a["k"] = OTHER if chosen == "isolating" else UNI
+
+    return edit
+
+
+def test_a_chosen_candidate_must_pass_its_paired_tests() -> None:
+    data = small_file_dict()
+    _tested("isolating", True, -0.001, -0.002, -0.001, -0.003)(data)
+    assert parse_budget_file(data).allocations[4].chosen == "isolating"
+    data = small_file_dict()
+    _tested("isolating", False, -0.001, 0.0, -0.001, 0.0)(data)  # decode: the same run as both baselines
+    bf = parse_budget_file(data)
+    assert bf.reallocating()[8] is False and bf.reallocating().count(False) == 1
+    assert len(bf.reallocating()) == bf.model.full_activations + 1
+    for highs in [(-0.001, 0.0005, -0.001, -0.001), (0.0, 0.0, 0.0, 0.0)]:
+        data = small_file_dict()
+        _tested("isolating", True, *highs)(data)
+        with pytest.raises(BudgetFileError, match="not better than the baselines") as info:
+            parse_budget_file(data)
+        assert info.value.field == "allocations[4].chosen"
+    data = small_file_dict()
+    _tested("isolating", True, -0.001, -0.002, -0.001, -0.003)(data)
+    data["allocations"][4]["alloc_t"] = False
+    with pytest.raises(BudgetFileError, match="alloc_t = False differs from the chosen candidate's True"):
+        parse_budget_file(data)
+    data = small_file_dict()
+    _tested("uniform", True, 0.5, 0.5, 0.5, 0.5)(data)  # the baseline ships whatever the others measured
+    data["allocations"][4]["candidates"][0]["alloc_t"] = False
+    data["allocations"][4]["alloc_t"] = False
+    with pytest.raises(BudgetFileError, match="runs without Alloc-T, but the uniform baseline runs with it"):
+        parse_budget_file(data)
+
+
+def test_paired_test_interval_must_hold_its_delta() -> None:
+    data = small_file_dict()
+    _tested("isolating", True, -0.001, -0.002, -0.001, -0.003)(data)
+    data["allocations"][4]["candidates"][2]["tests"][0]["delta"] = 0.5
+    with pytest.raises(BudgetFileError, match=r"does not contain delta = 0.5") as info:
+        parse_budget_file(data)
+    assert info.value.field == "allocations[4].candidates[2].tests[0].delta"
+
+
 @pytest.mark.parametrize(
     ("content", "match"),
     [

@@ -58,7 +58,46 @@ def test_fill_scope_request_groups_by_request() -> None:
     plan = state.plan
     assert plan is not None
     state.fill(["a", "b"], [0.5, 0.5], np.array([0, 2, 5]))
-    assert plan.token_group[:5].tolist() == [0, 0, 1, 1, 1]
+    assert plan.token_group[:5].tolist() == [0, 0, 2, 2, 2]  # a group's id is its first token
+
+
+@pytest.mark.parametrize("scope", ["budget", "request", "position"])
+def test_fill_budgets_without_alloc_t_get_one_token_groups(scope: str) -> None:
+    """A budget file may turn Alloc-T off at a B (the guard found it loses there): the tokens of requests
+    at that B are their own groups, whatever the scope; the other tokens group as before, apart."""
+    state = make_state(scope=scope)
+    plan = state.plan
+    assert plan is not None
+    state.set_allocation({4: [2, 2]}, {4: False})  # b = 0.5 -> B = 4 without Alloc-T; B = 6 keeps it
+    # requests: b = 0.75 (3 tokens), b = 0.5 (2), b = 0.75 (2), b = 0.5 (1)
+    starts = np.array([0, 0, 0, 0])
+    state.fill(["a", "b", "c", "d"], [0.75, 0.5, 0.75, 0.5], np.array([0, 3, 5, 7, 8]), starts)
+    groups = plan.token_group[:8].tolist()
+    assert [groups[i] for i in (3, 4, 7)] == [3, 4, 7]  # B = 4: alone
+    others = [groups[i] for i in (0, 1, 2, 5, 6)]
+    assert not set(others) & {3, 4, 7}
+    if scope == "budget":
+        assert set(others) == {0}
+    if scope == "request":
+        assert others == [0, 0, 0, 5, 5]
+    state.end_pass()
+    state.reset_allocation()  # back to the file: Alloc-T everywhere
+    state.fill(["b", "d"], [0.5, 0.5], np.array([0, 2, 3]), np.array([0, 0]))
+    expected = {"budget": [0, 0, 0], "request": [0, 0, 2], "position": [0, 1, 0]}[scope]
+    assert plan.token_group[:3].tolist() == expected
+    with pytest.raises(ValueError, match="alloc_t\\[4\\] = 'no' is invalid"):
+        state.set_allocation({}, {4: "no"})  # type: ignore[dict-item]
+
+
+def test_set_scope_between_passes() -> None:
+    state = make_state(scope="request")
+    plan = state.plan
+    assert plan is not None
+    state.set_scope("token")
+    state.fill(["a"], [0.5], np.array([0, 3]))
+    assert plan.token_group[:3].tolist() == [0, 1, 2] and state.singleton_groups
+    with pytest.raises(ValueError, match="scope='tokens' is not valid"):
+        state.set_scope("tokens")
 
 
 def test_fill_scope_token_turns_reallocation_off() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vllm_alloc.budget import ModelFingerprint, uniform_budget_file
@@ -24,14 +25,19 @@ def budget_file_path(tmp_path: Path) -> Path:
         hidden_size=128,
         intermediate_size=64,
     )
-    seqs = [[i] * 8 for i in range(4)]
-    calib = CalibrationData(seqs[:3], seqs[3:], "test data", 8, "3 profile / 1 held-out")
+    seqs = [[i] * 8 for i in range(4 + 32)]
+    calib = CalibrationData(seqs[:4], seqs[4:], "test data", 8, "4 profile / 32 held-out")
+    difficulty = np.linspace(2.0, 4.0, 32)
 
     def evaluate(ks: Sequence[int], split: str) -> float:
         return 10.0 + sum(w / k for w, k in zip([8.0, 1.0, 1.0, 1.0], ks, strict=True))
 
+    def validate(ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
+        wobble = 1e-3 * np.cos(np.arange(32) * (1 + sum(ks) + 7 * alloc_t + (regime == "decode")))
+        return list(difficulty + np.log(evaluate(ks, "heldout")) + wobble)
+
     out = tmp_path / "f.json"
-    profile_to_file(evaluate, model, calib, [0.33, 0.5, 0.75], out, progress=False)
+    profile_to_file(evaluate, validate, model, calib, [0.33, 0.5, 0.75], out, progress=False)
     return out
 
 
@@ -40,12 +46,20 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
     assert cli_main(["show", str(budget_file_path), "--png", str(png)]) == 0
     text = capsys.readouterr().out
     assert "L = 4 MoE layers [0, 1, 2, 3], E = 16, K = 4" in text
-    assert "sensitivity isolating: 32 tokens × seq_len 8 from test data" in text
+    assert "sensitivity isolating: 288 tokens × seq_len 8 from test data" in text
+    assert "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode, paired 95% intervals" in text
+    assert "which resolves the 0.20% target" in text
     row = next(line for line in text.splitlines() if line.lstrip().startswith("0.5 "))
-    assert "4,2,1,1" in row or "4," in row.split()[2]
-    assert "*" in row and "%" in row and "—" not in row  # all three candidates measured at b = 0.5
+    assert row.split()[2:5] == ["4,2,1,1", "on", "isolating"] and row.count("%") == 6  # two intervals
     full = next(line for line in text.splitlines() if line.lstrip().startswith("1 "))
     assert "4,4,4,4" in full
+    block = text.split("b = 0.5 (B = 8): held-out candidates")[1].split("\n\n")[0]
+    winner = next(line for line in block.splitlines() if line.startswith("isolating *"))
+    assert winner.split()[2:4] == ["4,2,1,1", "on"] and "same run" not in winner
+    assert (
+        next(line for line in block.splitlines() if line.startswith("uniform (no Alloc-T)")).count("same run")
+        == 1
+    )  # decode: a lone stream gives Alloc-T nothing to move
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -129,16 +129,57 @@ class Sensitivity(_Schema):
         return self
 
 
+REGIMES = ("prefill", "decode")  # where the guard validates: prefill, and decode of a lone stream (N = 1)
+
+
+class PairedTest(_Schema):
+    """A candidate against a baseline on the same held-out sequences, in one regime: the relative change
+    of perplexity (−0.01 = 1 % lower) and its confidence interval (`Guard.confidence`), from per-sequence
+    differences of mean NLL. All three are 0 where the two run the same configuration in that regime."""
+
+    regime: Literal["prefill", "decode"]
+    baseline: str = Field(min_length=1)  # a candidate name
+    delta: float
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PairedTest:
+        if not self.low <= self.delta <= self.high:
+            _fail("delta", f"the interval [{self.low}, {self.high}] does not contain delta = {self.delta}")
+        return self
+
+    @property
+    def same(self) -> bool:
+        """The two configurations are the same in this regime (every per-sequence difference was 0)."""
+        return self.low == self.high == 0.0
+
+    @property
+    def better(self) -> bool:
+        """Better with the stated confidence: the whole interval is below zero."""
+        return self.high < 0.0
+
+
 class Candidate(_Schema):
     name: str = Field(min_length=1)  # "uniform", "isolating", "operating-point", ...
     allocation: list[int]
-    measured: float  # held-out metric, lower is better
+    measured: float  # held-out metric, lower is better (the guard's: prefill regime)
+    alloc_t: bool = True  # Alloc-T reallocates at this B (False: every token keeps its top-K_l)
+    decode: float | None = None  # held-out metric in the decode regime (a lone stream), where measured
+    tests: list[PairedTest] = []  # paired tests against the baselines (empty for the baseline itself)
+
+    def passes(self) -> bool:
+        """The guard's rule: better with confidence against every baseline in every regime where the two
+        differ, and there is such a regime."""
+        differing = [t for t in self.tests if not t.same]
+        return bool(differing) and all(t.better for t in differing)
 
 
 class Allocation(_Schema):
     budget: int  # B
     k: list[int]  # K(B), one entry per MoE layer
     chosen: str = Field(min_length=1)
+    alloc_t: bool = True  # Alloc-T reallocates among tokens at this B; False: each keeps its top-K_l
     candidates: list[Candidate] = []
 
     @model_validator(mode="after")
@@ -156,23 +197,36 @@ class Allocation(_Schema):
             _fail("chosen", f"{self.chosen!r} is not one of the candidates {sorted(by_name)}")
         if chosen.allocation != self.k:
             _fail("k", f"k = {self.k} differs from the chosen candidate's allocation {chosen.allocation}")
+        if chosen.alloc_t != self.alloc_t:
+            _fail("alloc_t", f"alloc_t = {self.alloc_t} differs from the chosen candidate's {chosen.alloc_t}")
         return self
+
+
+class Guard(_Schema):
+    """How the profiler validated the candidates (`vllm_alloc.profile_protocols`, the guard)."""
+
+    confidence: float = Field(gt=0.0, lt=1.0)  # of every paired interval
+    sequences: int = Field(ge=2)  # held-out sequences each test pairs
+    seq_len: int = Field(ge=1)
+    regimes: list[Literal["prefill", "decode"]] = Field(min_length=1)
+    target: float = Field(gt=0.0)  # the relative difference the split was sized to resolve (0.002)
+    resolution: float = Field(ge=0.0)  # median half-width of the intervals that compare different runs
 
 
 def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
     """DESIGN.md §2: a file never serves an allocation that measured worse than uniform.
 
     Uniform is a vector, not a name: `base` = alloc_l.uniform(L, K, B, k_min=k_base), what the plugin
-    serves without a budget file. So
-    - every candidate whose allocation is `base` measured the uniform baseline, whatever it is called
-      (the profiler's DPs often land on it);
-    - a candidate called "uniform" with another vector is refused: it would be taken for the baseline
-      (by `vllm-alloc show`, by a reader) while measuring something else;
-    - a chosen allocation equal to `base` is uniform, so it passes whatever it measured;
-    - otherwise it must measure no worse than every measurement of `base` (the profiler measures each
-      vector once and reuses the number, so they agree; where a hand-edited file has several, the best
-      one binds, since "never worse than uniform" must hold against each);
-    - with no measurement of `base` there is nothing to compare: unmeasured budgets keep uniform.
+    serves without a budget file (with Alloc-T). So
+    - a candidate called "uniform" with another vector, or without Alloc-T, is refused: it would be taken
+      for the baseline (by `vllm-alloc show`, by a reader) while measuring something else;
+    - a chosen candidate that is the baseline (`base`, Alloc-T on) passes whatever it measured;
+    - a chosen candidate with paired tests (the guard's files) must pass them (`Candidate.passes`): better
+      with confidence than every baseline in every regime where the two differ;
+    - otherwise (files without tests) it must measure no worse than every measurement of the baseline
+      (the profiler measures each configuration once and reuses the number, so they agree; where a
+      hand-edited file has several, the best one binds);
+    - with no measurement of the baseline there is nothing to compare: unmeasured budgets keep uniform.
     """
     for j, c in enumerate(a.candidates):
         if c.name == UNIFORM and c.allocation != base:
@@ -181,9 +235,32 @@ def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
                 f"the candidate named {UNIFORM!r} has allocation {c.allocation}, but the uniform allocation "
                 f"for B = {a.budget} is {base}",
             )
+        if c.name == UNIFORM and not c.alloc_t:
+            _fail(
+                f"allocations[{i}].candidates[{j}].alloc_t",
+                f"the candidate named {UNIFORM!r} runs without Alloc-T, but the uniform baseline runs with "
+                "it (the profiler names the other one 'uniform (no Alloc-T)')",
+            )
     chosen = next(c for c in a.candidates if c.name == a.chosen)  # there is one: Allocation checked it
-    measured = [c.measured for c in a.candidates if c.allocation == base]
-    if chosen.allocation != base and measured and chosen.measured > min(measured):
+    if chosen.allocation == base and chosen.alloc_t:
+        return
+    if chosen.tests:
+        if not chosen.passes():
+            worst = max((t for t in chosen.tests if not t.same), key=lambda t: t.high, default=None)
+            what = (
+                "no test compares it with a baseline it differs from"
+                if worst is None
+                else f"against {worst.baseline!r} in the {worst.regime} regime its interval is "
+                f"[{worst.low:+.4%}, {worst.high:+.4%}], not below zero"
+            )
+            _fail(
+                f"allocations[{i}].chosen",
+                f"{a.chosen!r} is not better than the baselines with the stated confidence: {what}; "
+                "such a budget must run uniform",
+            )
+        return
+    measured = [c.measured for c in a.candidates if c.allocation == base and c.alloc_t]
+    if measured and chosen.measured > min(measured):
         _fail(
             f"allocations[{i}].chosen",
             f"{a.chosen!r} measured {chosen.measured} but the uniform allocation {base} measured "
@@ -227,6 +304,7 @@ class BudgetFile(_Schema):
     default_budget: float = 1.0  # b for requests that name none
     sensitivities: list[Sensitivity] = []
     allocations: list[Allocation]  # one per integer B from L·k_base to A, sorted by B
+    guard: Guard | None = None  # how the candidates were validated (profiler-written files)
     notes: str = ""
 
     _source: str | None = None  # private (leading underscore): the path it was loaded from, for errors
@@ -324,6 +402,14 @@ class BudgetFile(_Schema):
         table = torch.zeros(A + 1, L, dtype=torch.int32)
         table[L * self.k_base :] = torch.tensor([a.k for a in self.allocations], dtype=torch.int32)
         return table
+
+    def reallocating(self) -> list[bool]:
+        """Per B from 0 to A: whether Alloc-T reallocates among tokens at B (the allocation's alloc_t;
+        True below L·k_base, where no request runs)."""
+        flags = [True] * (self.model.full_activations + 1)
+        for a in self.allocations:
+            flags[a.budget] = a.alloc_t
+        return flags
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:
         """BudgetFileError on the first fingerprint field where this file and the loaded model differ."""

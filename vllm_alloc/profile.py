@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +40,9 @@ from vllm_alloc.calibration import CalibrationData, CalibrationError, load_calib
 from vllm_alloc.requests import BudgetError, parse_budget
 
 METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split, vLLM prompt logprobs"
+# The scope each guard regime is served under: prefill steps pool a budget's tokens; a lone decode
+# stream's groups are one token each.
+REGIME_SCOPES = {"prefill": "budget", "decode": "token"}
 _EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 
 
@@ -89,7 +93,10 @@ def fingerprint(config: dict[str, Any], counters: dict[str, Any]) -> ModelFinger
 
 # -- evaluation through vLLM ----------------------------------------------------------------------------
 class VllmEvaluator:
-    """evaluate(K, split) -> perplexity, measured by the served model with K as the live row of Σ K_l."""
+    """evaluate(K, split) -> perplexity, measured by the served model with K as the live row of Σ K_l
+    (scope `request`); `validate(K, alloc_t, regime)` -> the mean NLL of each held-out sequence in a
+    regime the guard validates (`profile_protocols`): prefill under scope `budget`, the decode of a lone
+    stream under scope `token`."""
 
     def __init__(self, llm: Any, calib: CalibrationData, model: ModelFingerprint, k_base: int = 1) -> None:
         from vllm_alloc.budget import uniform_budget_file
@@ -106,22 +113,34 @@ class VllmEvaluator:
         return b
 
     def __call__(self, ks: Sequence[int], split: str) -> float:
+        nll = self._run(ks, True, "request", split)
+        return math.exp(sum(nll) / sum(len(ids) - 1 for ids in self.calib.split_sequences(split)))
+
+    def validate(self, ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
+        nll = self._run(ks, alloc_t, REGIME_SCOPES[regime], "heldout")
+        return [v / (len(ids) - 1) for v, ids in zip(nll, self.calib.heldout, strict=True)]
+
+    def _run(self, ks: Sequence[int], alloc_t: bool, scope: str, split: str) -> list[float]:
+        """NLL sum of each sequence of `split` with K = ks as the live row of B = Σ ks."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         B = sum(ks)
-        self.llm.collective_rpc("vllm_alloc_set_allocation", args=({B: list(ks)},))
+        self.llm.collective_rpc("vllm_alloc_set_allocation", args=({B: list(ks)}, {B: bool(alloc_t)}))
+        self.llm.collective_rpc("vllm_alloc_set_scope", args=(scope,))
         params = SamplingParams(
             max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": self.request_budget(B)}
         )
         sequences = self.calib.split_sequences(split)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in sequences]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        nll = sum(nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, sequences, strict=True))
-        return math.exp(nll / sum(len(ids) - 1 for ids in sequences))
+        return [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, sequences, strict=True)]
 
 
 def start_llm(model: str, seq_len: int, dtype: str, max_num_seqs: int) -> Any:
+    # The engine core in this process: `generate` queues every sequence before the first step, so every
+    # configuration's prefill steps hold the same sequences (scope `budget`'s pools are those steps).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
     return LLM(
@@ -157,6 +176,9 @@ def build_budget_file(
     calib: CalibrationData,
     *,
     requested: Sequence[int],
+    regimes: Sequence[str] = pp.REGIMES,
+    confidence: float = pp.CONFIDENCE,
+    target: float = pp.TARGET,
     full_heldout: float | None = None,
 ) -> BudgetFile:
     """Assemble and validate the budget file (every problem surfaces as a BudgetFileError)."""
@@ -172,12 +194,25 @@ def build_budget_file(
         sensitivities.append({"protocol": "operating-point", "matrix": S, "budget": B})
     for s in sensitivities:
         s.update(metric=METRIC, calibration=provenance.model_dump())
+    widths = pp.half_widths(result.allocations)
+    guard = {
+        "confidence": confidence,
+        "sequences": len(calib.heldout),
+        "seq_len": calib.seq_len,
+        "regimes": list(regimes),
+        "target": target,
+        "resolution": statistics.median(widths) if widths else 0.0,
+    }
     notes = (
-        f"Profiled by vllm-alloc profile through vLLM (scope 'request', prefix caching off). Requested B: "
-        f"{list(requested)}. Candidates (uniform, isolating DP, operating-point DP at requested B) were "
-        f"measured on the held-out split at B = {result.validated}; the lowest won, ties to uniform, so no "
-        "allocation measured worse than uniform is shipped. Every other B runs uniform: no allocation that "
-        "was not measured is shipped. B = A runs all K (the stock model)."
+        f"Profiled by vllm-alloc profile through vLLM (prefix caching off). Requested B: {list(requested)}. "
+        f"At B = {result.validated}, the baselines (uniform with and without Alloc-T) and each candidate "
+        f"(the protocols' DPs, with and without Alloc-T) ran on the {len(calib.heldout)} held-out "
+        f"sequences in the regimes {list(regimes)} (prefill: scope 'budget'; decode: a lone stream, scope "
+        f"'token'). A candidate ships only where a paired per-sequence test at {confidence:.0%} confidence "
+        "puts it below both baselines in every regime where they differ; otherwise the B runs uniform "
+        "with Alloc-T. "
+        "Every other B runs uniform: no allocation that was not measured is shipped. B = A runs all K "
+        "(the stock model)."
     )
     if full_heldout is not None:
         notes += f" Held-out perplexity at b = 1.0: {full_heldout:.6g}."
@@ -187,6 +222,7 @@ def build_budget_file(
         "k_base": result.k_base,
         "sensitivities": sensitivities,
         "allocations": result.allocations,
+        "guard": guard if result.validated else None,
         "notes": notes,
     }
     return parse_budget_file(data)
@@ -206,6 +242,7 @@ def write_atomically(budget_file: BudgetFile, out: Path) -> None:
 
 def profile_to_file(
     evaluate: pp.Evaluate,
+    validate: pp.Validate,
     model: ModelFingerprint,
     calib: CalibrationData,
     budgets: Sequence[float],
@@ -214,9 +251,12 @@ def profile_to_file(
     protocols: Sequence[str] = pp.PROTOCOLS,
     k_base: int = 1,
     all_budgets_up_to: int = 32,
+    confidence: float = pp.CONFIDENCE,
+    target: float = pp.TARGET,
     progress: bool = True,
 ) -> tuple[BudgetFile, int]:
-    """Profile with `evaluate`, write `out`; returns the file and the number of model evaluations run."""
+    """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
+    returns the file and the number of model runs."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -230,25 +270,34 @@ def profile_to_file(
     weight = {"profile": len(calib.profile), "heldout": len(calib.heldout)}  # sequences per run
     planned = pp.planned_profile_runs(L, K, [B for B in requested if B < L * K], protocols, k_base)
     bar = tqdm(
-        total=planned * weight["profile"] + weight["heldout"],  # + the b = 1.0 reference
+        total=planned * weight["profile"],
         unit="seq",
         desc="profile",
         disable=not progress,
         dynamic_ncols=True,
     )
-    runs = {"n": 0}
+    last = {"run": ""}
+
+    def step(n: int, what: str) -> None:
+        bar.update(n)
+        last["run"] = what
+        bar.set_postfix(runs=memo.runs + validations.runs, last=what)
 
     def timed(ks: Sequence[int], split: str) -> float:
         value = evaluate(ks, split)
-        runs["n"] += 1
-        bar.update(weight[split])
-        bar.set_postfix(runs=runs["n"], last=f"{value:.4g}")
+        step(weight[split], f"{value:.4g}")
         return value
 
+    def timed_validate(ks: Sequence[int], alloc_t: bool, regime: str) -> Sequence[float]:
+        values = validate(ks, alloc_t, regime)
+        step(weight["heldout"], f"held-out B={sum(ks)} {regime}")
+        return values
+
     memo = pp.Memo(timed)
+    validations = pp.Validations(timed_validate)
 
     def on_plan(n: int) -> None:
-        bar.total = bar.n + n * weight["heldout"] + weight["heldout"]
+        bar.total = bar.n + (n + 1) * weight["heldout"]  # + the b = 1.0 reference
         bar.refresh()
 
     try:
@@ -261,13 +310,36 @@ def profile_to_file(
             k_base=k_base,
             all_budgets_up_to=all_budgets_up_to,
             on_plan=on_plan,
+            validate=validations,
+            confidence=confidence,
         )
-        full = memo([K] * L, "heldout")
+        full = math.exp(float(validations([K] * L, True, "prefill").mean()))
     finally:
         bar.close()
-    budget_file = build_budget_file(model, result, calib, requested=requested, full_heldout=full)
+    budget_file = build_budget_file(
+        model,
+        result,
+        calib,
+        requested=requested,
+        confidence=confidence,
+        target=target,
+        full_heldout=full,
+    )
     write_atomically(budget_file, out)
-    return budget_file, memo.runs
+    return budget_file, memo.runs + validations.runs
+
+
+def resolution_warning(budget_file: BudgetFile) -> str | None:
+    """A line saying the held-out split cannot resolve the target difference, and what would; or None."""
+    guard = budget_file.guard
+    if guard is None or guard.resolution <= guard.target:
+        return None
+    needed = math.ceil(guard.sequences * (guard.resolution / guard.target) ** 2)
+    return (
+        f"the {guard.sequences} held-out sequences resolve ±{guard.resolution:.3%} (median half-width of "
+        f"the paired intervals at {guard.confidence:.0%}), coarser than the {guard.target:.2%} target: "
+        f"about {needed} held-out sequences would resolve it (raise --tokens or --heldout)"
+    )
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
@@ -299,6 +371,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--heldout", type=float, default=0.25, help="held-out fraction of the sequences (0.25)")
     p.add_argument("--k-base", type=int, default=1, help="K_base, the smallest K_l (default 1)")
     p.add_argument(
+        "--confidence",
+        type=float,
+        default=pp.CONFIDENCE,
+        help=f"confidence of the guard's paired intervals (default {pp.CONFIDENCE})",
+    )
+    p.add_argument(
+        "--resolve",
+        type=float,
+        default=pp.TARGET,
+        help=f"relative perplexity difference the held-out split should resolve (default {pp.TARGET})",
+    )
+    p.add_argument(
         "--all-budgets-up-to",
         type=int,
         default=32,
@@ -319,6 +403,10 @@ def run(args: argparse.Namespace) -> int:
         protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
         if not protocols or any(p not in pp.PROTOCOLS for p in protocols):
             raise ProfileError(f"--protocols {args.protocols!r} is not valid; choose from {pp.PROTOCOLS}")
+        if not 0.0 < args.confidence < 1.0:
+            raise ProfileError(f"--confidence {args.confidence} is outside the valid range (0, 1)")
+        if not 0.0 < args.resolve < 1.0:
+            raise ProfileError(f"--resolve {args.resolve} is outside the valid range (0, 1)")
         config = read_moe_config(args.model)
         from transformers import AutoTokenizer
 
@@ -339,9 +427,11 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         llm = start_llm(args.model, calib.seq_len, args.dtype, args.max_num_seqs)
         model = fingerprint(config, llm.collective_rpc("vllm_alloc_counters")[0])
+        evaluator = VllmEvaluator(llm, calib, model, args.k_base)
         try:
             budget_file, runs = profile_to_file(
-                VllmEvaluator(llm, calib, model, args.k_base),
+                evaluator,
+                evaluator.validate,
                 model,
                 calib,
                 budgets,
@@ -349,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
                 protocols=protocols,
                 k_base=args.k_base,
                 all_budgets_up_to=args.all_budgets_up_to,
+                confidence=args.confidence,
+                target=args.resolve,
                 progress=not args.no_progress,
             )
         finally:
@@ -368,4 +460,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_alloc.show import summary
 
     print(summary(budget_file, budgets))
+    warning = resolution_warning(budget_file)
+    if warning:
+        print(f"{name}: warning: {warning}", file=sys.stderr)
     return 0

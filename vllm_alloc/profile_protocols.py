@@ -14,15 +14,25 @@ Columns k < K_base cannot be run (the integration refuses K_l < K_base); they co
 which the DP never reads (k_min = K_base).
 
 Selection rule (the guard), per absolute budget B from L·K_base to A:
-  1. Candidates: "uniform" (alloc_l.uniform), "isolating" (its DP at B) and, at requested budgets only,
-     "operating-point" (the DP of the sweep at that B). Candidates are measured on the held-out split;
-     equal vectors share one measurement.
-  2. The lowest measured metric wins; ties go to uniform (then to the earlier candidate), so a
-     non-uniform allocation ships only when it measured strictly better than uniform.
-  3. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
+  1. Baselines: "uniform" (alloc_l.uniform with Alloc-T: what the plugin serves without a budget file)
+     and "uniform (no Alloc-T)" (every token keeps its top-K_l: at B = L·k this is vLLM's own top-k).
+     Challengers: "uniform (no Alloc-T)", the isolating DP at B and, at requested budgets only, the
+     operating-point DP at B, each with and without Alloc-T.
+  2. Every configuration is run on the held-out split in each regime it is served in: prefill (scope
+     `budget`: a step's tokens at one B share a pool) and decode of a lone stream (scope `token`: groups
+     of one token, where Alloc-T has nothing to move, so with and without it are one run). A run gives
+     the mean NLL of each held-out sequence.
+  3. Paired test: a challenger against a baseline, in one regime, is the per-sequence difference of mean
+     NLL; its mean and normal-approximation interval at `confidence`, as relative changes of perplexity
+     (`paired_test`). A challenger *passes* when against both baselines, in every regime where the two
+     differ, the whole interval is below zero (better with that confidence). The passing challenger with
+     the best worst-regime change against "uniform" ships; with none, B runs "uniform".
+  4. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
      there are at most `all_budgets_up_to` budgets in the range, else every multiple of L (b = k/K).
      Every other B keeps uniform, with no candidates recorded: an allocation nobody measured is never
      shipped. B = A is always all K (the stock model), and no candidate is measured there.
+  5. Resolution: the median half-width of the intervals that compare different runs. The profiler
+     reports it against the difference the split should resolve (`TARGET`, 0.2 %).
 """
 
 from __future__ import annotations
@@ -30,27 +40,40 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
+
+import numpy as np
 
 from vllm_alloc.alloc_l import solve, uniform
 
 __all__ = [
     "PROTOCOLS",
+    "REGIMES",
     "Evaluate",
     "Memo",
     "ProfileResult",
+    "Validate",
+    "Validations",
     "isolating_configs",
     "isolating_sensitivity",
     "operating_point_configs",
     "operating_point_sensitivity",
+    "paired_test",
     "profile",
     "select",
     "validated_budgets",
 ]
 
 Evaluate = Callable[[Sequence[int], str], float]
+# (K vector, Alloc-T on, regime) -> the mean NLL of each held-out sequence, in one fixed order.
+Validate = Callable[[Sequence[int], bool, str], Sequence[float]]
 PROTOCOLS: tuple[str, ...] = ("isolating", "operating-point")
+REGIMES: tuple[str, ...] = ("prefill", "decode")
+CONFIDENCE = 0.95  # of every paired interval
+TARGET = 0.002  # the relative perplexity difference the held-out split should resolve
 UNIFORM = "uniform"
+NO_ALLOC_T = " (no Alloc-T)"  # suffix of a candidate's name that runs without Alloc-T
 PROFILE_SPLIT, HELDOUT_SPLIT = "profile", "heldout"
 
 
@@ -151,33 +174,125 @@ def validated_budgets(
     return sorted(chosen)
 
 
-def select(
-    candidates: Sequence[tuple[str, Sequence[int]]], measure: Callable[[Sequence[int]], float]
-) -> dict[str, Any]:
-    """Measure each candidate and pick the winner (rule 2): an `Allocation` dict for the budget file.
+def paired_test(
+    challenger: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    confidence: float = CONFIDENCE,
+) -> dict[str, float]:
+    """Rule 3: per-sequence mean NLL of a challenger and a baseline on the same sequences -> the relative
+    change of perplexity, exp(mean difference) − 1, and its interval (normal approximation, two-sided at
+    `confidence`). Exactly 0, 0, 0 when every difference is 0 (the two ran the same configuration)."""
+    d = np.asarray(challenger, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if d.ndim != 1 or d.size < 2:
+        raise ValueError(f"a paired test needs two equal lists of ≥ 2 sequences, got shape {d.shape}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence = {confidence} is outside the valid range (0, 1)")
+    if not d.any():
+        return {"delta": 0.0, "low": 0.0, "high": 0.0}
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    mean, half = float(d.mean()), z * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return {"delta": math.expm1(mean), "low": math.expm1(mean - half), "high": math.expm1(mean + half)}
 
-    `candidates` must start with ("uniform", ...); later candidates with the same vector as an earlier
-    one reuse its number."""
-    if not candidates or candidates[0][0] != UNIFORM:
-        raise ValueError(f"the first candidate must be {UNIFORM!r}, got {[n for n, _ in candidates]}")
-    measured: dict[tuple[int, ...], float] = {}
+
+class Validations:
+    """Wraps a `Validate`: each distinct (vector, Alloc-T, regime) runs once; `runs` counts real runs.
+
+    In the decode regime (groups of one token) Alloc-T has nothing to move, so with and without it are
+    one run."""
+
+    def __init__(self, validate: Validate) -> None:
+        self._validate = validate
+        self.cache: dict[tuple[tuple[int, ...], bool, str], np.ndarray] = {}
+
+    @staticmethod
+    def key(ks: Sequence[int], alloc_t: bool, regime: str) -> tuple[tuple[int, ...], bool, str]:
+        if regime not in REGIMES:
+            raise ValueError(f"regime {regime!r} is not valid; expected one of {REGIMES}")
+        return tuple(int(k) for k in ks), bool(alloc_t) or regime == "decode", regime
+
+    @property
+    def runs(self) -> int:
+        return len(self.cache)
+
+    def __call__(self, ks: Sequence[int], alloc_t: bool, regime: str) -> np.ndarray:
+        key = self.key(ks, alloc_t, regime)
+        if key not in self.cache:
+            values = np.asarray(self._validate(list(key[0]), key[1], regime), dtype=np.float64)
+            if values.ndim != 1 or values.size < 2 or not np.isfinite(values).all():
+                raise RuntimeError(
+                    f"held-out run of K = {list(key[0])} (Alloc-T {key[1]}, {regime}) gave {values[:8]}; "
+                    "need a finite mean NLL for each of ≥ 2 sequences"
+                )
+            if self.cache and values.size != next(iter(self.cache.values())).size:
+                raise RuntimeError(f"held-out run of K = {list(key[0])} returned {values.size} sequences")
+            self.cache[key] = values
+        return self.cache[key]
+
+
+def select(
+    candidates: Sequence[tuple[str, Sequence[int], bool]],
+    validations: Validations,
+    regimes: Sequence[str] = REGIMES,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Run each candidate in each regime and pick the winner (rules 1 to 3): an `Allocation` dict.
+
+    `candidates` are (name, K vector, Alloc-T) and must start with the two baselines: ("uniform", u, True)
+    and ("uniform (no Alloc-T)", u, False)."""
+    names = [n for n, _, _ in candidates]
+    if len(candidates) < 2 or names[:2] != [UNIFORM, UNIFORM + NO_ALLOC_T] or not candidates[0][2]:
+        raise ValueError(
+            f"the first candidates must be {UNIFORM!r} (Alloc-T on) and {UNIFORM + NO_ALLOC_T!r}, got {names}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate names must be unique, got {names}")
+    baselines = candidates[:2]
     rows: list[dict[str, Any]] = []
-    for name, ks in candidates:
-        key = tuple(int(k) for k in ks)
-        if key not in measured:
-            measured[key] = _metric(measure(list(key)), key, HELDOUT_SPLIT)
-        rows.append({"name": name, "allocation": list(key), "measured": measured[key]})
-    best = rows[0]
-    for row in rows[1:]:
-        # Strict: ties keep uniform (or the earlier candidate).
-        if float(row["measured"]) < float(best["measured"]):
-            best = row
+    for name, ks, alloc_t in candidates:
+        nll = {r: validations(ks, alloc_t, r) for r in regimes}
+        row: dict[str, Any] = {
+            "name": name,
+            "allocation": [int(k) for k in ks],
+            "alloc_t": bool(alloc_t),
+            "measured": math.exp(float(nll[regimes[0]].mean())),
+        }
+        if "decode" in regimes:
+            row["decode"] = math.exp(float(nll["decode"].mean()))
+        row["tests"] = [
+            {"regime": r, "baseline": b_name, **paired_test(nll[r], validations(b_ks, b_on, r), confidence)}
+            for b_name, b_ks, b_on in baselines
+            if b_name != name
+            for r in regimes
+        ]
+        rows.append(row)
+
+    def passes(row: dict[str, Any]) -> bool:
+        differing = [t for t in row["tests"] if not t["low"] == t["high"] == 0.0]
+        return bool(differing) and all(t["high"] < 0.0 for t in differing)
+
+    def worst_vs_uniform(row: dict[str, Any]) -> float:
+        return max(t["delta"] for t in row["tests"] if t["baseline"] == UNIFORM)
+
+    passing = [row for row in rows[1:] if passes(row)]
+    best = min(passing, key=worst_vs_uniform) if passing else rows[0]  # min keeps the earliest of ties
     return {
         "budget": sum(candidates[0][1]),
         "k": best["allocation"],
         "chosen": best["name"],
+        "alloc_t": best["alloc_t"],
         "candidates": rows,
     }
+
+
+def half_widths(allocations: Iterable[dict[str, Any]]) -> list[float]:
+    """Half-widths of every recorded interval that compares different runs (rule 5)."""
+    return [
+        (t["high"] - t["low"]) / 2
+        for a in allocations
+        for c in a.get("candidates", [])
+        for t in c.get("tests", [])
+        if not t["low"] == t["high"] == 0.0
+    ]
 
 
 @dataclass
@@ -239,20 +354,28 @@ def profile(
     k_base: int = 1,
     all_budgets_up_to: int = 32,
     on_plan: Callable[[int], None] | None = None,
+    *,
+    validate: Validate | Validations,
+    regimes: Sequence[str] = REGIMES,
+    confidence: float = CONFIDENCE,
 ) -> ProfileResult:
-    """Run the protocols, then choose K(B) for every B by the guard (module docstring).
+    """Run the protocols on the profile split (`evaluate`), then choose K(B) and Alloc-T for every B by
+    the guard on the held-out split (`validate`; module docstring).
 
     `budgets` are the requested absolute budgets B (operating-point sweeps run at each, A excluded:
-    there is nothing to allocate at the full budget). `on_plan(n)` is told the number of held-out
-    evaluations still to come once the sensitivities are known (progress bars)."""
+    there is nothing to allocate at the full budget). `on_plan(n)` is told the number of held-out runs
+    still to come once the sensitivities are known (progress bars)."""
     _check_shape(L, K, k_base)
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
         raise ValueError(f"protocols {list(protocols)} are not valid; choose one or more of {PROTOCOLS}")
+    if not regimes or any(r not in REGIMES for r in regimes) or len(set(regimes)) != len(regimes):
+        raise ValueError(f"regimes {list(regimes)} are not valid; choose one or more of {REGIMES}")
     lo, A = L * k_base, L * K
     validated = validated_budgets(L, K, budgets, k_base, all_budgets_up_to)
     requested = sorted(set(budgets) - {A})
     result = ProfileResult(L=L, K=K, k_base=k_base, validated=validated)
+    validations = validate if isinstance(validate, Validations) else Validations(validate)
 
     solved_iso: dict[int, list[int]] = {}
     if "isolating" in protocols:
@@ -265,20 +388,25 @@ def profile(
             result.operating_point[B] = S
             solved_op[B] = solve(S, k_min=k_base)[B]
 
-    def candidates(B: int) -> list[tuple[str, list[int]]]:
-        out = [(UNIFORM, uniform(L, K, B, k_min=k_base))]
+    def candidates(B: int) -> list[tuple[str, list[int], bool]]:
+        found = [(UNIFORM, uniform(L, K, B, k_min=k_base))]
         if B in solved_iso:
-            out.append(("isolating", solved_iso[B]))
+            found.append(("isolating", solved_iso[B]))
         if B in solved_op:
-            out.append(("operating-point", solved_op[B]))
-        return out
+            found.append(("operating-point", solved_op[B]))
+        with_t = [(name, ks, True) for name, ks in found]
+        without_t = [(name + NO_ALLOC_T, ks, False) for name, ks in found]
+        challengers = (c for pair in zip(with_t[1:], without_t[1:], strict=True) for c in pair)
+        return [with_t[0], without_t[0], *challengers]
 
     if on_plan is not None:
-        on_plan(len({tuple(ks) for B in validated if len(candidates(B)) > 1 for _, ks in candidates(B)}))
+        keys = {validations.key(ks, on, r) for B in validated for _, ks, on in candidates(B) for r in regimes}
+        on_plan(len(keys - set(validations.cache)))
 
     for B in range(lo, A + 1):
-        if B in validated and len(candidates(B)) > 1:
-            result.allocations.append(select(candidates(B), lambda ks: evaluate(ks, HELDOUT_SPLIT)))
+        if B in validated:
+            result.allocations.append(select(candidates(B), validations, regimes, confidence))
         else:
-            result.allocations.append({"budget": B, "k": uniform(L, K, B, k_min=k_base), "chosen": UNIFORM})
+            k = uniform(L, K, B, k_min=k_base)
+            result.allocations.append({"budget": B, "k": k, "chosen": UNIFORM, "alloc_t": True})
     return result

@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from vllm_alloc.alloc_l import uniform
-from vllm_alloc.budget import Allocation, BudgetFile, BudgetFileError, load_budget_file
+from vllm_alloc.budget import (
+    UNIFORM,
+    Allocation,
+    BudgetFile,
+    BudgetFileError,
+    Candidate,
+    PairedTest,
+    load_budget_file,
+)
+from vllm_alloc.profile_protocols import NO_ALLOC_T
 from vllm_alloc.requests import BudgetError, parse_budget
 
 DEFAULT_BUDGETS = (0.33, 0.5, 0.75, 1.0)
-CANDIDATE_ORDER = ("uniform", "isolating", "operating-point")
 
 
 def _vec(ks: Sequence[int]) -> str:
@@ -32,8 +40,33 @@ def _allocation(bf: BudgetFile, b: float) -> Allocation:
     return bf.allocations[B - bf.model.num_moe_layers * bf.k_base]
 
 
+def _interval(t: PairedTest | None) -> str:
+    if t is None:
+        return "—"
+    if t.same:
+        return "same run"
+    return f"{t.delta:+.2%} [{t.low:+.2%}, {t.high:+.2%}]"
+
+
+def _test(c: Candidate, baseline: str, regime: str) -> PairedTest | None:
+    return next((t for t in c.tests if t.baseline == baseline and t.regime == regime), None)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = [
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
+    return [text[0], "-" * len(text[0]), *text[1:]]
+
+
 def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
-    """The text `show` prints: header, provenance, and the allocation table for `budgets`."""
+    """The text `show` prints: header, provenance, the allocation table for `budgets`, and each validated
+    budget's candidates with their held-out numbers and the guard's paired intervals."""
     m = bf.model
     lines = [
         f"model {m.architecture}: L = {m.num_moe_layers} MoE layers {m.moe_layers}, E = {m.num_experts}, "
@@ -48,39 +81,74 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
         )
     if bf.sensitivities and bf.sensitivities[0].calibration.split:
         lines.append(f"split: {bf.sensitivities[0].calibration.split}")
-    names = [n for n in CANDIDATE_ORDER if any(c.name == n for a in bf.allocations for c in a.candidates)]
-    names += sorted({c.name for a in bf.allocations for c in a.candidates} - set(names))
-    table = [["b", "B", "K(B)", "chosen", *names]]
+    g = bf.guard
+    if g is not None:
+        verdict = "resolves" if g.resolution <= g.target else "does NOT resolve"
+        lines.append(
+            f"guard: {g.sequences} held-out sequences × {g.seq_len} tokens, regimes "
+            f"{', '.join(g.regimes)}, paired {g.confidence:.0%} intervals of the change in perplexity; "
+            f"resolution ±{g.resolution:.3%} (median half-width), which {verdict} the {g.target:.2%} target"
+        )
+    table = [["b", "B", "K(B)", "Alloc-T", "chosen", "vs uniform: prefill", "decode (N = 1)"]]
     for b in budgets:
         a = _allocation(bf, b)
-        by_name = {c.name: c for c in a.candidates}
-        base = by_name.get("uniform")
-        chosen = a.chosen if a.candidates or a.budget == m.full_activations else f"{a.chosen} (unmeasured)"
-        row = [f"{b:g}", str(a.budget), _vec(a.k), chosen]
-        for n in names:
-            c = by_name.get(n)
-            if c is None:
-                row.append("—")
-                continue
-            rel = f" {100 * (c.measured / base.measured - 1):+.2f}%" if base and n != "uniform" else ""
-            row.append(f"{c.measured:.6g}{rel} [{_vec(c.allocation)}]{'*' if n == a.chosen else ''}")
-        table.append(row)
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    right = {0, 1}  # numbers right-aligned, text left-aligned
-    text = [
-        "  ".join(
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in table
-    ]
-    lines += ["", text[0].rstrip(), "-" * len(text[0].rstrip()), *(t.rstrip() for t in text[1:])]
-    lines.append("(* = chosen; measured = held-out metric, lower is better; % vs uniform)")
-    wins = sum(1 for a in bf.allocations if a.chosen != "uniform")
+        chosen = next((c for c in a.candidates if c.name == a.chosen), None)
+        if chosen is None:
+            name = a.chosen if a.budget == m.full_activations else f"{a.chosen} (unmeasured)"
+            cells = ["—", "—"]
+        elif chosen.name == UNIFORM:
+            name, cells = a.chosen, ["baseline", "baseline"]
+        else:
+            name = a.chosen
+            base = next((c for c in a.candidates if c.name == UNIFORM), None)
+            cells = [_interval(_test(chosen, UNIFORM, r)) for r in ("prefill", "decode")]
+            if not chosen.tests and base is not None:  # a file from before the guard's paired tests
+                cells = [f"{chosen.measured / base.measured - 1:+.2%}", "—"]
+        table.append([f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", name, *cells])
+    lines += ["", *_table(table, {0, 1})]
+    for b in budgets:
+        a = _allocation(bf, b)
+        if not a.candidates:
+            continue
+        rows = [
+            [
+                "candidate",
+                "K",
+                "Alloc-T",
+                "prefill ppl",
+                "decode ppl",
+                "vs uniform: prefill",
+                "decode",
+                "vs uniform (no Alloc-T): prefill",
+                "decode",
+            ]
+        ]
+        for c in a.candidates:
+            rows.append(
+                [
+                    c.name + (" *" if c.name == a.chosen else ""),
+                    _vec(c.allocation),
+                    "on" if c.alloc_t else "off",
+                    f"{c.measured:.6g}",
+                    "—" if c.decode is None else f"{c.decode:.6g}",
+                    *(
+                        _interval(_test(c, baseline, r))
+                        for baseline in (UNIFORM, UNIFORM + NO_ALLOC_T)
+                        for r in ("prefill", "decode")
+                    ),
+                ]
+            )
+        lines += ["", f"b = {b:g} (B = {a.budget}): held-out candidates", *_table(rows, {3, 4})]
+    lines.append(
+        "(* = chosen; ppl = held-out perplexity, lower is better; intervals: change in perplexity against "
+        "the baseline, paired over the held-out sequences; a candidate ships only with every interval "
+        "below zero where the runs differ)"
+    )
+    wins = sum(1 for a in bf.allocations if a.chosen != UNIFORM)
     validated = sum(1 for a in bf.allocations if a.candidates)
     lines.append(
         f"{validated} of {len(bf.allocations)} budgets validated on held-out data; "
-        f"{wins} ship a non-uniform allocation"
+        f"{wins} ship something other than uniform with Alloc-T"
     )
     if bf.notes:
         lines.append(f"notes: {bf.notes}")

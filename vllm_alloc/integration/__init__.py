@@ -31,16 +31,19 @@ def _add_worker_method(worker_base: type) -> None:
     """Worker methods reachable with `LLM.collective_rpc(name, args=...)`:
     vllm_alloc_counters()            cumulative counters (see AllocState.counters)
     vllm_alloc_fingerprint()         the model fingerprint budget files are validated against
-    vllm_alloc_set_allocation(rows)  overwrite live K(B) rows, {B: [K_l, ...]} (profiling)
-    vllm_alloc_reset_allocation()    restore the budget file's allocation
+    vllm_alloc_set_allocation(rows, alloc_t=None)  overwrite live K(B) rows, {B: [K_l, ...]}, and
+                                     Alloc-T flags, {B: bool} (profiling)
+    vllm_alloc_reset_allocation()    restore the budget file's allocation and flags
+    vllm_alloc_set_scope(scope)      change the reallocation scope between passes (profiling)
     """
     from vllm_alloc.integration.state import STATE
 
     methods = {
         "vllm_alloc_counters": lambda self: STATE.counters(),
         "vllm_alloc_fingerprint": lambda self: STATE.fingerprint().model_dump(),
-        "vllm_alloc_set_allocation": lambda self, rows: STATE.set_allocation(rows),
+        "vllm_alloc_set_allocation": lambda self, rows, alloc_t=None: STATE.set_allocation(rows, alloc_t),
         "vllm_alloc_reset_allocation": lambda self: STATE.reset_allocation(),
+        "vllm_alloc_set_scope": lambda self, scope: STATE.set_scope(scope),
     }
     for name, method in methods.items():
         if not hasattr(worker_base, name):

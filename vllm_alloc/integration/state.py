@@ -56,6 +56,9 @@ class Plan:
     used: torch.Tensor  # [L, A + 1] float64: routed activations performed
     full: torch.Tensor  # [L, A + 1] float64: activations the full model would have performed
     all_full: torch.Tensor  # [] bool: every token of the pass at b = 1.0 (read by captured graphs)
+    # [A + 1] bool, host: False where the budget file turns Alloc-T off at B (each token of a request at
+    # that B is then its own group, so it keeps exactly its top-K_l).
+    reallocating: np.ndarray = field(default_factory=lambda: np.ones(0, dtype=bool))
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
     # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
@@ -151,6 +154,7 @@ class AllocState:
             used=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             all_full=torch.ones((), dtype=torch.bool, device=device),
+            reallocating=np.asarray(budget_file.reallocating(), dtype=bool),
         )
         self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
         if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
@@ -215,16 +219,20 @@ class AllocState:
             plan.full[:, plan.A] += num_tokens * plan.K
             return
         token_budget = np.repeat(budgets, counts)
+        # A group's id is the index of its first token (so ids stay below T and never collide).
+        firsts = np.asarray(query_start_loc[:-1], dtype=np.int64)
         if plan.scope == "token":  # every token is its own group: plain top-K_l per token, no reallocation
             token_group = np.arange(num_tokens, dtype=np.int64)
         elif plan.scope == "request":
-            token_group = np.repeat(np.arange(len(req_ids), dtype=np.int64), counts)
+            token_group = np.repeat(firsts, counts)
         elif plan.scope == "position":
             token_group = position_groups(token_budget, query_start_loc, counts, starts)
-        else:
-            # One group per distinct B, named by the first request that has it (ids stay below T).
+        else:  # one group per distinct B, named by the first token of the first request that has it
             _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
-            token_group = np.repeat(first[inverse].astype(np.int64), counts)
+            token_group = np.repeat(firsts[first][inverse], counts)
+        solo = ~plan.reallocating[token_budget]
+        if solo.any():  # budgets the file runs without Alloc-T: each of their tokens is its own group
+            token_group = np.where(solo, np.arange(num_tokens, dtype=np.int64), token_group)
         n = token_budget.shape[0]
         if n > plan.token_budget.shape[0]:
             raise RuntimeError(
@@ -269,9 +277,10 @@ class AllocState:
         self.seen_requests = current | (self.seen_requests if len(self.seen_requests) < 65536 else set())
 
     # -- profiling ------------------------------------------------------------------------------------------
-    def set_allocation(self, rows: dict[int, list[int]]) -> None:
-        """Overwrite rows K(B) of the live allocation table (the profiler measures arbitrary K vectors
-        through the serving path this way). Rows are validated like a budget file's."""
+    def set_allocation(self, rows: dict[int, list[int]], alloc_t: dict[int, bool] | None = None) -> None:
+        """Overwrite rows K(B) of the live allocation table, and where `alloc_t` names B whether Alloc-T
+        reallocates there (the profiler measures arbitrary configurations through the serving path this
+        way). Rows are validated like a budget file's."""
         plan = self.plan
         if plan is None:
             raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
@@ -292,11 +301,27 @@ class AllocState:
                     f"[{plan.k_base}, {plan.K}] summing to at most {B}"
                 )
             plan.table[B].copy_(torch.tensor(ks, dtype=plan.table.dtype))
+        for B, on in (alloc_t or {}).items():
+            if not isinstance(on, bool) or not 0 <= int(B) <= plan.A:
+                raise ValueError(f"alloc_t[{B}] = {on!r} is invalid; expected B in [0, {plan.A}] -> a bool")
+            plan.reallocating[int(B)] = on
 
     def reset_allocation(self) -> None:
-        """Restore the allocation table from the budget file."""
+        """Restore the allocation table and the Alloc-T flags from the budget file."""
         if self.plan is not None:
             self.plan.table.copy_(self.plan.budget_file.allocation_table())
+            self.plan.reallocating[:] = self.plan.budget_file.reallocating()
+
+    def set_scope(self, scope: str) -> None:
+        """Change the reallocation scope between passes (the profiler validates prefill under `budget`
+        and a lone decode stream under `token` in one engine)."""
+        from vllm_alloc.integration.config import SCOPES
+
+        if self.plan is None:
+            raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r} is not valid; expected one of {SCOPES}")
+        self.plan.scope = scope
 
     # -- counters -----------------------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
