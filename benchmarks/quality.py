@@ -88,7 +88,8 @@ REGIMES: dict[str, list[tuple[str, str]]] = {
 
 
 # -- one engine (child process) ------------------------------------------------------------------------
-def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
+def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{"ppl": {label: {b: perplexity}}, "nll": {label: {b: [mean NLL of each window]}}}."""
     os.environ["VLLM_ALLOC_DISABLE"] = "0" if spec["plugin"] else "1"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -121,6 +122,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
     seqs: list[list[int]] = spec["seqs"]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in seqs]
     out: dict[str, dict[str, float]] = {}
+    per_seq: dict[str, dict[str, list[float]]] = {}
     for ev in spec["evals"]:
         if spec["plugin"]:
             if ev.get("rows"):
@@ -130,7 +132,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
                 llm.collective_rpc("vllm_alloc_set_allocation", args=(rows, dict.fromkeys(rows, True)))
             else:
                 llm.collective_rpc("vllm_alloc_reset_allocation")
-        out[ev["label"]] = {}
+        out[ev["label"]], per_seq[ev["label"]] = {}, {}
         for b in ev["budgets"]:
             extra = {"activation_budget": b} if spec["plugin"] else None
             params = SamplingParams(max_tokens=1, prompt_logprobs=0, extra_args=extra)
@@ -139,14 +141,15 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, float]]:
                 [prompts[i : i + streams] for i in range(0, len(prompts), streams)] if streams else [prompts]
             )
             outputs = [o for call in calls for o in llm.generate(call, params, use_tqdm=False)]
-            nll = sum(nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs, strict=True))
-            ppl = math.exp(nll / sum(len(ids) - 1 for ids in seqs))
+            nlls = [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs, strict=True)]
+            ppl = math.exp(sum(nlls) / sum(len(ids) - 1 for ids in seqs))
             out[ev["label"]][str(b)] = ppl
+            per_seq[ev["label"]][str(b)] = [v / (len(ids) - 1) for v, ids in zip(nlls, seqs, strict=True)]
             print(f"  {ev['label']:<40} b={b:<5} ppl {ppl:.4f}  ({time.monotonic() - t0:.1f} s)", flush=True)
     core = getattr(llm.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
-    return out
+    return {"ppl": out, "nll": per_seq}
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -275,8 +278,12 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
     return engines
 
 
-def run_all(engines: list[dict[str, Any]], seqs: list[list[int]], work: Path) -> dict[str, dict[str, float]]:
+def run_all(
+    engines: list[dict[str, Any]], seqs: list[list[int]], work: Path
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """Every engine in turn: perplexities, and each window's mean NLL (for paired intervals)."""
     results: dict[str, dict[str, float]] = {}
+    nll: dict[str, dict[str, list[float]]] = {}
     for engine in engines:
         spec_path, out_path = (
             work / f"engine-{engine['name'].replace('/', '-')}.json",
@@ -300,9 +307,11 @@ def run_all(engines: list[dict[str, Any]], seqs: list[list[int]], work: Path) ->
         for line in log.read_text().splitlines():
             if line.startswith("  ") and "ppl" in line:
                 print(line, flush=True)
-        results.update(json.loads(out_path.read_text()))
+        out = json.loads(out_path.read_text())
+        results.update(out["ppl"])
+        nll.update(out["nll"])
         print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
-    return results
+    return results, nll
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -348,10 +357,40 @@ def table(results: dict[str, dict[str, float]]) -> tuple[list[tuple[str, dict[st
     return rows, "\n".join(lines)
 
 
-def regime_tables(results: dict[str, dict[str, float]]) -> str:
+def served_verdict(
+    served: str, results: dict[str, dict[str, float]], nll: dict[str, dict[str, list[float]]]
+) -> str:
+    """The served configuration against both uniforms at every b < 1: the paired 95 % interval of the
+    change in perplexity over the test windows, and whether it is worse with that confidence."""
+    from vllm_alloc.profile_protocols import paired_test
+
+    parts, worse = [], []
+    for b in (str(b) for b in BUDGETS[1:]):
+        for name, base in (
+            ("top-⌊bK⌋", nll.get(f"uniform top-⌊bK⌋ @{b}", {}).get("1.0")),
+            ("same B", nll.get("uniform same-B (token, topk)", {}).get(b)),
+        ):
+            ours = nll.get(served, {}).get(b)
+            if ours is None or base is None:
+                continue
+            t = paired_test(ours, base)
+            parts.append(f"b = {b} vs {name}: {t['delta']:+.3%} [{t['low']:+.3%}, {t['high']:+.3%}]")
+            if t["low"] > 0:
+                worse.append(f"b = {b} vs {name}")
+    if not parts:
+        return "no per-window numbers (rerun the engines)"
+    head = (
+        "worse with 95 % confidence at " + ", ".join(worse) if worse else "never worse with 95 % confidence"
+    )
+    return head + "; paired intervals: " + "; ".join(parts)
+
+
+def regime_tables(
+    results: dict[str, dict[str, float]], nll: dict[str, dict[str, list[float]]] | None = None
+) -> str:
     """One table per regime: each configuration against the two uniforms (vLLM's top-⌊bK⌋, and the
-    plugin without a budget file and without Alloc-T, same B), recovery at b = 0.5, and every (b) where
-    the served configuration is worse than either uniform."""
+    plugin without a budget file and without Alloc-T, same B), recovery at b = 0.5, every (b) where the
+    served configuration measures worse than either uniform, and (with `nll`) the paired intervals."""
     full = results["full model"]["1.0"]
     uni, same_b = uniform_row(results), results["uniform same-B (token, topk)"]
     low = [str(b) for b in BUDGETS[1:]]
@@ -389,6 +428,8 @@ def regime_tables(results: dict[str, dict[str, float]]) -> str:
                 else "worse than a uniform at " + ", ".join(worse)
             )
             lines += ["", f"Served configuration: {verdict}."]
+            if nll is not None:
+                lines += ["", f"Paired over the test windows: {served_verdict(served, results, nll)}."]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -503,10 +544,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         engines = [e for e in engines if e["name"] in args.only.split(",")]
     t0 = time.monotonic()
-    results = {**previous.get("results", {}), **run_all(engines, seqs, args.scratch)}
+    ran, ran_nll = run_all(engines, seqs, args.scratch)
+    results = {**previous.get("results", {}), **ran}
+    nll = {**previous.get("nll", {}), **ran_nll}
     args.out.write_text(
         json.dumps(
-            {"results": results, "seqs": len(seqs), "seq_len": SEQ_LEN, "machine": platform.platform()},
+            {
+                "results": results,
+                "nll": nll,
+                "seqs": len(seqs),
+                "seq_len": SEQ_LEN,
+                "machine": platform.platform(),
+            },
             indent=1,
         )
     )
@@ -517,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in hard_target(results, args.budget_file):
         print(line)
     print("\nBy regime (full model " + f"{results['full model']['1.0']:.3f}):\n")
-    print(regime_tables(results))
+    print(regime_tables(results, nll))
     print(f"plot: {args.png}")
     return 0
 

@@ -1,6 +1,6 @@
 """Profile the embedded default model (models/default) and write its budget file, configs/default.json.
 
-    python scripts/make_default_budget.py [--tokens 32768] [--seq-len 256] [--variants]
+    python scripts/make_default_budget.py [--tokens 65536] [--seq-len 256] [--heldout 0.5] [--variants]
 
 The calibration text is the manifest's CALIBRATION split (never the test split, which the quality
 benchmark reads): the split's files, concatenated in sorted order with the end-of-text token after each,
@@ -77,6 +77,7 @@ def profile(
     *,
     tokens: int,
     seq_len: int,
+    heldout: float,
     protocols: str = "isolating,operating-point",
     budgets: str = BUDGETS,
     k_base: int = 1,
@@ -93,6 +94,8 @@ def profile(
         str(tokens),
         "--seq-len",
         str(seq_len),
+        "--heldout",
+        str(heldout),
         "--budgets",
         budgets,
         "--protocols",
@@ -112,8 +115,11 @@ def profile(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    parser.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument(
+        "--heldout", type=float, default=0.5, help="held-out fraction, the guard's (default 0.5)"
+    )
     parser.add_argument("--out", type=Path, default=SHIPPED, help=f"budget file (default {SHIPPED})")
     parser.add_argument("--variants", action="store_true", help="also write the benchmark's variant files")
     parser.add_argument(
@@ -126,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     calib = args.scratch / "calibration.npy"
     n = write_calibration(calib)
     print(f"calibration split: {n} tokens -> {calib} (profile uses the first {args.tokens})", flush=True)
-    common = dict(tokens=args.tokens, seq_len=args.seq_len)
+    common = dict(tokens=args.tokens, seq_len=args.seq_len, heldout=args.heldout)
     if not args.no_shipped:
         profile(calib, args.out, **common)
     if args.variants:
         # Per-protocol allocations need no extra profile: the shipped file keeps each protocol's DP
         # vector per validated B as a candidate, and the benchmark installs those vectors directly.
-        small = dict(tokens=max(2 * args.seq_len, args.tokens // 8), seq_len=args.seq_len)
+        small = {**common, "tokens": max(2 * args.seq_len, args.tokens // 8)}
         profile(calib, args.scratch / "small-calib.json", **small)
         # K_base = 2: the smallest budget is B = 2·L, i.e. b = 0.5 here, so 0.33 cannot be requested.
         profile(calib, args.scratch / "kbase2.json", budgets="0.5,0.75", k_base=2, **common)
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             protocols="isolating",
             tokens=2 * args.tokens,
             seq_len=args.seq_len,
+            heldout=args.heldout,
         )
     return 0
 
