@@ -8,7 +8,7 @@ number of steps. The output folder is exactly what vLLM loads (config, bf16 safe
 `data_manifest.json` (which files are in which split), `training.json` (config, losses, perplexities,
 timings) and `eval_sample.json` (a fixed token slice of the validation split, for a fast test).
 
-    python scripts/train_default_model.py --out models/default --seed 0 --steps 400 --threads 2
+    python scripts/train_default_model.py --out models/default --seed 0 --steps 4000 --threads 2
 
 The run is reproducible for a fixed thread count: a different count changes the order of floating-point
 reductions, so losses then agree to a few decimals, not bit for bit. --max-minutes is a safety net that
@@ -357,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/default", help="output folder (what vLLM loads)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (fixes the LR schedule)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (fixes the LR schedule)")
     p.add_argument(
         "--max-minutes",
         type=float,

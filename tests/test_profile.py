@@ -180,6 +180,23 @@ def test_alloc_t_is_turned_off_where_it_loses() -> None:
     assert all(on for _, on, regime in calls if regime == "decode")
 
 
+def test_a_challenger_that_is_a_baseline_does_not_ship_under_its_own_name() -> None:
+    # A DP that lands on the uniform vector, with Alloc-T, is the "uniform" baseline: better than the
+    # baseline without Alloc-T, but it must not ship as "isolating".
+    w = [1.0] * 4
+    validations = pp.Validations(paired(w, alloc_t_cost=-0.01))  # Alloc-T helps in prefill
+    cands = [
+        ("uniform", [2] * 4, True),
+        ("uniform (no Alloc-T)", [2] * 4, False),
+        ("isolating", [2] * 4, True),
+    ]
+    a = pp.select(cands, validations)
+    assert a["chosen"] == "uniform" and a["alloc_t"]
+    iso = a["candidates"][2]
+    assert [t["high"] < 0 for t in iso["tests"] if t["baseline"] != "uniform"] == [True, False]
+    assert all(t["low"] == t["high"] == 0.0 for t in iso["tests"] if t["baseline"] == "uniform")
+
+
 def test_paired_test_is_the_interval_of_the_mean_difference() -> None:
     d = np.array([-0.02, -0.01, 0.0, -0.03, -0.015, -0.025])
     got = pp.paired_test(d + 3.0, np.full(d.size, 3.0), confidence=0.95)

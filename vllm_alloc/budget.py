@@ -169,10 +169,16 @@ class Candidate(_Schema):
     tests: list[PairedTest] = []  # paired tests against the baselines (empty for the baseline itself)
 
     def passes(self) -> bool:
-        """The guard's rule: better with confidence against every baseline in every regime where the two
-        differ, and there is such a regime."""
-        differing = [t for t in self.tests if not t.same]
-        return bool(differing) and all(t.better for t in differing)
+        """The guard's rule: against every baseline it was tested with, it differs in some regime (it is
+        not that baseline's configuration), and is better with confidence in every regime where it
+        differs."""
+        by_baseline: dict[str, list[PairedTest]] = {}
+        for t in self.tests:
+            by_baseline.setdefault(t.baseline, []).append(t)
+        return bool(by_baseline) and all(
+            any(not t.same for t in tests) and all(t.better for t in tests if not t.same)
+            for tests in by_baseline.values()
+        )
 
 
 class Allocation(_Schema):
@@ -248,10 +254,10 @@ def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
         if not chosen.passes():
             worst = max((t for t in chosen.tests if not t.same), key=lambda t: t.high, default=None)
             what = (
-                "no test compares it with a baseline it differs from"
-                if worst is None
-                else f"against {worst.baseline!r} in the {worst.regime} regime its interval is "
+                f"against {worst.baseline!r} in the {worst.regime} regime its interval is "
                 f"[{worst.low:+.4%}, {worst.high:+.4%}], not below zero"
+                if worst is not None and not worst.better
+                else "it runs the same configuration as a baseline in every regime"
             )
             _fail(
                 f"allocations[{i}].chosen",

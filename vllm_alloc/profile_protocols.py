@@ -24,8 +24,10 @@ Selection rule (the guard), per absolute budget B from L·K_base to A:
      the mean NLL of each held-out sequence.
   3. Paired test: a challenger against a baseline, in one regime, is the per-sequence difference of mean
      NLL; its mean and normal-approximation interval at `confidence`, as relative changes of perplexity
-     (`paired_test`). A challenger *passes* when against both baselines, in every regime where the two
-     differ, the whole interval is below zero (better with that confidence). The passing challenger with
+     (`paired_test`). A challenger *passes* when against each baseline (other than itself) it differs in
+     some regime, and in every regime where the two differ the whole interval is below zero (better with
+     that confidence). A challenger that runs a baseline's configuration therefore never ships under
+     its own name. The passing challenger with
      the best worst-regime change against "uniform" ships; with none, B runs "uniform".
   4. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
      there are at most `all_budgets_up_to` budgets in the range, else every multiple of L (b = k/K).
@@ -267,8 +269,15 @@ def select(
         rows.append(row)
 
     def passes(row: dict[str, Any]) -> bool:
-        differing = [t for t in row["tests"] if not t["low"] == t["high"] == 0.0]
-        return bool(differing) and all(t["high"] < 0.0 for t in differing)
+        # Against each baseline: not its configuration (it differs in some regime), and better with
+        # confidence wherever it differs.
+        for b_name, _, _ in baselines:
+            differing = [
+                t for t in row["tests"] if t["baseline"] == b_name and not t["low"] == t["high"] == 0.0
+            ]
+            if (b_name != row["name"] and not differing) or any(t["high"] >= 0.0 for t in differing):
+                return False
+        return True
 
     def worst_vs_uniform(row: dict[str, Any]) -> float:
         return max(t["delta"] for t in row["tests"] if t["baseline"] == UNIFORM)
