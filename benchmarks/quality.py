@@ -1,6 +1,6 @@
 """Quality benchmark: perplexity of the default model on its held-out TEST split through vLLM.
 
-    python benchmarks/quality.py [--seqs 64] [--png docs/quality.png] [--out build/quality/results.json]
+    python benchmarks/quality.py [--seqs 256] [--png docs/quality.png] [--out build/quality/results.json]
 
 Everything is measured by the served model (vLLM offline, prompt logprobs, prefix caching off), on the
 same fixed 256-token windows of the manifest's test split for every configuration (the split no
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(argv[2]).write_text(json.dumps(run_engine(spec)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seqs", type=int, default=64, help="test-split windows of 256 tokens (default 64)")
+    p.add_argument("--seqs", type=int, default=256, help="test-split windows of 256 tokens (default 256)")
     p.add_argument("--budget-file", type=Path, default=SHIPPED, help="the shipped budget file")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="variant budget files (make_default_budget)")
     p.add_argument("--out", type=Path, default=SCRATCH / "results.json")

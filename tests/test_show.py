@@ -71,6 +71,11 @@ def test_show_marks_unmeasured_budgets_and_bad_input(tmp_path: Path, capsys) -> 
     uniform_budget_file(model).dump(path)
     text = summary(uniform_budget_file(model), [0.5, 0.75])
     assert "uniform (unmeasured)" in text and "0 of 3 budgets validated" in text
+    kbase2 = tmp_path / "k2.json"
+    uniform_budget_file(model, k_base=2).dump(kbase2)  # the minimum is b = 1.0: default budgets below it
+    assert cli_main(["show", str(kbase2)]) == 0  # are left out, not refused
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [r[:2] for r in rows if len(r) > 2 and r[1].isdigit()] == [["1", "4"]]
     assert cli_main(["show", str(path), "--budgets", "0.2"]) == 2
     assert "--budgets=0.2" in capsys.readouterr().err
     assert cli_main(["show", str(tmp_path / "nope.json")]) == 2

@@ -212,7 +212,10 @@ def add_parser(subparsers: Any) -> None:
         "show", help="print a budget file's allocations and candidates; optionally draw them"
     )
     p.add_argument("file", metavar="FILE", help="budget file (path, or the name of a shipped one)")
-    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), help="b values to show")
+    p.add_argument(
+        "--budgets",
+        help=f"b values to show (default {','.join(map(str, DEFAULT_BUDGETS))}, those the file allows)",
+    )
     p.add_argument("--png", type=Path, metavar="OUT", help="also draw heatmaps and allocations into OUT")
     p.set_defaults(func=run)
 
@@ -220,9 +223,12 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         bf = load_budget_file(args.file)
-        budgets = [
-            parse_budget(x, min_budget=bf.min_budget, source="--budgets") for x in args.budgets.split(",")
-        ]
+        if args.budgets:
+            budgets = [
+                parse_budget(x, min_budget=bf.min_budget, source="--budgets") for x in args.budgets.split(",")
+            ]
+        else:  # the defaults this file allows (a K_base = 2 file starts at b = 0.5)
+            budgets = [b for b in DEFAULT_BUDGETS if b >= bf.min_budget]
     except (BudgetFileError, BudgetError) as exc:
         print(f"vllm-alloc show: error: {exc}", file=sys.stderr)
         return 2
