@@ -278,8 +278,22 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
 def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> None:
     """Scope `request`: a request gets the same experts alone or batched with others, so its greedy
     output does not depend on what else runs (up to kernel rounding across batch shapes); scope `budget`
-    does depend on it, and the same check sees that."""
+    does depend on it, and the same check sees that. A budget file that turns Alloc-T off at the
+    target's B (`alloc_t: false`, as the guard ships where Alloc-T loses) serves that B under scope
+    `budget` exactly as scope `token` does (each token keeps its own top-K_l), alone and batched."""
     model = tiny_model("qwen3_moe")
+    fingerprint = ModelFingerprint(
+        architecture="Qwen3MoeForCausalLM",
+        moe_layers=[0, 1],
+        num_experts=E,
+        top_k=K,
+        hidden_size=H,
+        intermediate_size=I,
+    )
+    data = uniform_budget_file(fingerprint).model_dump()
+    data["allocations"][4 - L]["alloc_t"] = False  # B = 4: b = 0.5
+    no_alloc_t = tmp_path / "no-alloc-t-at-half.json"
+    parse_budget_file(data).dump(no_alloc_t)
     target = "def quicksort(xs):\n    if len(xs) <= 1:"
     others = ["import numpy as np", "class Node:\n    def __init__(self):", "for i in range(10):"]
     runs = [
@@ -297,6 +311,15 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
                 "runs": runs,
             }
             for scope in ("request", "budget")
+        ]
+        + [
+            {
+                "plugin": True,
+                "additional_config": {"vllm_alloc": cfg},
+                "llm_kwargs": {"enable_prefix_caching": False},
+                "runs": runs,
+            }
+            for cfg in ({"scope": "budget", "budget_file": str(no_alloc_t)}, {"scope": "token"})
         ],
     )
 
@@ -315,6 +338,14 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
     # Negative control: under scope `budget` the target shares its pool with the other b = 0.5 request,
     # so the same check must see the batch (else it could not tell invariance from a blind comparison).
     assert not batch_invariant(results[1])
+
+    def target(engine: dict[str, Any], run: int) -> list[Any]:
+        out = engine["runs"][run]
+        return [out[key][0] for key in ("tokens", "prompt_logprobs", "logprobs")]
+
+    file_off, token = results[2], results[3]
+    assert target(file_off, 0) == target(token, 0) and target(file_off, 1) == target(token, 1)
+    assert target(results[1], 1) != target(token, 1)  # under Alloc-T the batch shows (control)
 
 
 def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny_model: Any) -> None:
