@@ -1,6 +1,7 @@
 """Quality benchmark: perplexity of the default model on its held-out TEST split through vLLM.
 
-    python benchmarks/quality.py [--seqs 256] [--png docs/quality.png] [--out build/quality/results.json]
+    python benchmarks/quality.py [--seqs 256] [--model models/default] [--budget-file configs/default.json]
+                                 [--png docs/quality.png] [--out build/quality/results.json]
 
 Everything is measured by the served model (vLLM offline, prompt logprobs, prefix caching off), on the
 same fixed 256-token windows of the manifest's test split for every configuration (the split no
@@ -104,7 +105,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     # position's group is exactly those N streams' tokens there.
     streams = spec.get("streams")
     kwargs: dict[str, Any] = dict(
-        model=str(MODEL),
+        model=spec["model"],
         dtype="bfloat16",
         max_model_len=SEQ_LEN + 1,
         max_num_seqs=max(64, streams or 0),
@@ -279,7 +280,7 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
 
 
 def run_all(
-    engines: list[dict[str, Any]], seqs: list[list[int]], work: Path
+    engines: list[dict[str, Any]], seqs: list[list[int]], work: Path, model: Path = MODEL
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """Every engine in turn: perplexities, and each window's mean NLL (for paired intervals)."""
     results: dict[str, dict[str, float]] = {}
@@ -289,7 +290,7 @@ def run_all(
             work / f"engine-{engine['name'].replace('/', '-')}.json",
             work / "engine-out.json",
         )
-        spec_path.write_text(json.dumps({**engine, "seqs": seqs}))
+        spec_path.write_text(json.dumps({**engine, "seqs": seqs, "model": str(model)}))
         out_path.unlink(missing_ok=True)
         t0 = time.monotonic()
         print(f"engine {engine['name']}", flush=True)
@@ -464,7 +465,9 @@ def hard_target(results: dict[str, dict[str, float]], shipped_file: Path) -> lis
     return lines
 
 
-def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> None:
+def plot(
+    rows: list[tuple[str, dict[str, float]]], full: float, png: Path, title: str = "Default model"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,7 +523,7 @@ def plot(rows: list[tuple[str, dict[str, float]]], full: float, png: Path) -> No
     ax.axhline(0.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("budget b (fraction of the full L·K routed activations)")
     ax.set_ylabel(f"perplexity vs the full model ({full:.2f}), % (lower is better)")
-    ax.set_title("Default model (Qwen3-MoE, L=4, E=16, K=4) on its test split, through vLLM + vllm-alloc")
+    ax.set_title(f"{title} on its test split, through vLLM + vllm-alloc")
     ax.set_xticks(list(BUDGETS))
     ax.set_ylim(-0.4, top + 0.2)
     ax.invert_xaxis()
@@ -539,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, default=256, help="test-split windows of 256 tokens (default 256)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL,
+        help=f"a model from train_default_model.py (default {MODEL})",
+    )
     p.add_argument("--budget-file", type=Path, default=SHIPPED, help="the shipped budget file")
     p.add_argument("--scratch", type=Path, default=SCRATCH, help="variant budget files (make_default_budget)")
     p.add_argument("--out", type=Path, default=SCRATCH / "results.json")
@@ -546,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated engine names to run (results merge into --out)")
     args = p.parse_args(argv)
 
-    ids = split_ids("test")
+    ids = split_ids("test", args.model)
     seqs = [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(min(args.seqs, len(ids) // SEQ_LEN))]
     args.scratch.mkdir(parents=True, exist_ok=True)
     engines = plan(args.budget_file, args.scratch)
@@ -554,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         engines = [e for e in engines if e["name"] in args.only.split(",")]
     t0 = time.monotonic()
-    ran, ran_nll = run_all(engines, seqs, args.scratch)
+    ran, ran_nll = run_all(engines, seqs, args.scratch, args.model)
     results = {**previous.get("results", {}), **ran}
     nll = {**previous.get("nll", {}), **ran_nll}
     args.out.write_text(
@@ -572,7 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     rows, text = table(results)
     print(f"\n{len(seqs)} test windows × {SEQ_LEN} tokens; {time.monotonic() - t0:.0f} s\n")
     print(text)
-    plot(rows, results["full model"]["1.0"], args.png)
+    from vllm_alloc.budget import load_budget_file
+
+    m = load_budget_file(args.budget_file).model
+    name = "Default model" if args.model.resolve() == MODEL.resolve() else f"{args.model.name}"
+    title = f"{name} (Qwen3-MoE, L={m.num_moe_layers}, E={m.num_experts}, K={m.top_k})"
+    plot(rows, results["full model"]["1.0"], args.png, title)
     for line in hard_target(results, args.budget_file):
         print(line)
     print("\nBy regime (full model " + f"{results['full model']['1.0']:.3f}):\n")

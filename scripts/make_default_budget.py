@@ -62,10 +62,10 @@ def split_ids(split: str, model: Path = MODEL) -> list[int]:
     return ids
 
 
-def write_calibration(path: Path) -> int:
+def write_calibration(path: Path, model: Path = MODEL) -> int:
     import numpy as np
 
-    ids = split_ids("calibration")
+    ids = split_ids("calibration", model)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, np.asarray(ids, dtype=np.int64))
     return len(ids)
@@ -78,6 +78,7 @@ def profile(
     tokens: int,
     seq_len: int,
     heldout: float,
+    model: Path = MODEL,
     protocols: str = "isolating,operating-point",
     budgets: str = BUDGETS,
     k_base: int = 1,
@@ -87,7 +88,7 @@ def profile(
         "-m",
         "vllm_alloc.cli",
         "profile",
-        str(MODEL),
+        str(model),
         "--calib",
         str(calib),
         "--tokens",
@@ -121,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heldout", type=float, default=0.6, help="held-out fraction, the guard's (default 0.6)"
     )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=MODEL,
+        help=f"a model from train_default_model.py (default {MODEL})",
+    )
     parser.add_argument("--out", type=Path, default=SHIPPED, help=f"budget file (default {SHIPPED})")
     parser.add_argument("--variants", action="store_true", help="also write the benchmark's variant files")
     parser.add_argument(
@@ -131,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     calib = args.scratch / "calibration.npy"
-    n = write_calibration(calib)
+    n = write_calibration(calib, args.model)
     print(f"calibration split: {n} tokens -> {calib} (profile uses the first {args.tokens})", flush=True)
-    common = dict(tokens=args.tokens, seq_len=args.seq_len, heldout=args.heldout)
+    common = dict(tokens=args.tokens, seq_len=args.seq_len, heldout=args.heldout, model=args.model)
     if not args.no_shipped:
         profile(calib, args.out, **common)
     if args.variants:
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=2 * args.tokens,
             seq_len=args.seq_len,
             heldout=args.heldout,
+            model=args.model,
         )
     return 0
 
