@@ -27,8 +27,8 @@ Selection rule (the guard), per absolute budget B from L·K_base to A:
      (`paired_test`). A challenger *passes* when against each baseline (other than itself) it differs in
      some regime, and in every regime where the two differ the whole interval is below zero (better with
      that confidence). A challenger that runs a baseline's configuration therefore never ships under
-     its own name. The passing challenger with
-     the best worst-regime change against "uniform" ships; with none, B runs "uniform".
+     its own name. The passing challenger with the best worst-regime change against "uniform" ships;
+     with none, B runs "uniform". The loader checks the same rule (`budget.Candidate.passes`).
   4. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
      there are at most `all_budgets_up_to` budgets in the range, else every multiple of L (b = k/K).
      Every other B keeps uniform, with no candidates recorded: an allocation nobody measured is never
@@ -268,21 +268,12 @@ def select(
         ]
         rows.append(row)
 
-    def passes(row: dict[str, Any]) -> bool:
-        # Against each baseline: not its configuration (it differs in some regime), and better with
-        # confidence wherever it differs.
-        for b_name, _, _ in baselines:
-            differing = [
-                t for t in row["tests"] if t["baseline"] == b_name and not t["low"] == t["high"] == 0.0
-            ]
-            if (b_name != row["name"] and not differing) or any(t["high"] >= 0.0 for t in differing):
-                return False
-        return True
-
     def worst_vs_uniform(row: dict[str, Any]) -> float:
         return max(t["delta"] for t in row["tests"] if t["baseline"] == UNIFORM)
 
-    passing = [row for row in rows[1:] if passes(row)]
+    from vllm_alloc.budget import Candidate  # the file's own rule, so profiler and loader agree
+
+    passing = [row for row in rows[1:] if Candidate.model_validate(row).passes()]
     best = min(passing, key=worst_vs_uniform) if passing else rows[0]  # min keeps the earliest of ties
     return {
         "budget": sum(candidates[0][1]),
