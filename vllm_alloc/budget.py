@@ -129,9 +129,6 @@ class Sensitivity(_Schema):
         return self
 
 
-REGIMES = ("prefill", "decode")  # where the guard validates: prefill, and decode of a lone stream (N = 1)
-
-
 class PairedTest(_Schema):
     """A candidate against a baseline on the same held-out sequences, in one regime: the relative change
     of perplexity (−0.01 = 1 % lower) and its confidence interval (`Guard.confidence`), from per-sequence

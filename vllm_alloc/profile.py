@@ -276,11 +276,9 @@ def profile_to_file(
         disable=not progress,
         dynamic_ncols=True,
     )
-    last = {"run": ""}
 
     def step(n: int, what: str) -> None:
         bar.update(n)
-        last["run"] = what
         bar.set_postfix(runs=memo.runs + validations.runs, last=what)
 
     def timed(ks: Sequence[int], split: str) -> float:

@@ -25,7 +25,7 @@ from vllm_alloc.budget import (
     PairedTest,
     load_budget_file,
 )
-from vllm_alloc.profile_protocols import NO_ALLOC_T
+from vllm_alloc.profile_protocols import NO_ALLOC_T, REGIMES
 from vllm_alloc.requests import BudgetError, parse_budget
 
 DEFAULT_BUDGETS = (0.33, 0.5, 0.75, 1.0)
@@ -101,9 +101,10 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
         else:
             name = a.chosen
             base = next((c for c in a.candidates if c.name == UNIFORM), None)
-            cells = [_interval(_test(chosen, UNIFORM, r)) for r in ("prefill", "decode")]
             if not chosen.tests and base is not None:  # a file from before the guard's paired tests
                 cells = [f"{chosen.measured / base.measured - 1:+.2%}", "—"]
+            else:
+                cells = [_interval(_test(chosen, UNIFORM, r)) for r in REGIMES]
         table.append([f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", name, *cells])
     lines += ["", *_table(table, {0, 1})]
     for b in budgets:
@@ -134,7 +135,7 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
                     *(
                         _interval(_test(c, baseline, r))
                         for baseline in (UNIFORM, UNIFORM + NO_ALLOC_T)
-                        for r in ("prefill", "decode")
+                        for r in REGIMES
                     ),
                 ]
             )

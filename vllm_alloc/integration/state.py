@@ -58,7 +58,7 @@ class Plan:
     all_full: torch.Tensor  # [] bool: every token of the pass at b = 1.0 (read by captured graphs)
     # [A + 1] bool, host: False where the budget file turns Alloc-T off at B (each token of a request at
     # that B is then its own group, so it keeps exactly its top-K_l).
-    reallocating: np.ndarray = field(default_factory=lambda: np.ones(0, dtype=bool))
+    reallocating: np.ndarray
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
     # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
@@ -230,9 +230,10 @@ class AllocState:
         else:  # one group per distinct B, named by the first token of the first request that has it
             _, first, inverse = np.unique(budgets, return_index=True, return_inverse=True)
             token_group = np.repeat(firsts[first][inverse], counts)
-        solo = ~plan.reallocating[token_budget]
-        if solo.any():  # budgets the file runs without Alloc-T: each of their tokens is its own group
-            token_group = np.where(solo, np.arange(num_tokens, dtype=np.int64), token_group)
+        solo = ~plan.reallocating[budgets]  # per request: its B runs without Alloc-T
+        if solo.any():  # each token of such a request is its own group
+            alone = np.arange(num_tokens, dtype=np.int64)
+            token_group = np.where(np.repeat(solo, counts), alone, token_group)
         n = token_budget.shape[0]
         if n > plan.token_budget.shape[0]:
             raise RuntimeError(
