@@ -26,8 +26,9 @@ import numba
 import numpy as np
 
 from vllm_alloc.alloc_t import check_options
+from vllm_alloc.carry import check_alpha
 
-__all__ = ["KeptPairs", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
+__all__ = ["KeptPairs", "carry_counts", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
 
 
 class KeptPairs(NamedTuple):
@@ -89,6 +90,49 @@ def _ranking(
             taken[g] += 1
             keep[m % T] += 1  # a token's extras come in its own rank order: what it keeps is a prefix
     return order, keep
+
+
+@numba.njit(cache=True, nogil=True)
+def _carry_counts(
+    rank_keys: np.ndarray,
+    k_tok: np.ndarray,
+    balance: np.ndarray,
+    threshold: np.ndarray,
+    kb: int,
+    alpha: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    T, K = rank_keys.shape
+    n_keep = np.zeros(T, np.int64)
+    after = balance.copy()
+    for t in range(T):
+        if k_tok[t] <= 0:
+            continue
+        bar = np.float32(threshold[t]) * np.float32(np.exp(np.float32(-alpha) * np.float32(balance[t])))
+        want = 0
+        for j in range(K):
+            if np.float32(rank_keys[t, j]) >= bar:
+                want += 1
+        n = max(min(want, K, k_tok[t] + balance[t]), kb)
+        n_keep[t] = n
+        after[t] = balance[t] + k_tok[t] - n
+    return n_keep, after
+
+
+def carry_counts(
+    rank_keys: np.ndarray,
+    k_tok: np.ndarray,
+    balance: np.ndarray,
+    threshold: np.ndarray,
+    k_base: int = 1,
+    alpha: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`carry.carry_counts` on the host (same arguments, numpy): (n_keep [T], balance_after [T])."""
+    check_alpha(alpha)
+    K = rank_keys.shape[1]
+    return _carry_counts(
+        rank_keys, k_tok.astype(np.int64), balance.astype(np.int64), threshold.astype(np.float32),
+        min(k_base, K), float(alpha),
+    )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)

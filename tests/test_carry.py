@@ -1,0 +1,119 @@
+"""The request balance carried across decode steps (`carry`): its bounds, its edges, and the host twin."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_alloc_t import SETTINGS
+
+from vllm_alloc import alloc_t_host
+from vllm_alloc.carry import carry_counts, threshold_for
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, float]:
+    """N lone streams decoding S steps: keys [S, N, K], K_l per stream [N] (>= K_base), θ [N]."""
+    K = draw(st.integers(1, 8))
+    kb = draw(st.integers(1, K))
+    N = draw(st.integers(1, 6))
+    S = draw(st.integers(1, 30))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.rand(S, N, K, generator=g)
+    if draw(st.booleans()):  # ties: a coarse router
+        keys = (keys * 4).round() / 4
+    k_l = torch.randint(kb, K + 1, (N,), generator=g)
+    theta = torch.rand(N, generator=g) * draw(st.sampled_from([0.5, 1.0, 2.0]))
+    alpha = draw(st.sampled_from([0.0, 0.05, 0.5, 3.0]))
+    return keys, k_l, theta, kb, alpha
+
+
+@SETTINGS
+@given(streams())
+def test_pool_never_exceeded_and_excess_bounded(case: tuple) -> None:
+    """β >= 0 after every step, so every prefix of a request's steps stays within its pool; each step
+    exceeds K_l by at most min(K − K_l, β before it); k_t in [K_base, K]."""
+    keys, k_l, theta, kb, alpha = case
+    S, N, K = keys.shape
+    balance = torch.zeros(N, dtype=torch.int64)
+    spent = torch.zeros(N, dtype=torch.int64)
+    for s in range(S):
+        n_keep, after = carry_counts(keys[s], k_l, balance, theta, kb, alpha)
+        assert ((n_keep >= kb) & (n_keep <= K)).all()
+        assert (n_keep - k_l <= torch.minimum(K - k_l, balance)).all(), "per-step excess bound"
+        assert (after >= 0).all(), "nothing is borrowed"
+        spent += n_keep
+        assert (spent <= (s + 1) * k_l).all(), "the request's pool"
+        assert torch.equal(spent, (s + 1) * k_l - after)
+        balance = after
+
+
+def test_edges_of_the_bar() -> None:
+    keys = torch.tensor([[0.6, 0.3, 0.1, 0.0]] * 3)
+    k_l = torch.tensor([2, 2, 2])
+    zero = torch.zeros(3, dtype=torch.int64)
+    # +inf: only the floor, the rest banked; −inf: as much as the cap allows.
+    n, after = carry_counts(keys, k_l, zero, torch.full((3,), math.inf), k_base=1)
+    assert n.tolist() == [1, 1, 1] and after.tolist() == [1, 1, 1]
+    n, after = carry_counts(keys, k_l, torch.tensor([0, 1, 5]), torch.full((3,), -math.inf), k_base=1)
+    assert n.tolist() == [2, 3, 4] and after.tolist() == [0, 0, 3]
+    # The bar falls with the bank (α = 0.05): 0.5 at β = 0 (only 0.6 clears it), 0.18 at β = 20 (0.6
+    # and 0.3), 0.068 at β = 40 (three); α = 0 keeps it at 0.5.
+    balance = torch.tensor([0, 20, 40])
+    n, _ = carry_counts(keys, k_l, balance, torch.full((3,), 0.5), k_base=1, alpha=0.05)
+    assert n.tolist() == [1, 2, 3]
+    n, _ = carry_counts(keys, k_l, balance, torch.full((3,), 0.5), k_base=1, alpha=0.0)
+    assert n.tolist() == [1, 1, 1]
+
+
+def test_padding_rows_and_the_floor() -> None:
+    keys = torch.rand(3, 4)
+    n, after = carry_counts(
+        keys, torch.tensor([0, -1, 1]), torch.tensor([4, 4, 0]), torch.full((3,), -math.inf), k_base=2
+    )
+    assert n.tolist() == [0, 0, 2], "padding keeps nothing; the floor wins over K_l = 1"
+    assert after.tolist() == [4, 4, -1], "padding leaves the balance; only the floor can borrow"
+
+
+def test_single_candidate_model() -> None:
+    n, after = carry_counts(torch.rand(2, 1), torch.tensor([1, 1]), torch.tensor([0, 3]), torch.zeros(2))
+    assert n.tolist() == [1, 1] and after.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 1.0])
+def test_host_twin_equals_torch(alpha: float) -> None:
+    rng = np.random.default_rng(7)
+    for K, kb in ((4, 1), (8, 2), (6, 6), (1, 1)):
+        keys = rng.random((257, K), dtype=np.float32)
+        k_tok = rng.integers(-1, K + 1, 257)
+        balance = rng.integers(0, 40, 257)
+        theta = rng.random(257).astype(np.float32)
+        theta[:5] = [np.inf, -np.inf, 0.0, 1.0, 0.5]
+        want = carry_counts(
+            torch.from_numpy(keys), torch.from_numpy(k_tok), torch.from_numpy(balance),
+            torch.from_numpy(theta), kb, alpha,
+        )  # fmt: skip
+        got = alloc_t_host.carry_counts(keys, k_tok, balance, theta, kb, alpha)
+        np.testing.assert_array_equal(got[0], want[0].numpy())
+        np.testing.assert_array_equal(got[1], want[1].numpy())
+
+
+def test_threshold_for_hits_the_mean() -> None:
+    extras = np.random.default_rng(0).random((1000, 3))
+    theta = threshold_for(extras, 1.25)
+    assert (extras >= theta).sum() == 1250
+    assert threshold_for(extras, 0.0) == math.inf
+    assert threshold_for(extras, 3.0) == -math.inf
+    with pytest.raises(ValueError, match="must be 2-D"):
+        threshold_for(extras.ravel(), 1.0)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, math.nan, math.inf, True, "0.1"])
+def test_bad_alpha_is_named(alpha: object) -> None:
+    with pytest.raises(ValueError, match="alpha="):
+        carry_counts(torch.rand(1, 2), torch.tensor([1]), torch.tensor([0]), torch.zeros(1), alpha=alpha)  # type: ignore[arg-type]
