@@ -117,3 +117,44 @@ def test_threshold_for_hits_the_mean() -> None:
 def test_bad_alpha_is_named(alpha: object) -> None:
     with pytest.raises(ValueError, match="alpha="):
         carry_counts(torch.rand(1, 2), torch.tensor([1]), torch.tensor([0]), torch.zeros(1), alpha=alpha)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05])
+def test_device_layer_routing_carries_as_the_host_path(alpha: float) -> None:
+    """One decode step of 12 lone requests (distinct slots) mixed with uncarried rows and padding: the
+    device path (`device_budget.layer_routing`) keeps and banks what the host layer call does."""
+    from vllm_alloc.device_budget import Carry, layer_routing
+
+    rng = np.random.default_rng(3)
+    T, K, L, A = 16, 4, 2, 8
+    keys = rng.random((T, K), dtype=np.float32)
+    ids = np.tile(np.arange(K, dtype=np.int32), (T, 1))
+    table = np.zeros((A + 1, L), np.int32)
+    table[2:] = [[1, 1], [1, 2], [2, 2], [2, 3], [3, 3], [3, 4], [4, 4]]
+    budget = rng.integers(2, A, T).astype(np.int64)
+    budget[-2:] = 0  # padding rows
+    group = np.arange(T, dtype=np.int64)
+    slot = np.arange(1, T + 1, dtype=np.int64)
+    slot[12:] = 0  # rows 12-13 not carried
+    theta = np.full((A + 1, L), 0.4)
+    balance0 = rng.integers(0, 5, (T + 1, L)).astype(np.int64)
+
+    host_balance = balance0.copy()
+    used = np.zeros(A + 1)
+    pairs = alloc_t_host.layer_call(
+        keys, keys, ids, budget, table, 1, group, 1, "topk", False, used, True,
+        alloc_t_host.Carry(slot, host_balance, theta, alpha),
+    )  # fmt: skip
+    dev_balance = torch.from_numpy(balance0.copy())
+    dev_used = torch.zeros(L, A + 1, dtype=torch.float64)
+    _, kept_ids = layer_routing(
+        torch.from_numpy(keys), torch.from_numpy(keys), torch.from_numpy(ids),
+        table=torch.from_numpy(table), token_budget=torch.from_numpy(budget),
+        token_group=torch.from_numpy(group), used=dev_used, column=1, k_base=1,
+        carry=Carry(torch.from_numpy(slot), dev_balance, torch.from_numpy(theta), alpha),
+    )  # fmt: skip
+    np.testing.assert_array_equal((kept_ids >= 0).sum(dim=1).numpy(), pairs.per_token)
+    np.testing.assert_array_equal(dev_balance[1:].numpy(), host_balance[1:])
+    np.testing.assert_array_equal(dev_used[1].numpy(), used)
+    assert not np.array_equal(host_balance[1:13, 1], balance0[1:13, 1]), "some request banked or spent"
+    np.testing.assert_array_equal(host_balance[13:, 1], balance0[13:, 1])

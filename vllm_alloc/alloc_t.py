@@ -65,6 +65,7 @@ def reallocate(
     k_base: int = 1,
     weights: str = "topk",
     singleton_groups: bool = False,
+    n_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Redistribute each group's expert budget to its highest-ranked candidates (Alloc-T).
 
@@ -82,6 +83,8 @@ def reallocate(
             request in decode, scope `token`). A one-token group's pool is its own k_tok, so the greedy
             rule keeps the token's top max(K_base, min(k_tok, K)) candidates: the group sorts below are
             skipped, with the same result bit for bit. A static flag (read at trace time).
+        n_keep: [T] int or None. Where >= 0, the token keeps its top-n_keep candidates instead (the
+            carried balance, `carry.carry_counts`); such a token must be alone in its group.
 
     Returns:
         (weights [T, K] float32, ids [T, K] int32 with -1 = pruned, kept [T, K] bool), all in the input
@@ -147,6 +150,10 @@ def reallocate(
         # Undo the permutation with a scatter (cheaper than argsort(perm)), then undo the flattening.
         take_flat = torch.zeros_like(take_sorted).scatter(0, perm, take_sorted)
         keep_sorted[:, kb:] = take_flat.view(n_extra, T).t()
+
+    if n_keep is not None:
+        ranks = torch.arange(K, device=dev)
+        keep_sorted = torch.where(n_keep[:, None] >= 0, ranks < n_keep[:, None], keep_sorted)
 
     # Back from ranked columns to the caller's columns.
     kept = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)

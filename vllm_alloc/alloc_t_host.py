@@ -28,7 +28,7 @@ import numpy as np
 from vllm_alloc.alloc_t import check_options
 from vllm_alloc.carry import check_alpha
 
-__all__ = ["KeptPairs", "carry_counts", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
+__all__ = ["Carry", "KeptPairs", "carry_counts", "kept_mask", "layer_call", "reallocate_pairs", "warm_up"]
 
 
 class KeptPairs(NamedTuple):
@@ -93,6 +93,17 @@ def _ranking(
 
 
 @numba.njit(cache=True, nogil=True)
+def _carried(keys: np.ndarray, k_l: int, balance: int, theta: float, kb: int, alpha: float) -> int:
+    """One carried token (`carry.py`): how many of its candidates it keeps, given its request's balance."""
+    bar = theta * np.exp(-alpha * np.float64(balance))  # float64, as carry.py (host and device agree)
+    want = 0
+    for j in range(keys.shape[0]):
+        if np.float64(keys[j]) >= bar:
+            want += 1
+    return max(min(want, keys.shape[0], k_l + balance), kb)
+
+
+@numba.njit(cache=True, nogil=True)
 def _carry_counts(
     rank_keys: np.ndarray,
     k_tok: np.ndarray,
@@ -101,20 +112,13 @@ def _carry_counts(
     kb: int,
     alpha: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    T, K = rank_keys.shape
+    T = rank_keys.shape[0]
     n_keep = np.zeros(T, np.int64)
     after = balance.copy()
     for t in range(T):
-        if k_tok[t] <= 0:
-            continue
-        bar = np.float32(threshold[t]) * np.float32(np.exp(np.float32(-alpha) * np.float32(balance[t])))
-        want = 0
-        for j in range(K):
-            if np.float32(rank_keys[t, j]) >= bar:
-                want += 1
-        n = max(min(want, K, k_tok[t] + balance[t]), kb)
-        n_keep[t] = n
-        after[t] = balance[t] + k_tok[t] - n
+        if k_tok[t] > 0:
+            n_keep[t] = _carried(rank_keys[t], k_tok[t], balance[t], threshold[t], kb, alpha)
+            after[t] = balance[t] + k_tok[t] - n_keep[t]
     return n_keep, after
 
 
@@ -130,7 +134,7 @@ def carry_counts(
     check_alpha(alpha)
     K = rank_keys.shape[1]
     return _carry_counts(
-        rank_keys, k_tok.astype(np.int64), balance.astype(np.int64), threshold.astype(np.float32),
+        rank_keys, k_tok.astype(np.int64), balance.astype(np.int64), threshold.astype(np.float64),
         min(k_base, K), float(alpha),
     )  # fmt: skip
 
@@ -198,14 +202,29 @@ def _layer_call(
     rescale: bool,
     used: np.ndarray,
     count: bool,
+    token_slot: np.ndarray,
+    balance: np.ndarray,
+    theta: np.ndarray,
+    alpha: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
     """One MoE layer call of the CPU serving path in one compiled call: K_l(B_t) from the allocation
-    table, Alloc-T, the activation count (used[B_t] += kept pairs) and the kernel layout."""
+    table, Alloc-T, the carried balance of tokens with a slot (token_slot[t] > 0: their request's row of
+    `balance` [S + 1, L], θ from `theta` [A + 1, L]), the activation count (used[B_t] += kept pairs) and
+    the kernel layout. Carried tokens are alone in their groups, and are taken in token order, so a
+    request's tokens in one pass (scope `stream`) spend and bank in position order, as decode steps do."""
     T = rank_keys.shape[0]
     k_tok = np.empty(T, np.int64)
     for t in range(T):
         k_tok[t] = table[token_budget[t], column]
     order, keep = _ranking(rank_keys, k_tok, group, kb, singleton)
+    for t in range(token_slot.shape[0]):  # empty when nothing is carried
+        slot = token_slot[t]
+        if slot > 0 and k_tok[t] > 0:
+            k = _carried(
+                rank_keys[t], k_tok[t], balance[slot, column], theta[token_budget[t], column], kb, alpha
+            )
+            balance[slot, column] += k_tok[t] - k
+            keep[t] = k
     if count:
         for t in range(T):
             used[token_budget[t]] += keep[t]
@@ -226,17 +245,34 @@ def layer_call(
     singleton_groups: bool,
     used: np.ndarray,
     count: bool,
+    carry: Carry | None = None,
 ) -> KeptPairs:
     """`reallocate_pairs` with k_tok = table[token_budget, column], counting the kept pairs into
-    used[B] when `count`: what the CPU expert path runs per MoE layer call (each numpy or torch call
-    costs µs there, so this is one compiled call)."""
+    used[B] when `count`, and carrying the balance of the tokens `carry` gives a slot: what the CPU
+    expert path runs per MoE layer call (each numpy or torch call costs µs there, so this is one
+    compiled call)."""
     check_options(k_base, weights)  # compiled code checks no bounds: group ids must lie in [0, T)
     kb = min(k_base, rank_keys.shape[1])
+    c = carry or _NO_CARRY
     out_w, out_ids, tokens, uniform, keep = _layer_call(
         rank_keys, topk_weights, topk_ids, token_budget, table, column, group, kb, singleton_groups,
-        weights == "kept", used, count,
+        weights == "kept", used, count, c.token_slot, c.balance, c.theta, c.alpha,
     )  # fmt: skip
     return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)
+
+
+class Carry(NamedTuple):
+    """The carried balance's arrays for `layer_call` (see `carry.py`): token_slot [T] int64 (0 = not
+    carried; an empty array when no token is), balance [S + 1, L] int64 (updated in place), theta
+    [A + 1, L] float64, alpha."""
+
+    token_slot: np.ndarray
+    balance: np.ndarray
+    theta: np.ndarray
+    alpha: float
+
+
+_NO_CARRY = Carry(np.zeros(0, np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float64), 0.0)
 
 
 def warm_up(table: np.ndarray, used: np.ndarray) -> None:

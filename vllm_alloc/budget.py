@@ -183,6 +183,9 @@ class Allocation(_Schema):
     k: list[int]  # K(B), one entry per MoE layer
     chosen: str = Field(min_length=1)
     alloc_t: bool = True  # Alloc-T reallocates among tokens at this B; False: each keeps its top-K_l
+    # The carried balance at this B (`vllm_alloc.carry`): θ_l per MoE layer (null: +inf, the layer keeps
+    # K_base and banks the rest); absent: lone decode tokens keep their top-K_l.
+    carry: list[float | None] | None = None
     candidates: list[Candidate] = []
 
     @model_validator(mode="after")
@@ -305,6 +308,7 @@ class BudgetFile(_Schema):
     weights: Literal["topk", "kept", "raw"] = "topk"
     scope: Literal["budget", "request"] = "budget"
     default_budget: float = 1.0  # b for requests that name none
+    carry_alpha: float = Field(default=0.05, ge=0.0)  # α of the carried balance, where a B carries
     sensitivities: list[Sensitivity] = []
     allocations: list[Allocation]  # one per integer B from L·k_base to A, sorted by B
     guard: Guard | None = None  # how the candidates were validated (profiler-written files)
@@ -343,6 +347,13 @@ class BudgetFile(_Schema):
                 fix = f"list every B from L·k_base = {lo} to A = {A} once, in order ({FIX_PROFILE})"
                 _fail(f"allocations[{i}].budget", what, fix)
             _check_k(f"allocations[{i}].k", a.k, a.budget, K, self.k_base, L)
+            if a.carry is not None and len(a.carry) != L:
+                _fail(
+                    f"allocations[{i}].carry",
+                    f"has {len(a.carry)} thresholds; it needs one per layer, L = {L}",
+                )
+            if a.carry is not None and a.budget == A:
+                _fail(f"allocations[{i}].carry", "B = A (b = 1.0) is the stock model and never carries")
             for j, c in enumerate(a.candidates):
                 field = f"allocations[{i}].candidates[{j}].allocation"
                 _check_k(field, c.allocation, a.budget, K, self.k_base, L)
@@ -413,6 +424,22 @@ class BudgetFile(_Schema):
         for a in self.allocations:
             flags[a.budget] = a.alloc_t
         return flags
+
+    def carrying(self) -> list[bool]:
+        """Per B from 0 to A: whether a lone decode token at B carries its request's balance."""
+        flags = [False] * (self.model.full_activations + 1)
+        for a in self.allocations:
+            flags[a.budget] = a.carry is not None
+        return flags
+
+    def carry_table(self) -> torch.Tensor:
+        """float64 [A+1, L]: row B is θ(B) where B carries (null as +inf), +inf elsewhere."""
+        L, A = self.model.num_moe_layers, self.model.full_activations
+        table = torch.full((A + 1, L), math.inf, dtype=torch.float64)
+        for a in self.allocations:
+            if a.carry is not None:
+                table[a.budget] = torch.tensor([math.inf if v is None else v for v in a.carry])
+        return table
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:
         """BudgetFileError on the first fingerprint field where this file and the loaded model differ."""

@@ -74,9 +74,11 @@ def carry_counts(
     kb = min(k_base, K)
     k_tok = k_tok.to(torch.int64)
     balance = balance.to(torch.int64)
-    bar = threshold.to(torch.float32) * torch.exp(-float(alpha) * balance.to(torch.float32))
-    # An infinite θ times exp(0) stays infinite; inf · 0 cannot occur (exp(−αβ) > 0 for finite β).
-    want = (rank_keys.to(torch.float32) >= bar[:, None]).sum(dim=1).clamp(min=kb)
+    # In float64, so that the host twin (libm's exp) and the device agree on which side of the bar a key
+    # lies: they may differ in the last bit of exp, which float32 keys cannot resolve at float64 spacing.
+    # An infinite θ stays infinite (exp(−αβ) > 0 for finite β).
+    bar = threshold.to(torch.float64) * torch.exp(-float(alpha) * balance.to(torch.float64))
+    want = (rank_keys.to(torch.float64) >= bar[:, None]).sum(dim=1).clamp(min=kb)
     cap = torch.clamp(k_tok + balance, max=K)
     n_keep = torch.maximum(torch.minimum(want, cap), torch.full_like(want, kb))
     valid = k_tok > 0

@@ -23,10 +23,23 @@ Pure torch: imports neither vLLM nor Triton (runs on the GPU test machine, in `m
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from vllm_alloc import alloc_t
+from vllm_alloc.carry import carry_counts
+
+
+class Carry(NamedTuple):
+    """The carried balance's device buffers (`carry.py`): token_slot [N] int64 (0 = not carried; a
+    carried token's request row of `balance`, one token per request in a pass), balance [S + 1, L] int64
+    (row 0 scratch), theta [A + 1, L] float64 (θ_l(B)), alpha."""
+
+    token_slot: torch.Tensor
+    balance: torch.Tensor
+    theta: torch.Tensor
+    alpha: float
 
 
 def layer_routing(
@@ -42,13 +55,15 @@ def layer_routing(
     k_base: int,
     weights: str = "topk",
     singleton_groups: bool = False,
+    carry: Carry | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alloc-T for the T rows of this layer call; returns (weights, ids) [T, K] in the input dtypes.
 
     rank_keys/topk_weights/topk_ids: [T, K] as in `alloc_t.reallocate`. table: [A + 1, L] int, K_l(B)
     (row 0 all zero). token_budget, token_group: [N ≥ T] int, read for rows [0, T). used: [L, A + 1],
     activations performed, incremented in place. column: this layer's column l. singleton_groups: a
-    static promise (read at trace time); under a captured graph it must be False.
+    static promise (read at trace time); under a captured graph it must be False. carry: the carried
+    balance's buffers, or None where no budget carries (static, like singleton_groups).
     """
     T = rank_keys.shape[0]
     if token_budget.shape[0] < T or token_group.shape[0] < T:
@@ -57,15 +72,27 @@ def layer_routing(
             f"token_group {tuple(token_group.shape)})"
         )
     budget = token_budget[:T]
+    k_tok = table[budget, column]
+    n_keep = None
+    if carry is not None:
+        # Every row reads its slot's balance; rows not carried use slot 0, a scratch row they write back
+        # unchanged (all writes to it carry the value read, so duplicate indices are harmless).
+        slot = carry.token_slot[:T]
+        before = carry.balance[slot, column]
+        n, after = carry_counts(rank_keys, k_tok, before, carry.theta[budget, column], k_base, carry.alpha)
+        carried = slot > 0
+        n_keep = torch.where(carried, n, -1)
+        carry.balance[slot, column] = torch.where(carried, after, before).to(carry.balance.dtype)
     kept_w, kept_ids, kept = alloc_t.reallocate(
         rank_keys,
         topk_weights,
         topk_ids,
-        table[budget, column],
+        k_tok,
         token_group[:T],
         k_base=k_base,
         weights=weights,
         singleton_groups=singleton_groups,
+        n_keep=n_keep,
     )
     used[column].index_add_(0, budget, kept.sum(dim=1).to(used.dtype))
     return kept_w.to(topk_weights.dtype), kept_ids.to(topk_ids.dtype)

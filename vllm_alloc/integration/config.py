@@ -14,7 +14,10 @@ Keys of the `vllm_alloc` object:
   scope           Alloc-T reallocation scope: "budget" (default), "request", "token" (no
                   reallocation: every token keeps exactly its top-K_l; for ablations) or "position"
                   (evaluation only: a group is the tokens at one budget and one position of their
-                  requests, so teacher-forcing N sequences in one pass measures N decode streams)
+                  requests, so teacher-forcing N sequences in one pass measures N decode streams) or
+                  "stream" (evaluation only, CPU: every token its own group, and where a budget carries
+                  a balance, every token of a request carries it in position order, so teacher-forcing
+                  a sequence measures one decode stream)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from vllm_alloc.budget import BudgetFile, ModelFingerprint
 
 CONFIG_KEY = "vllm_alloc"
-SCOPES = ("budget", "request", "token", "position")
+SCOPES = ("budget", "request", "token", "position", "stream")
 WEIGHTS = ("topk", "kept", "raw")
 _KEYS = ("budget_file", "default_budget", "scope", "weights")
 _ENV = {

@@ -37,6 +37,12 @@ def host_routing(
     assert plan is not None and plan.host is not None
     T = keys.shape[0]
     rank = keys.numpy()
+    h = plan.host
+    carry = (
+        alloc_t_host.Carry(h["token_slot"][:T], h["balance"], h["carry_theta"], plan.carry_alpha)
+        if STATE.carried
+        else None
+    )
     return alloc_t_host.layer_call(
         rank,
         rank if weights_in is keys else weights_in.float().numpy(),
@@ -50,6 +56,7 @@ def host_routing(
         STATE.singleton_groups,
         plan.host["used"][column],
         STATE.counting,
+        carry,
     )
 
 

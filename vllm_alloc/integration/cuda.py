@@ -60,6 +60,7 @@ def budget_experts(
         k_base=plan.k_base,
         weights=plan.alloc_t_weights,
         singleton_groups=singleton_groups,
+        carry=plan.device_carry(),
     )
     experts = runner.routed_experts
     activation = kernel_activation(experts)

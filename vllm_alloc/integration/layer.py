@@ -88,6 +88,10 @@ def moe_apply(
     layer_name: str,
 ) -> torch.Tensor:
     runner = _RUNNERS[layer_name]
+    if STATE.recorded is not None and STATE.counting:  # calibration of the carried balance (eager only)
+        STATE.record(
+            runner._alloc_info.column, rank_keys(runner.router, router_logits, topk_weights, topk_ids)
+        )
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return cuda.captured_experts(runner, x, router_logits, topk_weights, topk_ids, shared_experts_input)
     if not STATE.budgeted:  # every token of the pass at b = 1.0 (eager): vLLM's own expert call

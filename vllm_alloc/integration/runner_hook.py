@@ -43,7 +43,11 @@ def _finalize(runner: Any) -> None:
         int(scheduler.max_num_batched_tokens),
         int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0),
     )
-    plan = STATE.finalize(max_tokens=max_tokens + 64, device=torch.device(runner.device))
+    plan = STATE.finalize(
+        max_tokens=max_tokens + 64,
+        device=torch.device(runner.device),
+        max_requests=int(scheduler.max_num_seqs),
+    )
     if plan is not None:
         log = compat.logger("vllm_alloc")
         if plan.source == "uniform":

@@ -15,13 +15,14 @@ count, per layer and per absolute budget) and are copied to Prometheus outside t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from vllm_alloc import envs
+from vllm_alloc import device_budget, envs
 from vllm_alloc.budget import BudgetFile, ModelFingerprint
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
@@ -59,19 +60,32 @@ class Plan:
     # [A + 1] bool, host: False where the budget file turns Alloc-T off at B (each token of a request at
     # that B is then its own group, so it keeps exactly its top-K_l).
     reallocating: np.ndarray
+    # The carried balance (`vllm_alloc.carry`): θ_l(B), where each B carries (host), α, the balance of
+    # each request slot ([S + 1, L], row 0 scratch) and each token's slot (0 = not carried).
+    carry_theta: torch.Tensor  # [A + 1, L] float64
+    carrying: np.ndarray  # [A + 1] bool, host
+    carry_alpha: float
+    balance: torch.Tensor  # [S + 1, L] int64
+    token_slot: torch.Tensor  # [N] int64
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
     # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.table.device.type == "cpu":
-            names = ("table", "token_budget", "token_group", "used")
+            names = ("table", "token_budget", "token_group", "used", "carry_theta", "balance", "token_slot")
             self.host = {name: getattr(self, name).numpy() for name in names}
 
     @property
     def alloc_t_weights(self) -> str:
         """`alloc_t.reallocate`'s weights mode: `raw` keeps the raw weights it is given, as `topk` does."""
         return "kept" if self.weights == "kept" else "topk"
+
+    def device_carry(self) -> device_budget.Carry | None:
+        """The carried balance's buffers for the device path, or None where no budget carries."""
+        if not self.carrying.any():
+            return None
+        return device_budget.Carry(self.token_slot, self.balance, self.carry_theta, self.carry_alpha)
 
     @property
     def A(self) -> int:
@@ -101,6 +115,12 @@ class AllocState:
     steps: int = 0
     flushed: tuple[np.ndarray, np.ndarray] | None = None
     seen_requests: set[str] = field(default_factory=set)
+    carried: bool = False  # True while some token of the pass carries its request's balance
+    # Request slots of the carried balance: req id -> [slot, position of its next token, last step seen].
+    _slots: dict[str, list[int]] = field(default_factory=dict)
+    _free_slots: list[int] = field(default_factory=list)
+    # Router scores recorded for the carry calibration, per MoE layer column (None: not recording).
+    recorded: list[list[np.ndarray]] | None = None
     _absolute: dict[Any, int] = field(default_factory=dict)
 
     # -- start-up -------------------------------------------------------------------------------------
@@ -130,9 +150,11 @@ class AllocState:
             intermediate_size=first.intermediate_size,
         )
 
-    def finalize(self, max_tokens: int, device: torch.device) -> Plan | None:
+    def finalize(self, max_tokens: int, device: torch.device, max_requests: int = 256) -> Plan | None:
         """Resolve the settings (`integration.config`: additional-config > VLLM_ALLOC_* > budget file),
-        validating the budget file against the built model; allocate buffers. Idempotent."""
+        validating the budget file against the built model; allocate buffers. Idempotent.
+        max_requests: requests in one pass at most (the carried balance keeps twice as many slots, so a
+        request that skips a step keeps its balance)."""
         if self.plan is not None or not self.layers:
             return self.plan
         model = self.fingerprint()
@@ -155,7 +177,14 @@ class AllocState:
             full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             all_full=torch.ones((), dtype=torch.bool, device=device),
             reallocating=np.asarray(budget_file.reallocating(), dtype=bool),
+            carry_theta=budget_file.carry_table().to(device),
+            carrying=np.asarray(budget_file.carrying(), dtype=bool),
+            carry_alpha=budget_file.carry_alpha,
+            balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
+            token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
         )
+        self._free_slots = list(range(2 * max_requests, 0, -1))
+        self._check_scope(self.plan.scope)
         self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
         if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
             from vllm_alloc import alloc_t_host
@@ -221,7 +250,7 @@ class AllocState:
         token_budget = np.repeat(budgets, counts)
         # A group's id is the index of its first token (so ids stay below T and never collide).
         firsts = np.asarray(query_start_loc[:-1], dtype=np.int64)
-        if plan.scope == "token":  # every token is its own group: plain top-K_l per token, no reallocation
+        if plan.scope in ("token", "stream"):  # every token its own group: no reallocation among tokens
             token_group = np.arange(num_tokens, dtype=np.int64)
         elif plan.scope == "request":
             token_group = np.repeat(firsts, counts)
@@ -249,14 +278,77 @@ class AllocState:
         tokens_per_budget = np.bincount(budgets, weights=counts, minlength=plan.A + 1)
         plan.full.add_(torch.from_numpy(tokens_per_budget * plan.K).to(plan.full.device))
         # Every group one token (scope `token`, or decode with distinct groups): Alloc-T's closed form.
-        self.singleton_groups = plan.scope == "token" or np.unique(token_group).size == n
+        self.singleton_groups = plan.scope in ("token", "stream") or np.unique(token_group).size == n
+        token_slot = self._carry_slots(req_ids, budgets, counts, query_start_loc, starts, token_group)
+        self.carried = token_slot is not None
+        if plan.carrying.any():  # the device path reads every row's slot (0 = not carried)
+            plan.token_slot.zero_()
+            if token_slot is not None:
+                plan.token_slot[:n].copy_(torch.from_numpy(token_slot))
         self.budgeted = True
         plan.all_full.fill_(False)
+
+    def _carry_slots(
+        self,
+        req_ids: list[str],
+        budgets: np.ndarray,
+        counts: np.ndarray,
+        query_start_loc: np.ndarray,
+        starts: np.ndarray | None,
+        token_group: np.ndarray,
+    ) -> np.ndarray | None:
+        """Each token's balance slot ([T] int64, 0 = not carried), or None where no token carries.
+
+        A token carries where its B carries and it is alone in its group and its request's only token in
+        the pass (a decode step): elsewhere Alloc-T has a group to work with. Under scope `stream`
+        (evaluation, host path only) every token of a request carries, in position order, which is what
+        its decode steps would do. A request keeps its slot while its positions continue; a request
+        that comes back at another position (preempted and recomputed) starts again from β = 0."""
+        plan = self.plan
+        assert plan is not None
+        if not plan.carrying.any():
+            return None
+        firsts = np.asarray(query_start_loc[:-1], dtype=np.int64)
+        on = plan.carrying[budgets]
+        if plan.scope != "stream":
+            sizes = np.bincount(token_group, minlength=token_group.shape[0])
+            alone = sizes[token_group[np.minimum(firsts, token_group.shape[0] - 1)]] == 1
+            on &= (counts == 1) & alone
+        token_slot = np.zeros(token_group.shape[0], dtype=np.int64)
+        batch = set(req_ids)
+        for i, req_id in enumerate(req_ids):
+            entry = self._slots.get(req_id)
+            start = None if starts is None else int(starts[i])
+            if entry is not None and start is not None and start != entry[1]:
+                self._zero_balance(entry[0])  # not the continuation of what it carried
+            if on[i]:
+                if entry is None:
+                    entry = self._slots[req_id] = [self._new_slot(batch), 0, 0]
+                token_slot[firsts[i] : firsts[i] + counts[i]] = entry[0]
+            if entry is not None:
+                entry[1] = (entry[1] if start is None else start) + int(counts[i])
+                entry[2] = self.steps
+        return token_slot if on.any() else None
+
+    def _new_slot(self, batch: set[str]) -> int:
+        """A zeroed balance slot: a free one, else that of the request seen longest ago outside the batch
+        (requests that finished are never announced to the V1 runner's model code)."""
+        if not self._free_slots:
+            old = min((r for r in self._slots if r not in batch), key=lambda r: self._slots[r][2])
+            self._free_slots.append(self._slots.pop(old)[0])
+        slot = self._free_slots.pop()
+        self._zero_balance(slot)
+        return slot
+
+    def _zero_balance(self, slot: int) -> None:
+        assert self.plan is not None
+        self.plan.balance[slot].zero_()
 
     def end_pass(self) -> None:
         if self.budgeted and self.plan is not None:
             self.plan.all_full.fill_(True)
         self.budgeted = False
+        self.carried = False
         self.singleton_groups = False
         self.counting = False
         self.steps += 1
@@ -308,10 +400,66 @@ class AllocState:
             plan.reallocating[int(B)] = on
 
     def reset_allocation(self) -> None:
-        """Restore the allocation table and the Alloc-T flags from the budget file."""
+        """Restore the allocation table, Alloc-T flags and carried balance's θ from the budget file."""
         if self.plan is not None:
-            self.plan.table.copy_(self.plan.budget_file.allocation_table())
-            self.plan.reallocating[:] = self.plan.budget_file.reallocating()
+            bf = self.plan.budget_file
+            self.plan.table.copy_(bf.allocation_table())
+            self.plan.reallocating[:] = bf.reallocating()
+            self.plan.carry_theta.copy_(bf.carry_table())
+            self.plan.carrying[:] = bf.carrying()
+            self.plan.carry_alpha = bf.carry_alpha
+
+    def set_carry(self, theta: dict[int, list[float] | None], alpha: float | None = None) -> None:
+        """Where `theta` names B, carry the balance there with these θ_l (None: stop carrying at B);
+        `alpha` replaces α (the profiler and the quality benchmark measure the lever this way)."""
+        from vllm_alloc.carry import check_alpha
+
+        plan = self._need_plan()
+        if alpha is not None:
+            check_alpha(alpha)
+        L = plan.budget_file.model.num_moe_layers
+        for B, row in theta.items():
+            if not 0 < int(B) <= plan.A:
+                raise ValueError(f"B={B} is out of range; expected [1, {plan.A}]")
+            if row is not None and (len(row) != L or any(math.isnan(float(v)) for v in row)):
+                raise ValueError(f"θ {row} for B={B} is invalid; expected {L} numbers (inf allowed)")
+        if alpha is not None:
+            plan.carry_alpha = float(alpha)
+        for B, row in theta.items():
+            plan.carrying[int(B)] = row is not None
+            if row is not None:
+                plan.carry_theta[int(B)].copy_(torch.tensor(row, dtype=plan.carry_theta.dtype))
+
+    def record_scores(self, on: bool) -> None:
+        """Start (clearing what was recorded) or stop recording each layer's router scores below the
+        floor, in every real pass (the calibration of the carried balance's θ)."""
+        plan = self._need_plan()
+        self.recorded = [[] for _ in range(plan.budget_file.model.num_moe_layers)] if on else None
+
+    def record(self, column: int, keys: torch.Tensor) -> None:
+        """Record one layer call's ranking keys [T, K]: each token's candidates below its top-K_base."""
+        assert self.recorded is not None and self.plan is not None
+        ranked = torch.sort(keys.float(), dim=1, descending=True).values[:, self.plan.k_base :]
+        self.recorded[column].append(ranked.cpu().numpy())
+
+    def carry_thresholds(self, rows: dict[int, list[int]], offset: float) -> dict[int, list[float]]:
+        """θ_l(B) for the allocation rows given ({B: K(B)}) from the recorded scores: per layer the bar
+        at which the recorded tokens keep K_l − K_base − offset extras on average (`carry.threshold_for`)."""
+        from vllm_alloc.carry import threshold_for
+
+        plan = self._need_plan()
+        if not self.recorded or not all(self.recorded):
+            raise RuntimeError("vllm-alloc: no router scores recorded (vllm_alloc_record_scores(True) first)")
+        extras = [np.concatenate(r) for r in self.recorded]
+        return {
+            int(B): [threshold_for(extras[l], k - plan.k_base - offset) for l, k in enumerate(ks)]
+            for B, ks in rows.items()
+        }
+
+    def _need_plan(self) -> Plan:
+        if self.plan is None:
+            raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
+        return self.plan
 
     def set_scope(self, scope: str) -> None:
         """Change the reallocation scope between passes (the profiler validates prefill under `budget`
@@ -322,7 +470,16 @@ class AllocState:
             raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} is not valid; expected one of {SCOPES}")
+        self._check_scope(scope)
         self.plan.scope = scope
+
+    def _check_scope(self, scope: str) -> None:
+        assert self.plan is not None
+        if scope == "stream" and (self.plan.host is None or envs.VLLM_ALLOC_TEST_DEVICE_PATH):
+            raise ValueError(
+                "scope 'stream' (evaluation: a request's tokens carry its balance in order within one "
+                "pass) runs on the CPU host path only; use 'token' or 'position' on devices"
+            )
 
     # -- counters -----------------------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
