@@ -70,6 +70,8 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
     for run in spec["runs"]:
         if run.get("set_allocation"):
             llm.collective_rpc("vllm_alloc_set_allocation", args=(run["set_allocation"],))
+        if run.get("set_scope"):
+            llm.collective_rpc("vllm_alloc_set_scope", args=(run["set_scope"],))
         params = [
             SamplingParams(
                 max_tokens=run.get("max_tokens", 6),

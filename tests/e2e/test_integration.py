@@ -403,6 +403,69 @@ def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny
     assert gap([run["prompt_logprobs"][0] for run in alone]) > 1e-3
 
 
+def test_scope_stream_teacher_forcing_matches_a_carrying_decode(tmp_path: Path, tiny_model: Any) -> None:
+    """A lone stream at b = 0.5 whose budget file carries the balance (`vllm_alloc.carry`) decodes 12
+    steps under the serving scope `budget`: each step's token is alone in its group and carries. The
+    quality benchmark measures that regime by teacher-forcing the sequence in one pass under scope
+    `stream`: the same logprobs, float32 rounding apart. Under scope `token` the forced tokens do not
+    carry, and the logprobs differ (so the check can tell carrying from not)."""
+    model = tiny_model("qwen3_moe")
+    fp = ModelFingerprint(
+        architecture="Qwen3MoeForCausalLM", moe_layers=[0, 1], num_experts=E, top_k=K, hidden_size=H,
+        intermediate_size=I,
+    )  # fmt: skip
+    data = uniform_budget_file(fp).model_dump(mode="json")
+    B = A // 2
+    data["allocations"][B - L]["carry"] = [0.27, 0.27]
+    path = tmp_path / "carry.json"
+    parse_budget_file(data).dump(path)
+    config = {"vllm_alloc": {"budget_file": str(path)}}
+    start = {"prompt_token_ids": [17]}
+    steps = 12
+    decode, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "llm_kwargs": {"dtype": "float32"},
+                "additional_config": config,
+                "runs": [{"prompts": [start], "budgets": [0.5], "max_tokens": steps}],
+            }
+        ],
+        name="decode",
+    )
+    real = decode[0]["runs"][0]
+    forced = [{"prompt_token_ids": start["prompt_token_ids"] + real["tokens"][0][:-1]}]
+    results, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "llm_kwargs": {"dtype": "float32"},
+                "additional_config": config,
+                "runs": [
+                    {"prompts": forced, "budgets": [0.5], "max_tokens": 1, "set_scope": "stream"},
+                    {"prompts": forced, "budgets": [0.5], "max_tokens": 1, "set_scope": "token"},
+                ],
+            }
+        ],
+        name="forced",
+    )
+    stream, token = results[0]["runs"]
+
+    def gap(run: dict[str, Any]) -> float:
+        return max(
+            abs(a - b) for a, b in zip(run["prompt_logprobs"][0], real["logprobs"][0][:-1], strict=True)
+        )
+
+    assert len(real["tokens"][0]) == steps
+    assert gap(stream) <= 1e-5
+    assert gap(token) > 1e-3
+    # Carrying kept the pool: at B every token's activations sum to at most steps · K_l per layer.
+    used = real["counters"]["used"]
+    assert all(row[B] <= steps * (B // L) for row in used)
+
+
 def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:
     """A budget file for another model (E = 8) stops start-up with the file, the field and the fix."""
     model = tiny_model("qwen3_moe")
