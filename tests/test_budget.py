@@ -27,6 +27,7 @@ from vllm_alloc.budget import (
     parse_budget_file,
     uniform_budget_file,
 )
+from vllm_alloc.show import summary
 
 
 def fingerprint(L: int = 26, K: int = 6, E: int = 64) -> ModelFingerprint:
@@ -376,7 +377,42 @@ def test_a_chosen_candidate_must_pass_its_paired_tests() -> None:
     _tested("uniform", True, 0.5, 0.5, 0.5, 0.5)(data)  # the baseline ships whatever the others measured
     data["allocations"][4]["candidates"][0]["alloc_t"] = False
     data["allocations"][4]["alloc_t"] = False
-    with pytest.raises(BudgetFileError, match="runs without Alloc-T, but the uniform baseline runs with it"):
+    with pytest.raises(BudgetFileError, match="runs without Alloc-T or carries the balance"):
+        parse_budget_file(data)
+
+
+def test_carried_balance_fields() -> None:
+    """allocations[i].carry holds θ per layer where the chosen candidate carries, and nowhere else."""
+    data = small_file_dict()
+    _tested("isolating", True, -0.001, -0.002, -0.001, -0.003)(data)
+    a = data["allocations"][4]
+    a["candidates"][2]["carry"] = True
+    with pytest.raises(
+        BudgetFileError, match="chosen candidate carries, but carry has no thresholds"
+    ) as info:
+        parse_budget_file(data)
+    assert info.value.field == "allocations[4].carry"
+    a["carry"] = [0.25, None, 0.5, 0.125]
+    bf = parse_budget_file(data)
+    L = bf.model.num_moe_layers
+    assert bf.carrying()[a["budget"]] and sum(bf.carrying()) == 1
+    assert bf.carry_table()[a["budget"]].tolist() == [0.25, math.inf, 0.5, 0.125]
+    assert bf.carry_table()[a["budget"] + 1].tolist() == [math.inf] * L
+    text = summary(bf, [a["budget"] / bf.model.full_activations])
+    assert "carried balance (lone decode streams): α = 0.05" in text and "(0.25, —, 0.5, 0.125)" in text
+    a["carry"] = [0.25]
+    with pytest.raises(BudgetFileError, match="has 1 thresholds; it needs one per layer"):
+        parse_budget_file(data)
+    a["carry"], a["candidates"][2]["carry"] = [0.25, None, 0.5, 0.125], False
+    with pytest.raises(BudgetFileError, match="does not carry, but carry has thresholds"):
+        parse_budget_file(data)
+    data = small_file_dict()
+    data["allocations"][-1]["carry"] = [0.1] * L
+    with pytest.raises(BudgetFileError, match="never carries"):
+        parse_budget_file(data)
+    data = small_file_dict()
+    data["carry_alpha"] = -0.5
+    with pytest.raises(BudgetFileError, match="carry_alpha"):
         parse_budget_file(data)
 
 

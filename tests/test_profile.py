@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_alloc import profile as profile_mod
 from vllm_alloc import profile_protocols as pp
 from vllm_alloc.alloc_l import uniform
 from vllm_alloc.budget import ModelFingerprint, load_budget_file
@@ -36,17 +37,20 @@ def paired(
     noise: float = 1e-3,
     alloc_t_cost: float = 0.0,
     calls: list[tuple[tuple[int, ...], bool, str]] | None = None,
+    carry_gain: float = 0.0,
 ) -> pp.Validate:
     """Fake held-out runs: per-sequence mean NLL = the sequence's own difficulty (shared by every
     configuration, so pairing cancels it) + log of the additive metric + independent noise per run;
-    Alloc-T adds `alloc_t_cost` in prefill."""
+    Alloc-T adds `alloc_t_cost` in prefill, carrying the balance `-carry_gain` in decode."""
     difficulty = np.random.default_rng(0).normal(3.0, 0.5, n)
 
-    def validate(ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
+    def validate(ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> list[float]:
         if calls is not None:
             calls.append((tuple(ks), alloc_t, regime))
-        rng = np.random.default_rng(zlib.crc32(repr((tuple(ks), alloc_t, regime)).encode()))
+        key = (tuple(ks), alloc_t, regime) + (("carry",) if carry else ())
+        rng = np.random.default_rng(zlib.crc32(repr(key).encode()))
         cost = alloc_t_cost if alloc_t and regime == "prefill" else 0.0
+        cost -= carry_gain if carry else 0.0
         metric = math.log(additive(weights)(ks, "heldout"))
         return list(difficulty + metric + cost + rng.normal(0.0, noise, n))
 
@@ -119,6 +123,56 @@ def test_unequal_layers_get_more_experts_where_they_matter() -> None:
     assert alloc["k"][0] == K
 
 
+def fake_thresholds(ks: Sequence[int]) -> list[float | None]:
+    return [None if k == 1 else 0.1 * k for k in ks]
+
+
+@pytest.mark.parametrize(("gain", "ships"), [(0.02, True), (-0.02, False), (0.0, False)])
+def test_guard_ships_the_carried_balance_only_where_decode_improves(gain: float, ships: bool) -> None:
+    """Carrying changes only the decode regime: its candidates share prefill runs with their twins, and
+    ship (with their θ) only where decode is better with confidence against both uniforms."""
+    L, K = 4, 4
+    w = [1.0] * 4  # equal layers: the DPs land on uniform, so only carrying can beat the baselines
+    calls: list[tuple[tuple[int, ...], bool, str]] = []
+    validate = paired(w, alloc_t_cost=-0.01, carry_gain=gain, calls=calls)
+    result = pp.profile(additive(w), L, K, budgets=[8], validate=validate, thresholds=fake_thresholds)
+    a = result.allocations[8 - L]
+    assert [c["name"] for c in a["candidates"]][-1] == "operating-point + carry"
+    if ships:
+        assert a["chosen"].endswith(" + carry") and a["carry"] == fake_thresholds(a["k"])
+    else:
+        assert "carry" not in a and not a["chosen"].endswith(" + carry")
+    # Prefill of a carrying candidate is its twin's run: one prefill run per (vector, Alloc-T).
+    prefill = [c for c in calls if c[2] == "prefill"]
+    assert len(prefill) == len(set(prefill))
+    bf = profile_mod.build_budget_file(
+        ModelFingerprint(
+            architecture="X",
+            moe_layers=list(range(L)),
+            num_experts=8,
+            top_k=K,
+            hidden_size=32,
+            intermediate_size=16,
+        ),
+        result,
+        CalibrationData(profile=[[1, 2]] * 2, heldout=[[1, 2]] * 48, source="fake", seq_len=2, split="fake"),
+        requested=[8],
+        carry_alpha=0.05,
+    )
+    assert bf.carrying()[8] is ships and bf.carry_alpha == 0.05
+    if ships:
+        assert bf.carry_table()[8].tolist() == [0.2 if k == 2 else math.inf for k in a["k"]]
+
+
+def test_carrying_needs_its_thresholds() -> None:
+    w = [1.0] * 2
+    cands = [("uniform", [2, 2], True, False), ("uniform (no Alloc-T)", [2, 2], False, False)]
+    with pytest.raises(ValueError, match="need thresholds"):
+        pp.select([*cands, ("uniform + carry", [2, 2], True, True)], pp.Validations(paired(w)))
+    with pytest.raises(ValueError, match="neither carrying"):
+        pp.select([(*cands[0][:3], True), cands[1]], pp.Validations(paired(w)), thresholds=fake_thresholds)
+
+
 def test_guard_picks_uniform_when_candidates_measure_worse() -> None:
     # The profile split says layer 0 matters; the held-out split says the opposite. Every non-uniform
     # candidate then measures worse than uniform on held-out data, and must not ship.
@@ -186,9 +240,9 @@ def test_a_challenger_that_is_a_baseline_does_not_ship_under_its_own_name() -> N
     w = [1.0] * 4
     validations = pp.Validations(paired(w, alloc_t_cost=-0.01))  # Alloc-T helps in prefill
     cands = [
-        ("uniform", [2] * 4, True),
-        ("uniform (no Alloc-T)", [2] * 4, False),
-        ("isolating", [2] * 4, True),
+        ("uniform", [2] * 4, True, False),
+        ("uniform (no Alloc-T)", [2] * 4, False, False),
+        ("isolating", [2] * 4, True, False),
     ]
     a = pp.select(cands, validations)
     assert a["chosen"] == "uniform" and a["alloc_t"]
@@ -215,12 +269,16 @@ def test_paired_test_is_the_interval_of_the_mean_difference() -> None:
 def test_ties_go_to_uniform_and_equal_configurations_share_one_run() -> None:
     seen: list[tuple[tuple[int, ...], bool, str]] = []
 
-    def validate(ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
+    def validate(ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> list[float]:
         seen.append((tuple(ks), alloc_t, regime))
         return [5.0, 5.1, 4.9]  # everything measures the same
 
-    cands = [("uniform", [2, 2], True), ("uniform (no Alloc-T)", [2, 2], False), ("isolating", [3, 1], True)]
-    cands.append(("operating-point", [2, 2], True))
+    cands = [
+        ("uniform", [2, 2], True, False),
+        ("uniform (no Alloc-T)", [2, 2], False, False),
+        ("isolating", [3, 1], True, False),
+    ]
+    cands.append(("operating-point", [2, 2], True, False))
     a = pp.select(cands, pp.Validations(validate))
     assert a["chosen"] == "uniform" and a["k"] == [2, 2] and a["alloc_t"]
     assert seen == [
@@ -231,7 +289,7 @@ def test_ties_go_to_uniform_and_equal_configurations_share_one_run() -> None:
         ((3, 1), True, "decode"),
     ]
     with pytest.raises(ValueError, match="first candidates must be 'uniform'"):
-        pp.select([("isolating", [3, 1], True)], pp.Validations(validate))
+        pp.select([("isolating", [3, 1], True, False)], pp.Validations(validate))
 
 
 def test_unmeasured_budgets_keep_uniform() -> None:

@@ -32,7 +32,7 @@ def budget_file_path(tmp_path: Path) -> Path:
     def evaluate(ks: Sequence[int], split: str) -> float:
         return 10.0 + sum(w / k for w, k in zip([8.0, 1.0, 1.0, 1.0], ks, strict=True))
 
-    def validate(ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
+    def validate(ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> list[float]:
         wobble = 1e-3 * np.cos(np.arange(32) * (1 + sum(ks) + 7 * alloc_t + (regime == "decode")))
         return list(difficulty + np.log(evaluate(ks, "heldout")) + wobble)
 
@@ -50,7 +50,7 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
     assert "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode, paired 95% intervals" in text
     assert "which resolves the 0.20% target" in text
     row = next(line for line in text.splitlines() if line.lstrip().startswith("0.5 "))
-    assert row.split()[2:5] == ["4,2,1,1", "on", "isolating"] and row.count("%") == 6  # two intervals
+    assert row.split()[2:6] == ["4,2,1,1", "on", "off", "isolating"] and row.count("%") == 6  # two intervals
     full = next(line for line in text.splitlines() if line.lstrip().startswith("1 "))
     assert "4,4,4,4" in full
     block = text.split("b = 0.5 (B = 8): held-out candidates")[1].split("\n\n")[0]

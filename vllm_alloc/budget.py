@@ -162,6 +162,7 @@ class Candidate(_Schema):
     allocation: list[int]
     measured: float  # held-out metric, lower is better (the guard's: prefill regime)
     alloc_t: bool = True  # Alloc-T reallocates at this B (False: every token keeps its top-K_l)
+    carry: bool = False  # lone decode tokens carry their request's balance (the allocation's `carry`)
     decode: float | None = None  # held-out metric in the decode regime (a lone stream), where measured
     tests: list[PairedTest] = []  # paired tests against the baselines (empty for the baseline itself)
 
@@ -205,6 +206,12 @@ class Allocation(_Schema):
             _fail("k", f"k = {self.k} differs from the chosen candidate's allocation {chosen.allocation}")
         if chosen.alloc_t != self.alloc_t:
             _fail("alloc_t", f"alloc_t = {self.alloc_t} differs from the chosen candidate's {chosen.alloc_t}")
+        if chosen.carry != (self.carry is not None):
+            what = "has no thresholds" if chosen.carry else "has thresholds"
+            _fail(
+                "carry",
+                f"the chosen candidate {'carries' if chosen.carry else 'does not carry'}, but carry {what}",
+            )
         return self
 
 
@@ -241,14 +248,15 @@ def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
                 f"the candidate named {UNIFORM!r} has allocation {c.allocation}, but the uniform allocation "
                 f"for B = {a.budget} is {base}",
             )
-        if c.name == UNIFORM and not c.alloc_t:
+        if c.name == UNIFORM and (not c.alloc_t or c.carry):
             _fail(
                 f"allocations[{i}].candidates[{j}].alloc_t",
-                f"the candidate named {UNIFORM!r} runs without Alloc-T, but the uniform baseline runs with "
-                "it (the profiler names the other one 'uniform (no Alloc-T)')",
+                f"the candidate named {UNIFORM!r} runs without Alloc-T or carries the balance, but the "
+                "uniform baseline runs with Alloc-T and does not carry (the profiler names those "
+                "'uniform (no Alloc-T)' and 'uniform + carry')",
             )
     chosen = next(c for c in a.candidates if c.name == a.chosen)  # there is one: Allocation checked it
-    if chosen.allocation == base and chosen.alloc_t:
+    if chosen.allocation == base and chosen.alloc_t and not chosen.carry:
         return
     if chosen.tests:
         if not chosen.passes():
@@ -265,7 +273,7 @@ def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
                 "such a budget must run uniform",
             )
         return
-    measured = [c.measured for c in a.candidates if c.allocation == base and c.alloc_t]
+    measured = [c.measured for c in a.candidates if c.allocation == base and c.alloc_t and not c.carry]
     if measured and chosen.measured > min(measured):
         _fail(
             f"allocations[{i}].chosen",
@@ -438,7 +446,9 @@ class BudgetFile(_Schema):
         table = torch.full((A + 1, L), math.inf, dtype=torch.float64)
         for a in self.allocations:
             if a.carry is not None:
-                table[a.budget] = torch.tensor([math.inf if v is None else v for v in a.carry])
+                table[a.budget] = torch.tensor(
+                    [math.inf if v is None else v for v in a.carry], dtype=torch.float64
+                )
         return table
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:

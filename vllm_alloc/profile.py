@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split
 # The scope each guard regime is served under: prefill steps pool a budget's tokens; a lone decode
 # stream's groups are one token each.
 REGIME_SCOPES = {"prefill": "budget", "decode": "token"}
+# The carried balance's calibration (docs/design.md): θ_l keeps K_l − K_base − CARRY_OFFSET extras per
+# token on average, and the bar falls by exp(−α·β); both measured best on two models (lever_sim.py).
+CARRY_OFFSET = 0.4
+CARRY_ALPHA = 0.05
 _EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 
 
@@ -98,10 +102,19 @@ class VllmEvaluator:
     regime the guard validates (`profile_protocols`): prefill under scope `budget`, the decode of a lone
     stream under scope `token`."""
 
-    def __init__(self, llm: Any, calib: CalibrationData, model: ModelFingerprint, k_base: int = 1) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        calib: CalibrationData,
+        model: ModelFingerprint,
+        k_base: int = 1,
+        carry_offset: float = CARRY_OFFSET,
+    ) -> None:
         from vllm_alloc.budget import uniform_budget_file
 
         self.llm, self.calib, self.model = llm, calib, model
+        self.carry_offset = carry_offset
+        self._thresholds: dict[tuple[int, ...], list[float | None]] = {}
         self._budgets = uniform_budget_file(model, k_base=k_base)  # only for absolute_budget()
 
     def request_budget(self, B: int) -> float:
@@ -116,17 +129,44 @@ class VllmEvaluator:
         nll = self._run(ks, True, "request", split)
         return math.exp(sum(nll) / sum(len(ids) - 1 for ids in self.calib.split_sequences(split)))
 
-    def validate(self, ks: Sequence[int], alloc_t: bool, regime: str) -> list[float]:
-        nll = self._run(ks, alloc_t, REGIME_SCOPES[regime], "heldout")
+    def validate(self, ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> list[float]:
+        # A lone stream that carries its balance is teacher-forced under scope `stream` (CPU): each
+        # sequence's tokens carry it in order, as its decode steps would.
+        scope = "stream" if carry and regime == "decode" else REGIME_SCOPES[regime]
+        nll = self._run(ks, alloc_t, scope, "heldout", carry)
         return [v / (len(ids) - 1) for v, ids in zip(nll, self.calib.heldout, strict=True)]
 
-    def _run(self, ks: Sequence[int], alloc_t: bool, scope: str, split: str) -> list[float]:
+    def calibrate_carry(self) -> None:
+        """Record the router scores of the full model on the profile split, for `thresholds`."""
+        self.llm.collective_rpc("vllm_alloc_record_scores", args=(True,))
+        try:
+            self._run([self.model.top_k] * self.model.num_moe_layers, True, "request", "profile")
+        finally:
+            self.llm.collective_rpc("vllm_alloc_record_scores", args=(False,))
+
+    def thresholds(self, ks: Sequence[int]) -> list[float | None]:
+        """θ per layer of the carried balance at K = ks (`carry.threshold_for`, K_l − K_base − offset
+        extras per token); None where it is +inf (the budget file's JSON has no infinity)."""
+        key = tuple(int(k) for k in ks)
+        if key not in self._thresholds:
+            B = sum(key)
+            got = self.llm.collective_rpc(
+                "vllm_alloc_carry_thresholds", args=({B: list(key)}, self.carry_offset)
+            )
+            self._thresholds[key] = [None if v == math.inf else float(v) for v in got[0][B]]
+        return self._thresholds[key]
+
+    def _run(
+        self, ks: Sequence[int], alloc_t: bool, scope: str, split: str, carry: bool = False
+    ) -> list[float]:
         """NLL sum of each sequence of `split` with K = ks as the live row of B = Σ ks."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         B = sum(ks)
         self.llm.collective_rpc("vllm_alloc_set_allocation", args=({B: list(ks)}, {B: bool(alloc_t)}))
+        theta = [math.inf if v is None else v for v in self.thresholds(ks)] if carry else None
+        self.llm.collective_rpc("vllm_alloc_set_carry", args=({B: theta},))
         self.llm.collective_rpc("vllm_alloc_set_scope", args=(scope,))
         params = SamplingParams(
             max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": self.request_budget(B)}
@@ -180,6 +220,7 @@ def build_budget_file(
     confidence: float = pp.CONFIDENCE,
     target: float = pp.TARGET,
     full_heldout: float | None = None,
+    carry_alpha: float | None = None,
 ) -> BudgetFile:
     """Assemble and validate the budget file (every problem surfaces as a BudgetFileError)."""
     from vllm_alloc.budget import Calibration
@@ -211,7 +252,13 @@ def build_budget_file(
         f"'token'). A candidate ships only where a paired per-sequence test at {confidence:.0%} confidence "
         "puts it below both baselines in every regime where they differ; otherwise the B runs uniform "
         "with Alloc-T. "
-        "Every other B runs uniform: no allocation that was not measured is shipped. B = A runs all K "
+        + (
+            f"Candidates ' + carry' carry each lone decode token's request balance (alpha {carry_alpha}; "
+            "theta calibrated on the profile split), measured under scope 'stream'. "
+            if carry_alpha is not None
+            else ""
+        )
+        + "Every other B runs uniform: no allocation that was not measured is shipped. B = A runs all K "
         "(the stock model)."
     )
     if full_heldout is not None:
@@ -225,6 +272,8 @@ def build_budget_file(
         "guard": guard if result.validated else None,
         "notes": notes,
     }
+    if carry_alpha is not None:
+        data["carry_alpha"] = carry_alpha
     return parse_budget_file(data)
 
 
@@ -254,9 +303,12 @@ def profile_to_file(
     confidence: float = pp.CONFIDENCE,
     target: float = pp.TARGET,
     progress: bool = True,
+    thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
+    carry_alpha: float | None = None,
 ) -> tuple[BudgetFile, int]:
     """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
-    returns the file and the number of model runs."""
+    returns the file and the number of model runs. With `thresholds` the guard also tries carrying the
+    balance (`profile_protocols.profile`), at `carry_alpha`."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -286,9 +338,9 @@ def profile_to_file(
         step(weight[split], f"{value:.4g}")
         return value
 
-    def timed_validate(ks: Sequence[int], alloc_t: bool, regime: str) -> Sequence[float]:
-        values = validate(ks, alloc_t, regime)
-        step(weight["heldout"], f"held-out B={sum(ks)} {regime}")
+    def timed_validate(ks: Sequence[int], alloc_t: bool, regime: str, carry: bool) -> Sequence[float]:
+        values = validate(ks, alloc_t, regime, carry)
+        step(weight["heldout"], f"held-out B={sum(ks)} {regime}{' carry' if carry else ''}")
         return values
 
     memo = pp.Memo(timed)
@@ -310,6 +362,7 @@ def profile_to_file(
             on_plan=on_plan,
             validate=validations,
             confidence=confidence,
+            thresholds=thresholds,
         )
         full = math.exp(float(validations([K] * L, True, "prefill").mean()))
     finally:
@@ -322,6 +375,7 @@ def profile_to_file(
         confidence=confidence,
         target=target,
         full_heldout=full,
+        carry_alpha=carry_alpha if thresholds is not None else None,
     )
     write_atomically(budget_file, out)
     return budget_file, memo.runs + validations.runs
@@ -387,6 +441,23 @@ def add_parser(subparsers: Any) -> None:
         default=32,
         help="validate every B when there are at most this many budgets (default 32)",
     )
+    p.add_argument(
+        "--no-carry",
+        action="store_true",
+        help="do not try carrying each lone decode stream's balance (candidates ' + carry'); CPU only",
+    )
+    p.add_argument(
+        "--carry-alpha",
+        type=float,
+        default=CARRY_ALPHA,
+        help=f"how fast the carried balance's bar falls as it grows (default {CARRY_ALPHA})",
+    )
+    p.add_argument(
+        "--carry-offset",
+        type=float,
+        default=CARRY_OFFSET,
+        help=f"θ keeps K_l - K_base - this many extras per token on average (default {CARRY_OFFSET})",
+    )
     p.add_argument("--dtype", default="auto", help="vLLM dtype (default auto)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="vLLM batch size (default 64)")
     p.add_argument("--out", required=True, type=Path, help="budget file to write (e.g. configs/NAME.json)")
@@ -406,6 +477,10 @@ def run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--confidence {args.confidence} is outside the valid range (0, 1)")
         if not 0.0 < args.resolve < 1.0:
             raise ProfileError(f"--resolve {args.resolve} is outside the valid range (0, 1)")
+        if not (math.isfinite(args.carry_alpha) and args.carry_alpha >= 0):
+            raise ProfileError(f"--carry-alpha {args.carry_alpha} is outside the valid range [0, inf)")
+        if not (math.isfinite(args.carry_offset) and 0 <= args.carry_offset < 1):
+            raise ProfileError(f"--carry-offset {args.carry_offset} is outside the valid range [0, 1)")
         config = read_moe_config(args.model)
         from transformers import AutoTokenizer
 
@@ -426,7 +501,12 @@ def run(args: argparse.Namespace) -> int:
         start = time.monotonic()
         llm = start_llm(args.model, calib.seq_len, args.dtype, args.max_num_seqs)
         model = fingerprint(config, llm.collective_rpc("vllm_alloc_counters")[0])
-        evaluator = VllmEvaluator(llm, calib, model, args.k_base)
+        evaluator = VllmEvaluator(llm, calib, model, args.k_base, args.carry_offset)
+        # Teacher-forcing a carrying stream (scope `stream`) runs on the CPU host path only.
+        carry = not args.no_carry and _on_cpu()
+        if carry:
+            llm.collective_rpc("vllm_alloc_set_carry", args=({}, args.carry_alpha))
+            evaluator.calibrate_carry()
         try:
             budget_file, runs = profile_to_file(
                 evaluator,
@@ -441,6 +521,8 @@ def run(args: argparse.Namespace) -> int:
                 confidence=args.confidence,
                 target=args.resolve,
                 progress=not args.no_progress,
+                thresholds=evaluator.thresholds if carry else None,
+                carry_alpha=args.carry_alpha,
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")

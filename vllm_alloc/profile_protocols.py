@@ -17,11 +17,13 @@ Selection rule (the guard), per absolute budget B from L·K_base to A:
   1. Baselines: "uniform" (alloc_l.uniform with Alloc-T: what the plugin serves without a budget file)
      and "uniform (no Alloc-T)" (every token keeps its top-K_l: at B = L·k this is vLLM's own top-k).
      Challengers: "uniform (no Alloc-T)", the isolating DP at B and, at requested budgets only, the
-     operating-point DP at B, each with and without Alloc-T.
+     operating-point DP at B, each with and without Alloc-T; and where the profiler calibrated the
+     carried balance (`vllm_alloc.carry`), uniform and each DP with Alloc-T carrying it (" + carry").
   2. Every configuration is run on the held-out split in each regime it is served in: prefill (scope
      `budget`: a step's tokens at one B share a pool) and decode of a lone stream (scope `token`: groups
-     of one token, where Alloc-T has nothing to move, so with and without it are one run). A run gives
-     the mean NLL of each held-out sequence.
+     of one token, where Alloc-T has nothing to move, so with and without it are one run; scope
+     `stream` where it carries the balance). Nothing carries in prefill, so there a carrying candidate
+     is its twin's run. A run gives the mean NLL of each held-out sequence.
   3. Paired test: a challenger against a baseline, in one regime, is the per-sequence difference of mean
      NLL; its mean and normal-approximation interval at `confidence`, as relative changes of perplexity
      (`paired_test`). A challenger *passes* when against each baseline (other than itself) it differs in
@@ -50,6 +52,7 @@ import numpy as np
 from vllm_alloc.alloc_l import solve, uniform
 
 __all__ = [
+    "CARRY",
     "PROTOCOLS",
     "REGIMES",
     "Evaluate",
@@ -68,14 +71,16 @@ __all__ = [
 ]
 
 Evaluate = Callable[[Sequence[int], str], float]
-# (K vector, Alloc-T on, regime) -> the mean NLL of each held-out sequence, in one fixed order.
-Validate = Callable[[Sequence[int], bool, str], Sequence[float]]
+# (K vector, Alloc-T on, regime, carried balance on) -> the mean NLL of each held-out sequence, in one
+# fixed order.
+Validate = Callable[[Sequence[int], bool, str, bool], Sequence[float]]
 PROTOCOLS: tuple[str, ...] = ("isolating", "operating-point")
 REGIMES: tuple[str, ...] = ("prefill", "decode")
 CONFIDENCE = 0.95  # of every paired interval
 TARGET = 0.002  # the relative perplexity difference the held-out split should resolve
 UNIFORM = "uniform"
 NO_ALLOC_T = " (no Alloc-T)"  # suffix of a candidate's name that runs without Alloc-T
+CARRY = " + carry"  # suffix of a candidate's name that carries the balance in decode (vllm_alloc.carry)
 PROFILE_SPLIT, HELDOUT_SPLIT = "profile", "heldout"
 
 
@@ -197,32 +202,38 @@ def paired_test(
 
 
 class Validations:
-    """Wraps a `Validate`: each distinct (vector, Alloc-T, regime) runs once; `runs` counts real runs.
+    """Wraps a `Validate`: each distinct (vector, Alloc-T, regime, carry) runs once; `runs` counts real
+    runs.
 
     In the decode regime (groups of one token) Alloc-T has nothing to move, so with and without it are
-    one run."""
+    one run. In prefill no token is alone in its group, so nothing carries: with and without the carried
+    balance are one run."""
 
     def __init__(self, validate: Validate) -> None:
         self._validate = validate
-        self.cache: dict[tuple[tuple[int, ...], bool, str], np.ndarray] = {}
+        self.cache: dict[tuple[tuple[int, ...], bool, str, bool], np.ndarray] = {}
 
     @staticmethod
-    def key(ks: Sequence[int], alloc_t: bool, regime: str) -> tuple[tuple[int, ...], bool, str]:
+    def key(
+        ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False
+    ) -> tuple[tuple[int, ...], bool, str, bool]:
         if regime not in REGIMES:
             raise ValueError(f"regime {regime!r} is not valid; expected one of {REGIMES}")
-        return tuple(int(k) for k in ks), bool(alloc_t) or regime == "decode", regime
+        decode = regime == "decode"
+        return tuple(int(k) for k in ks), bool(alloc_t) or decode, regime, bool(carry) and decode
 
     @property
     def runs(self) -> int:
         return len(self.cache)
 
-    def __call__(self, ks: Sequence[int], alloc_t: bool, regime: str) -> np.ndarray:
-        key = self.key(ks, alloc_t, regime)
+    def __call__(self, ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> np.ndarray:
+        key = self.key(ks, alloc_t, regime, carry)
         if key not in self.cache:
-            values = np.asarray(self._validate(list(key[0]), key[1], regime), dtype=np.float64)
+            values = np.asarray(self._validate(list(key[0]), key[1], regime, key[3]), dtype=np.float64)
             if values.ndim != 1 or values.size < 2 or not np.isfinite(values).all():
                 raise RuntimeError(
-                    f"held-out run of K = {list(key[0])} (Alloc-T {key[1]}, {regime}) gave {values[:8]}; "
+                    f"held-out run of K = {list(key[0])} (Alloc-T {key[1]}, {regime}, carry {key[3]}) gave "
+                    f"{values[:8]}; "
                     "need a finite mean NLL for each of ≥ 2 sequences"
                 )
             if self.cache and values.size != next(iter(self.cache.values())).size:
@@ -232,37 +243,44 @@ class Validations:
 
 
 def select(
-    candidates: Sequence[tuple[str, Sequence[int], bool]],
+    candidates: Sequence[tuple[str, Sequence[int], bool, bool]],
     validations: Validations,
     regimes: Sequence[str] = REGIMES,
     confidence: float = CONFIDENCE,
+    thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
 ) -> dict[str, Any]:
     """Run each candidate in each regime and pick the winner (rules 1 to 3): an `Allocation` dict.
 
-    `candidates` are (name, K vector, Alloc-T) and must start with the two baselines: ("uniform", u, True)
-    and ("uniform (no Alloc-T)", u, False)."""
-    names = [n for n, _, _ in candidates]
-    if len(candidates) < 2 or names[:2] != [UNIFORM, UNIFORM + NO_ALLOC_T] or not candidates[0][2]:
+    `candidates` are (name, K vector, Alloc-T, carry) and must start with the two baselines:
+    ("uniform", u, True, False) and ("uniform (no Alloc-T)", u, False, False). Where the winner carries,
+    `thresholds(K)` gives its θ per layer (the allocation's `carry`)."""
+    names = [c[0] for c in candidates]
+    baselines_ok = len(candidates) >= 2 and candidates[0][2] and not (candidates[0][3] or candidates[1][3])
+    if not baselines_ok or names[:2] != [UNIFORM, UNIFORM + NO_ALLOC_T]:
         raise ValueError(
-            f"the first candidates must be {UNIFORM!r} (Alloc-T on) and {UNIFORM + NO_ALLOC_T!r}, got {names}"
+            f"the first candidates must be {UNIFORM!r} (Alloc-T on) and {UNIFORM + NO_ALLOC_T!r}, neither "
+            f"carrying; got {names}"
         )
     if len(set(names)) != len(names):
         raise ValueError(f"candidate names must be unique, got {names}")
+    if thresholds is None and any(c[3] for c in candidates):
+        raise ValueError("candidates that carry need thresholds (their θ per layer)")
     baselines = candidates[:2]
     rows: list[dict[str, Any]] = []
-    for name, ks, alloc_t in candidates:
-        nll = {r: validations(ks, alloc_t, r) for r in regimes}
+    for name, ks, alloc_t, carry in candidates:
+        nll = {r: validations(ks, alloc_t, r, carry) for r in regimes}
         row: dict[str, Any] = {
             "name": name,
             "allocation": [int(k) for k in ks],
             "alloc_t": bool(alloc_t),
+            "carry": bool(carry),
             "measured": math.exp(float(nll[regimes[0]].mean())),
         }
         if "decode" in regimes:
             row["decode"] = math.exp(float(nll["decode"].mean()))
         row["tests"] = [
             {"regime": r, "baseline": b_name, **paired_test(nll[r], validations(b_ks, b_on, r), confidence)}
-            for b_name, b_ks, b_on in baselines
+            for b_name, b_ks, b_on, _ in baselines
             if b_name != name
             for r in regimes
         ]
@@ -275,13 +293,17 @@ def select(
 
     passing = [row for row in rows[1:] if Candidate.model_validate(row).passes()]
     best = min(passing, key=worst_vs_uniform) if passing else rows[0]  # min keeps the earliest of ties
-    return {
+    chosen = {
         "budget": sum(candidates[0][1]),
         "k": best["allocation"],
         "chosen": best["name"],
         "alloc_t": best["alloc_t"],
         "candidates": rows,
     }
+    if best["carry"]:
+        assert thresholds is not None
+        chosen["carry"] = thresholds(best["allocation"])
+    return chosen
 
 
 def half_widths(allocations: Iterable[dict[str, Any]]) -> list[float]:
@@ -358,13 +380,16 @@ def profile(
     validate: Validate | Validations,
     regimes: Sequence[str] = REGIMES,
     confidence: float = CONFIDENCE,
+    thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
 ) -> ProfileResult:
     """Run the protocols on the profile split (`evaluate`), then choose K(B) and Alloc-T for every B by
     the guard on the held-out split (`validate`; module docstring).
 
     `budgets` are the requested absolute budgets B (operating-point sweeps run at each, A excluded:
     there is nothing to allocate at the full budget). `on_plan(n)` is told the number of held-out runs
-    still to come once the sensitivities are known (progress bars)."""
+    still to come once the sensitivities are known (progress bars). With `thresholds` (θ per layer of a
+    K vector, `vllm_alloc.carry`), every candidate with Alloc-T also runs carrying the balance in decode
+    (" + carry"), against the same baselines."""
     _check_shape(L, K, k_base)
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
@@ -388,24 +413,30 @@ def profile(
             result.operating_point[B] = S
             solved_op[B] = solve(S, k_min=k_base)[B]
 
-    def candidates(B: int) -> list[tuple[str, list[int], bool]]:
+    def candidates(B: int) -> list[tuple[str, list[int], bool, bool]]:
         found = [(UNIFORM, uniform(L, K, B, k_min=k_base))]
         if B in solved_iso:
             found.append(("isolating", solved_iso[B]))
         if B in solved_op:
             found.append(("operating-point", solved_op[B]))
-        with_t = [(name, ks, True) for name, ks in found]
-        without_t = [(name + NO_ALLOC_T, ks, False) for name, ks in found]
-        challengers = (c for pair in zip(with_t[1:], without_t[1:], strict=True) for c in pair)
-        return [with_t[0], without_t[0], *challengers]
+        with_t = [(name, ks, True, False) for name, ks in found]
+        without_t = [(name + NO_ALLOC_T, ks, False, False) for name, ks in found]
+        carried = [(name + CARRY, ks, True, True) for name, ks in found] if thresholds else []
+        challengers = [c for pair in zip(with_t[1:], without_t[1:], strict=True) for c in pair]
+        return [with_t[0], without_t[0], *challengers, *carried]
 
     if on_plan is not None:
-        keys = {validations.key(ks, on, r) for B in validated for _, ks, on in candidates(B) for r in regimes}
+        keys = {
+            validations.key(ks, on, r, carry)
+            for B in validated
+            for _, ks, on, carry in candidates(B)
+            for r in regimes
+        }
         on_plan(len(keys - set(validations.cache)))
 
     for B in range(lo, A + 1):
         if B in validated:
-            result.allocations.append(select(candidates(B), validations, regimes, confidence))
+            result.allocations.append(select(candidates(B), validations, regimes, confidence, thresholds))
         else:
             k = uniform(L, K, B, k_min=k_base)
             result.allocations.append({"budget": B, "k": k, "chosen": UNIFORM, "alloc_t": True})

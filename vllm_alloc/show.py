@@ -89,7 +89,12 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
             f"{', '.join(g.regimes)}, paired {g.confidence:.0%} intervals of the change in perplexity; "
             f"resolution ±{g.resolution:.3%} (median half-width), which {verdict} the {g.target:.2%} target"
         )
-    table = [["b", "B", "K(B)", "Alloc-T", "chosen", "vs uniform: prefill", "decode (N = 1)"]]
+    if any(bf.carrying()):
+        lines.append(
+            f"carried balance (lone decode streams): α = {bf.carry_alpha:g}; θ per layer where a B carries "
+            "(— : +inf, the layer keeps K_base and banks the rest)"
+        )
+    table = [["b", "B", "K(B)", "Alloc-T", "carry θ", "chosen", "vs uniform: prefill", "decode (N = 1)"]]
     for b in budgets:
         a = _allocation(bf, b)
         chosen = next((c for c in a.candidates if c.name == a.chosen), None)
@@ -105,7 +110,12 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
                 cells = [f"{chosen.measured / base.measured - 1:+.2%}", "—"]
             else:
                 cells = [_interval(_test(chosen, UNIFORM, r)) for r in REGIMES]
-        table.append([f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", name, *cells])
+        theta = (
+            "off"
+            if a.carry is None
+            else "(" + ", ".join("—" if v is None else f"{v:.3g}" for v in a.carry) + ")"
+        )
+        table.append([f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", theta, name, *cells])
     lines += ["", *_table(table, {0, 1})]
     for b in budgets:
         a = _allocation(bf, b)
