@@ -122,7 +122,7 @@ def test_calibration_from_recorded_scores() -> None:
     assert int((extras >= theta[B_HALF][0]).sum()) == 1000  # K_l − K_base = 1 extra per token on average
     assert theta[2] == [math.inf, math.inf]  # K_l = K_base: nothing above the floor
     state.record_scores(False)
-    assert state.recorded is None
+    assert not state.recording and state.carry_thresholds({2: [1, 1]}, 0.0)  # stopped, still there
 
 
 def test_set_carry_validates_and_reset_restores_the_file() -> None:

@@ -551,8 +551,12 @@ def test_profile_gives_the_scaled_layer_more_experts(profiled: dict) -> None:
     assert set(by_name) == {
         name + suffix
         for name in ("uniform", "isolating", "operating-point")
-        for suffix in ("", " (no Alloc-T)")
+        for suffix in ("", " (no Alloc-T)", " + carry")
     }
+    for name in ("uniform", "isolating", "operating-point"):  # carrying changes decode only
+        carried, twin = by_name[name + " + carry"], by_name[name]
+        assert carried.carry and carried.measured == twin.measured and carried.decode != twin.decode
+    assert (a.carry is not None) == by_name[a.chosen].carry and (a.carry is None or len(a.carry) == 4)
     for name in ("isolating", "operating-point"):
         ks = by_name[name].allocation
         assert ks[0] >= max(ks[1:]), (name, ks)

@@ -88,7 +88,7 @@ def moe_apply(
     layer_name: str,
 ) -> torch.Tensor:
     runner = _RUNNERS[layer_name]
-    if STATE.recorded is not None and STATE.counting:  # calibration of the carried balance (eager only)
+    if STATE.recording and STATE.counting:  # calibration of the carried balance (eager only)
         STATE.record(
             runner._alloc_info.column, rank_keys(runner.router, router_logits, topk_weights, topk_ids)
         )

@@ -119,8 +119,9 @@ class AllocState:
     # Request slots of the carried balance: req id -> [slot, position of its next token, last step seen].
     _slots: dict[str, list[int]] = field(default_factory=dict)
     _free_slots: list[int] = field(default_factory=list)
-    # Router scores recorded for the carry calibration, per MoE layer column (None: not recording).
+    # Router scores recorded for the carry calibration, per MoE layer column; `recording` while they are.
     recorded: list[list[np.ndarray]] | None = None
+    recording: bool = False
     _absolute: dict[Any, int] = field(default_factory=dict)
 
     # -- start-up -------------------------------------------------------------------------------------
@@ -431,10 +432,12 @@ class AllocState:
                 plan.carry_theta[int(B)].copy_(torch.tensor(row, dtype=plan.carry_theta.dtype))
 
     def record_scores(self, on: bool) -> None:
-        """Start (clearing what was recorded) or stop recording each layer's router scores below the
-        floor, in every real pass (the calibration of the carried balance's θ)."""
+        """Start (clearing what was recorded before) or stop recording each layer's router scores below
+        the floor, in every real pass (the calibration of the carried balance's θ)."""
         plan = self._need_plan()
-        self.recorded = [[] for _ in range(plan.budget_file.model.num_moe_layers)] if on else None
+        if on:
+            self.recorded = [[] for _ in range(plan.budget_file.model.num_moe_layers)]
+        self.recording = on
 
     def record(self, column: int, keys: torch.Tensor) -> None:
         """Record one layer call's ranking keys [T, K]: each token's candidates below its top-K_base."""
