@@ -20,19 +20,25 @@ training, model selection or profiling saw). Rows, at b ∈ {1.0, 0.75, 0.5, 0.3
                            configuration) and "request" (what the profiler measures with), plus each
                            protocol's candidate, and the levers (weights "kept", K_base = 2, a profile
                            from 1/8 of the calibration tokens)
+  carried balance          a lone decode stream under scope "stream": the shipped file as it is
+                           (`L+T shipped (decode N=1)`: its tokens carry where the file ships the
+                           balance), and uniform K_l carrying it with θ calibrated in the engine from
+                           the full model's router scores on 64 validation windows (`uniform + carry`)
 
 Each engine-level setting (plugin on/off, hf_overrides, budget file, scope, weights) is one engine in a
 child process (`--engine SPEC OUT`), started once and run one after another; within an engine the
-allocation rows of B = ⌊b·A⌋ are installed live, with Alloc-T on (`vllm_alloc_set_allocation`, the
-profiler's mechanism), or restored from the loaded file with its Alloc-T flags
-(`vllm_alloc_reset_allocation`), and budgets go per request. Each budget
-is its own `generate` call, so a batch never mixes budgets and every configuration sees the same batches.
-The candidate ranking score of Alloc-T is the router's own score in every row (not varied).
+allocation rows of B = ⌊b·A⌋ are installed live, with Alloc-T on and not carrying unless a row asks
+(`vllm_alloc_set_allocation`, `vllm_alloc_set_carry`: the profiler's mechanism), or restored from the
+loaded file with its Alloc-T flags and θ (`vllm_alloc_reset_allocation`), and budgets go per request.
+Each budget is its own `generate` call, so a batch never mixes budgets and every configuration sees the
+same batches. The candidate ranking score of Alloc-T is the router's own score in every row (not varied).
 
 Regimes. Alloc-T's groups depend on how tokens share a forward pass, so the rows above (scope `budget`,
 2048-token steps of whole windows) measure the prefill regime. The decode regime, N concurrent
 same-budget streams, is measured by teacher forcing too, with groups made exactly as N streams' decode
-steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows), and N = 8, 64
+steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows) or, where a B carries
+the request balance, scope `stream` (each window's tokens carry it in order, as decode steps would;
+tests/e2e: equal to a real decode loop), and N = 8, 64
 (engines `decode N=…`) run scope `position` with N windows per `generate` call, all N prefilled in one
 step, so a group is the N tokens at one position (tests/e2e: equal to a real decode loop). Rows without
 Alloc-T (the uniforms, `(token)`) are the same in every regime. `regime_tables` prints one table per
@@ -56,12 +62,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402  (after sys.path)
 
+from vllm_alloc.profile import CARRY_ALPHA, CARRY_OFFSET  # noqa: E402
+
 BUDGETS = (1.0, 0.75, 0.5, 0.33)
 SEQ_LEN = 256
 SHIPPED_ROW = "L+T shipped (budget, topk)"  # the configuration `--budget-config default` serves
+# ... and the same file for a lone decode stream, teacher-forced under scope `stream`: its tokens carry the
+# request balance where the file ships it (tests/e2e: equal to a real decode loop).
+SHIPPED_N1 = "L+T shipped (decode N=1)"
 # Decode regime: N concurrent same-budget streams. N = 1 is scope `token` (a group of one token), so its
 # rows are the `(token)` rows; N > 1 teacher-forces N windows per pass under scope `position`.
 DECODE_STREAMS = (1, 8, 64)
+CALIB_WINDOWS = 64  # validation windows whose router scores calibrate the carried balance's θ
 # Each regime's rows, as (what the row is, the result label in that regime).
 REGIMES: dict[str, list[tuple[str, str]]] = {
     "prefill (scope budget, 2048-token steps)": [
@@ -70,9 +82,11 @@ REGIMES: dict[str, list[tuple[str, str]]] = {
         ("L+T isolating DP", "L+T isolating DP (budget)"),
         ("L+T operating-point DP", "L+T operating-point DP (budget)"),
     ],
-    "decode N = 1 (a lone stream: groups of one token, Alloc-T idle)": [
+    "decode N = 1 (a lone stream: groups of one token, Alloc-T idle; the carried balance where it ships)": [
         ("T only (uniform K_l)", "uniform same-B (token, topk)"),
-        ("L+T shipped (served)", "L only: shipped (token)"),
+        ("L+T shipped (served)", SHIPPED_N1),
+        ("uniform + carry (θ calibrated here)", "uniform + carry (decode N=1)"),
+        ("L only, shipped vector, no carry", "L only: shipped (token)"),
         ("L+T isolating DP", "L only: isolating DP (token)"),
         ("L+T operating-point DP", "L only: operating-point DP (token)"),
     ],
@@ -122,6 +136,15 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     llm = LLM(**kwargs)
     seqs: list[list[int]] = spec["seqs"]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in seqs]
+    if any(ev.get("carry") for ev in spec["evals"]):
+        # The carried balance's θ, calibrated as the profiler does: the full model's router scores on the
+        # validation windows (not the test windows measured here).
+        llm.collective_rpc("vllm_alloc_record_scores", args=(True,))
+        calib = [TokensPrompt(prompt_token_ids=ids) for ids in spec["calib_seqs"]]
+        llm.generate(
+            calib, SamplingParams(max_tokens=1, extra_args={"activation_budget": 1.0}), use_tqdm=False
+        )
+        llm.collective_rpc("vllm_alloc_record_scores", args=(False,))
     out: dict[str, dict[str, float]] = {}
     per_seq: dict[str, dict[str, list[float]]] = {}
     for ev in spec["evals"]:
@@ -131,6 +154,10 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 # Installed rows run with Alloc-T (the scope decides what it does), whatever the file's
                 # flag at that B.
                 llm.collective_rpc("vllm_alloc_set_allocation", args=(rows, dict.fromkeys(rows, True)))
+                theta: dict[int, Any] = dict.fromkeys(rows)  # installed rows do not carry, unless asked
+                if ev.get("carry"):
+                    theta = llm.collective_rpc("vllm_alloc_carry_thresholds", args=(rows, CARRY_OFFSET))[0]
+                llm.collective_rpc("vllm_alloc_set_carry", args=(theta, CARRY_ALPHA))
             else:
                 llm.collective_rpc("vllm_alloc_reset_allocation")
         out[ev["label"]], per_seq[ev["label"]] = {}, {}
@@ -184,8 +211,10 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
     small = scratch / "small-calib.json"
     kbase2 = scratch / "kbase2.json"
 
-    def ev(label: str, rows: dict[int, list[int]] | None, budgets: list[float] = low) -> dict[str, Any]:
-        return {"label": label, "rows": rows, "budgets": budgets}
+    def ev(
+        label: str, rows: dict[int, list[int]] | None, budgets: list[float] = low, carry: bool = False
+    ) -> dict[str, Any]:
+        return {"label": label, "rows": rows, "budgets": budgets, "carry": carry}
 
     def plugin(name: str, cfg: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
         return {"name": name, "plugin": True, "additional_config": {"vllm_alloc": cfg}, "evals": evals}
@@ -221,6 +250,11 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
                 ev("uniform same-B (token, kept)", src["uniform"]),
                 ev("L only: shipped (token, kept)", src["chosen"]),
             ],
+        ),
+        plugin(
+            "stream",  # a lone decode stream: the shipped file, and the uniform allocation carrying
+            {"budget_file": str(shipped), "scope": "stream"},
+            [ev(SHIPPED_N1, None), ev("uniform + carry (decode N=1)", src["uniform"], carry=True)],
         ),
         plugin(
             "default",  # exactly what `--budget-config default` serves
@@ -280,7 +314,11 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
 
 
 def run_all(
-    engines: list[dict[str, Any]], seqs: list[list[int]], work: Path, model: Path = MODEL
+    engines: list[dict[str, Any]],
+    seqs: list[list[int]],
+    work: Path,
+    model: Path = MODEL,
+    calib_seqs: list[list[int]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
     """Every engine in turn: perplexities, and each window's mean NLL (for paired intervals)."""
     results: dict[str, dict[str, float]] = {}
@@ -290,7 +328,8 @@ def run_all(
             work / f"engine-{engine['name'].replace('/', '-')}.json",
             work / "engine-out.json",
         )
-        spec_path.write_text(json.dumps({**engine, "seqs": seqs, "model": str(model)}))
+        spec = {**engine, "seqs": seqs, "model": str(model), "calib_seqs": calib_seqs or []}
+        spec_path.write_text(json.dumps(spec))
         out_path.unlink(missing_ok=True)
         t0 = time.monotonic()
         print(f"engine {engine['name']}", flush=True)
@@ -481,6 +520,8 @@ def plot(
         "T only (budget)",
         "T only (request)",
         SHIPPED_ROW,
+        SHIPPED_N1,
+        "uniform + carry (decode N=1)",
         "L+T shipped (decode N=8)",
         "L+T shipped (decode N=64)",
         "L+T shipped (request)",
@@ -509,11 +550,10 @@ def plot(
         style = dict(lw=2.8, color="black", zorder=5) if name == SHIPPED_ROW else dict(lw=1.3)
         dashed = "--" if name.startswith("uniform") else "-"
         if name.startswith("L+T shipped (decode"):  # the shipped configuration in the decode regime
-            style, dashed = dict(lw=1.8, color="dimgray" if "N=8" in name else "black", zorder=4), ":"
-        label = {
-            SHIPPED_ROW: name + " ★ shipped, prefill",
-            "L only: shipped (token)": name + " = shipped at decode N=1",
-        }.get(name, name)
+            grey = {"N=1": "tab:red", "N=8": "dimgray"}
+            color = next((c for n, c in grey.items() if n in name), "black")
+            style, dashed = dict(lw=1.8, color=color, zorder=4), ":"
+        label = {SHIPPED_ROW: name + " ★ shipped, prefill"}.get(name, name)
         ax.plot(bs, [min(y, top) for y in ys], dashed, marker="o", ms=4, label=label, **style)
         for b, y in zip(bs, ys, strict=True):
             if y > top:
@@ -563,7 +603,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         engines = [e for e in engines if e["name"] in args.only.split(",")]
     t0 = time.monotonic()
-    ran, ran_nll = run_all(engines, seqs, args.scratch, args.model)
+    val = split_ids("validation", args.model)
+    calib_seqs = [
+        val[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(min(CALIB_WINDOWS, len(val) // SEQ_LEN))
+    ]
+    ran, ran_nll = run_all(engines, seqs, args.scratch, args.model, calib_seqs)
     results = {**previous.get("results", {}), **ran}
     nll = {**previous.get("nll", {}), **ran_nll}
     args.out.write_text(
