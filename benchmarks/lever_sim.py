@@ -15,6 +15,9 @@ Rows at b (uniform K_l = ⌊b·K⌋ in every layer, K_base = 1):
   carry α=0 / carry α               the balance with a fixed bar / a bar that falls as the bank grows
   bar without balance               a bar calibrated to K_l per token on average, no balance: each
                                     request's spend is only bounded in expectation (no pool)
+  carry α, score w·‖e‖              the carried balance ranking by a score calibrated per layer and
+                                    expert offline: router weight × the expert's mean output norm on
+                                    the validation split (the kept set is then the top by that score)
 
 It exists to choose the lever's form and defaults before it is wired into serving; the served numbers
 come from `make bench-quality` (BENCHMARKS.md), which measures vLLM.
@@ -27,7 +30,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,18 +74,34 @@ def main() -> None:
     # is `arange(K) < n`, and the weights double as the ranking keys.
     state: dict = {"rule": None, "record": None}
     stock = qwen3.Qwen3MoeTopKRouter.forward
+    E = model.config.num_experts
+    norm_sum, norm_count = torch.zeros(L, E), torch.zeros(L, E)  # expert output norms (calibration)
 
     def routed(self: torch.nn.Module, hidden: torch.Tensor) -> tuple:
         logits, w, idx = stock(self, hidden)
         if state["record"] is not None:
-            state["record"][self.layer].append(w[:, K_BASE:].detach().numpy().copy())
+            state["record"][self.layer].append((w.detach().clone(), idx.clone()))
         if state["rule"] is not None:
-            w = state["rule"](self.layer, w.view(state["streams"], -1, K)).reshape(-1, K)
+            shape = (state["streams"], -1, K)
+            w = state["rule"](self.layer, w.view(shape), idx.view(shape)).reshape(-1, K)
         return logits, w, idx
 
+    stock_experts = qwen3.Qwen3MoeExperts.forward
+
+    def experts(
+        self: torch.nn.Module, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        if state["record"] is not None:  # every expert's output norm for the tokens routed to it
+            gate, up = torch.einsum("th,ekh->tek", hidden, self.gate_up_proj).chunk(2, dim=-1)
+            out = torch.einsum("tei,ehi->teh", self.act_fn(gate) * up, self.down_proj).norm(dim=-1)
+            norm_sum[self.layer].index_add_(0, idx.reshape(-1), out.gather(1, idx).reshape(-1))
+            norm_count[self.layer].index_add_(0, idx.reshape(-1), torch.ones(idx.numel()))
+        return stock_experts(self, hidden, idx, w)
+
     qwen3.Qwen3MoeTopKRouter.forward = routed
+    qwen3.Qwen3MoeExperts.forward = experts
     for l, layer in enumerate(model.model.layers):
-        layer.mlp.gate.layer = l
+        layer.mlp.gate.layer = layer.mlp.experts.layer = l
 
     def nll(data: torch.Tensor, rule: object) -> torch.Tensor:
         out = []
@@ -98,37 +116,58 @@ def main() -> None:
 
     state["record"] = [[] for _ in range(L)]
     nll(windows("validation"), None)
-    extras = [np.concatenate(r) for r in state["record"]]
+    recorded = [(torch.cat([w for w, _ in r]), torch.cat([i for _, i in r])) for r in state["record"]]
     state["record"] = None
-    theta = [threshold_for(e, k_l - K_BASE - args.offset) for e in extras]
-    theta_mean = [threshold_for(e, k_l - K_BASE) for e in extras]  # the bar alone: K_l on average
+    mean_norm = norm_sum / norm_count.clamp(min=1)
 
-    def prefix(w: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.arange(K) < n[..., None], w, 0.0)
+    def router_score(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def norm_score(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return w * mean_norm[l][idx]
+
+    def bars(score: object, offset: float) -> list[float]:
+        """θ per layer for a score: calibration tokens keep K_l − K_base − offset extras on average."""
+        out = []
+        for l, (w, idx) in enumerate(recorded):
+            ranked = torch.sort(score(l, w, idx), dim=-1, descending=True).values  # type: ignore[operator]
+            out.append(threshold_for(ranked[:, K_BASE:].numpy(), k_l - K_BASE - offset))
+        return out
+
+    def keep_top(score: torch.Tensor, w: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """w where the candidate is among the token's top-n by `score`, else 0."""
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)
+        keep = torch.zeros_like(w, dtype=torch.bool).scatter(-1, order, torch.arange(K) < n[..., None])
+        return torch.where(keep, w, 0.0)
 
     def uniform(renorm: bool) -> object:
-        def rule(l: int, w: torch.Tensor) -> torch.Tensor:
-            kept = prefix(w, torch.full(w.shape[:-1], k_l))
+        def rule(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            kept = keep_top(w, w, torch.full(w.shape[:-1], k_l))
             return kept / kept.sum(-1, keepdim=True) * w.sum(-1, keepdim=True) if renorm else kept
 
         return rule
 
-    def carried(alpha: float) -> object:
-        def rule(l: int, w: torch.Tensor) -> torch.Tensor:
+    def carried(alpha: float, score: object = router_score) -> object:
+        theta = bars(score, args.offset)
+
+        def rule(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            keys = score(l, w, idx)  # type: ignore[operator]
             streams, S, _ = w.shape
             balance = torch.zeros(streams, dtype=torch.int64)
             n = torch.empty(streams, S, dtype=torch.int64)
             for s in range(S):  # one decode step of every stream
                 n[:, s], balance = carry_counts(
-                    w[:, s], torch.full((streams,), k_l), balance, torch.full((streams,), theta[l]),
+                    keys[:, s], torch.full((streams,), k_l), balance, torch.full((streams,), theta[l]),
                     K_BASE, alpha,
                 )  # fmt: skip
-            return prefix(w, n)
+            return keep_top(keys, w, n)
 
         return rule
 
-    def bar_only(l: int, w: torch.Tensor) -> torch.Tensor:
-        return prefix(w, (w >= theta_mean[l]).sum(-1).clamp(min=K_BASE))
+    theta_mean = bars(router_score, 0.0)  # the bar alone: K_l per token on average
+
+    def bar_only(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return keep_top(w, w, (w >= theta_mean[l]).sum(-1).clamp(min=K_BASE))
 
     test = windows("test")
     full = nll(test, None)
@@ -138,18 +177,19 @@ def main() -> None:
         "carry α=0": nll(test, carried(0.0)),
         f"carry α={args.alpha}": nll(test, carried(args.alpha)),
         "bar without balance": nll(test, bar_only),
+        f"carry α={args.alpha}, score w·‖e‖": nll(test, carried(args.alpha, norm_score)),
     }
     ppl = {name: math.exp(v.mean().item()) for name, v in rows.items()}
-    top, same = ppl["uniform top-⌊bK⌋ (renormalised)"], ppl["uniform same-B (weights topk)"]
+    topk, same = ppl["uniform top-⌊bK⌋ (renormalised)"], ppl["uniform same-B (weights topk)"]
     f = math.exp(full.mean().item())
     print(f"{args.model.name}: b={args.b} K_l={k_l} of K={K}, {len(test)} test windows x {SEQ_LEN}, "
-          f"offset {args.offset}; θ = {[round(t, 4) for t in theta]}; full model {f:.3f}")  # fmt: skip
+          f"offset {args.offset}; full model {f:.3f}")  # fmt: skip
     head = f"{'row':34s} {'ppl':>8s} {'rec vs top-k':>13s} {'rec vs same-B':>14s}"
     print(f"{head}  paired ΔNLL vs same-B (95%)")
     for name, v in rows.items():
         d = v - rows["uniform same-B (weights topk)"]
         half = 1.96 * d.std().item() / math.sqrt(len(d))
-        print(f"{name:34s} {ppl[name]:8.3f} {(top - ppl[name]) / (top - f):+13.0%} "
+        print(f"{name:34s} {ppl[name]:8.3f} {(topk - ppl[name]) / (topk - f):+13.0%} "
               f"{(same - ppl[name]) / (same - f):+14.0%}  {d.mean().item():+.5f} ± {half:.5f}")  # fmt: skip
 
 
