@@ -521,7 +521,6 @@ def plot(
         "T only (request)",
         SHIPPED_ROW,
         SHIPPED_N1,
-        "uniform + carry (decode N=1)",
         "L+T shipped (decode N=8)",
         "L+T shipped (decode N=64)",
         "L+T shipped (request)",
@@ -550,7 +549,7 @@ def plot(
         style = dict(lw=2.8, color="black", zorder=5) if name == SHIPPED_ROW else dict(lw=1.3)
         dashed = "--" if name.startswith("uniform") else "-"
         if name.startswith("L+T shipped (decode"):  # the shipped configuration in the decode regime
-            grey = {"N=1": "tab:red", "N=8": "dimgray"}
+            grey = {"N=1": "magenta", "N=8": "dimgray"}
             color = next((c for n, c in grey.items() if n in name), "black")
             style, dashed = dict(lw=1.8, color=color, zorder=4), ":"
         label = {SHIPPED_ROW: name + " ★ shipped, prefill"}.get(name, name)
