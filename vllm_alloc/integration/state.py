@@ -412,7 +412,8 @@ class AllocState:
 
     def set_carry(self, theta: dict[int, list[float] | None], alpha: float | None = None) -> None:
         """Where `theta` names B, carry the balance there with these θ_l (None: stop carrying at B);
-        `alpha` replaces α (the profiler and the quality benchmark measure the lever this way)."""
+        `alpha` replaces α (the profiler and the quality benchmark measure the lever this way, eager).
+        CUDA graphs captured while no B carried do not compute it (docs/design.md, GPU path)."""
         from vllm_alloc.carry import check_alpha
 
         plan = self._need_plan()
