@@ -146,14 +146,7 @@ def test_guard_ships_the_carried_balance_only_where_decode_improves(gain: float,
     prefill = [c for c in calls if c[2] == "prefill"]
     assert len(prefill) == len(set(prefill))
     bf = profile_mod.build_budget_file(
-        ModelFingerprint(
-            architecture="X",
-            moe_layers=list(range(L)),
-            num_experts=8,
-            top_k=K,
-            hidden_size=32,
-            intermediate_size=16,
-        ),
+        fingerprint(L, K),
         result,
         CalibrationData(profile=[[1, 2]] * 2, heldout=[[1, 2]] * 48, source="fake", seq_len=2, split="fake"),
         requested=[8],

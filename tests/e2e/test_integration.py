@@ -80,11 +80,11 @@ def assert_counts_follow(counters: dict[str, Any], allocation: dict[int, list[in
             assert used == k_l * tokens, f"layer column {column}, B={B}: {used} != {k_l} x {tokens}"
 
 
-def skewed_budget_file(
-    tmp_path: Path, architecture: str, moe_layers: tuple[int, int] = (0, 1)
-) -> tuple[Path, dict[int, list[int]]]:
-    """A valid budget file whose allocation is deliberately unequal across the two MoE layers."""
-    model = ModelFingerprint(
+def tiny_fingerprint(
+    architecture: str = "Qwen3MoeForCausalLM", moe_layers: tuple[int, int] = (0, 1)
+) -> ModelFingerprint:
+    """The fingerprint of a tiny checkpoint (vllm_alloc.tiny defaults), as budget files record it."""
+    return ModelFingerprint(
         architecture=architecture,
         moe_layers=list(moe_layers),
         num_experts=E,
@@ -92,7 +92,13 @@ def skewed_budget_file(
         hidden_size=H,
         intermediate_size=I,
     )
-    data = uniform_budget_file(model).model_dump()
+
+
+def skewed_budget_file(
+    tmp_path: Path, architecture: str, moe_layers: tuple[int, int] = (0, 1)
+) -> tuple[Path, dict[int, list[int]]]:
+    """A valid budget file whose allocation is deliberately unequal across the two MoE layers."""
+    data = uniform_budget_file(tiny_fingerprint(architecture, moe_layers)).model_dump()
     rows = {2: [1, 1], 3: [2, 1], 4: [3, 1], 5: [4, 1], 6: [4, 2], 7: [4, 3], 8: [4, 4]}
     for allocation in data["allocations"]:
         allocation["k"] = rows[allocation["budget"]]
@@ -207,11 +213,7 @@ def test_cuda_branch_inside_vllm_cpu_matches_host_path(tmp_path: Path, tiny_mode
 
 def carrying_file(tmp_path: Path, theta: float = 0.27) -> Path:
     """The tiny Qwen3-MoE's uniform budget file, carrying the request balance at b = 0.5 (B = A/2)."""
-    fp = ModelFingerprint(
-        architecture="Qwen3MoeForCausalLM", moe_layers=[0, 1], num_experts=E, top_k=K, hidden_size=H,
-        intermediate_size=I,
-    )  # fmt: skip
-    data = uniform_budget_file(fp).model_dump(mode="json")
+    data = uniform_budget_file(tiny_fingerprint()).model_dump(mode="json")
     data["allocations"][A // 2 - L]["carry"] = [theta] * L
     path = tmp_path / "carry.json"
     parse_budget_file(data).dump(path)
@@ -330,15 +332,7 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
     target's B (`alloc_t: false`, as the guard ships where Alloc-T loses) serves that B under scope
     `budget` exactly as scope `token` does (each token keeps its own top-K_l), alone and batched."""
     model = tiny_model("qwen3_moe")
-    fingerprint = ModelFingerprint(
-        architecture="Qwen3MoeForCausalLM",
-        moe_layers=[0, 1],
-        num_experts=E,
-        top_k=K,
-        hidden_size=H,
-        intermediate_size=I,
-    )
-    data = uniform_budget_file(fingerprint).model_dump()
+    data = uniform_budget_file(tiny_fingerprint()).model_dump()
     data["allocations"][4 - L]["alloc_t"] = False  # B = 4: b = 0.5
     no_alloc_t = tmp_path / "no-alloc-t-at-half.json"
     parse_budget_file(data).dump(no_alloc_t)

@@ -375,9 +375,7 @@ class AllocState:
         """Overwrite rows K(B) of the live allocation table, and where `alloc_t` names B whether Alloc-T
         reallocates there (the profiler measures arbitrary configurations through the serving path this
         way). Rows are validated like a budget file's."""
-        plan = self.plan
-        if plan is None:
-            raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
+        plan = self._need_plan()
         model = plan.budget_file.model
         for B, ks in rows.items():
             B = int(B)
@@ -470,12 +468,11 @@ class AllocState:
         and a lone decode stream under `token` in one engine)."""
         from vllm_alloc.integration.config import SCOPES
 
-        if self.plan is None:
-            raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
+        plan = self._need_plan()
         if scope not in SCOPES:
             raise ValueError(f"scope={scope!r} is not valid; expected one of {SCOPES}")
         self._check_scope(scope)
-        self.plan.scope = scope
+        plan.scope = scope
 
     def _check_scope(self, scope: str) -> None:
         assert self.plan is not None
