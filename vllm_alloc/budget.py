@@ -589,13 +589,23 @@ def resolve_budget_file(path_or_name: str | Path) -> Path:
 def load_budget_file(path_or_name: str | Path) -> BudgetFile:
     """Load and validate a budget file by path, or by the name of a shipped one (`<name>[.json]` in
     CONFIGS_DIR; an existing path wins over a shipped name)."""
+    path, text = read_budget_file(path_or_name)
+    return parse_budget_text(text, path)
+
+
+def read_budget_file(path_or_name: str | Path) -> tuple[Path, str]:
+    """The path and text of a budget file (`load_budget_file` without the validation)."""
     path = resolve_budget_file(path_or_name)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path, path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BudgetFileError(
             path, None, f"cannot read it ({exc})", "check the path and its permissions"
         ) from None
+
+
+def parse_budget_text(text: str, path: str | Path | None) -> BudgetFile:
+    """Validate the text of a budget file; BudgetFileError names `path` and the field."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

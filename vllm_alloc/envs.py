@@ -67,6 +67,14 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         _str_or_none("VLLM_ALLOC_WEIGHTS"),
         "Weights of kept experts, `topk`, `kept` or `raw`. Unset: the budget file's choice.",
     ),
+    "VLLM_ALLOC_BUDGET_ALIASES": (
+        _str_or_none("VLLM_ALLOC_BUDGET_ALIASES"),
+        "Budgets served as model names, comma-separated: `0.75,0.5` serves NAME@0.75 and NAME@0.5.",
+    ),
+    "VLLM_ALLOC_ADMIN_KEY": (
+        _str_or_none("VLLM_ALLOC_ADMIN_KEY"),
+        "Key of the admin route (/vllm-alloc/admin, `Authorization: Bearer KEY`). Unset: the route is off.",
+    ),
     "VLLM_ALLOC_DISABLE": (
         _flag("VLLM_ALLOC_DISABLE"),
         "1: register() installs nothing; vLLM runs stock even with the plugin installed.",

@@ -2,8 +2,9 @@
 
 What it adds to a plain `vllm serve` (and nothing else: every other argument passes through):
   --middleware vllm_alloc.server.ActivationBudgetMiddleware
-  --additional-config '{"vllm_alloc": {...}}'  merged from --budget-config / --default-budget and any
-                                                --additional-config the user gave
+  --additional-config '{"vllm_alloc": {...}}'  merged from --budget-config / --default-budget /
+                                                --budget-aliases and any --additional-config the user gave
+  VLLM_ALLOC_ADMIN_KEY=<the key in FILE>        with --admin-key-file FILE: the admin route is on
   --moe-backend triton                          on CUDA, unless given (the plugin routes through Triton)
   --shutdown-timeout 30                         unless given: on SIGTERM/SIGINT requests in flight
                                                 finish (up to 30 s) instead of being cut off. With vLLM
@@ -86,6 +87,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="b",
         help="budget b in (0, 1] for requests that name none; default: the budget file's (1.0)",
     )
+    parser.add_argument(
+        "--budget-aliases",
+        metavar="b,b,...",
+        help="serve each budget also as a model name: `0.75,0.5` serves MODEL@0.75 and MODEL@0.5 beside "
+        "MODEL (or the first --served-model-name), for clients that can only pick a model",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        metavar="FILE",
+        help="enable the admin route /vllm-alloc/admin (change the default budget, reload the budget "
+        "file at runtime) for callers with the key in FILE (`Authorization: Bearer KEY`)",
+    )
     parser.add_argument(*_ADDITIONAL_CONFIG, dest="additional_config", help=argparse.SUPPRESS)
     parser.add_argument(*_API_SERVER_COUNT, dest="api_server_count", type=int, help=argparse.SUPPRESS)
     parser.set_defaults(func=serve, accepts_extra_args=True)
@@ -121,6 +134,7 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
     for key, flag, value, canonical in (
         ("budget_file", "--budget-config", args.budget_config, _budget_file_key),
         ("default_budget", "--default-budget", args.default_budget, _budget_value),
+        ("budget_aliases", "--budget-aliases", getattr(args, "budget_aliases", None), _aliases_value),
     ):
         if value is None:
             continue
@@ -139,6 +153,9 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
     if section.get("default_budget") is not None:  # a float in the engine's config, however it was given
         flag = "--default-budget" if args.default_budget is not None else f"{CONFIG_KEY}.default_budget"
         section["default_budget"] = _budget_value(section["default_budget"], flag)
+    if section.get("budget_aliases") is not None:  # a list of floats, however it was given
+        flag = "--budget-aliases" if args.budget_aliases is not None else f"{CONFIG_KEY}.budget_aliases"
+        section["budget_aliases"] = list(_aliases_value(section["budget_aliases"], flag))
     additional[CONFIG_KEY] = section
     check_settings(additional, model)
 
@@ -162,6 +179,8 @@ def build_launch(args: argparse.Namespace, rest: list[str], *, cuda: bool) -> La
     tail += ["--additional-config", json.dumps(additional, sort_keys=True)]
 
     launch = Launch(argv=[*_vllm_command(api_servers), *tail], kill_after_s=kill_after_s)
+    if getattr(args, "admin_key_file", None) is not None:
+        launch.env["VLLM_ALLOC_ADMIN_KEY"] = _admin_key(args.admin_key_file)
     # The user's own directory wins; with several API servers vLLM creates (and removes) one itself.
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and (api_servers or 1) <= 1:
         launch.prometheus_dir = tempfile.mkdtemp(prefix="vllm-alloc-prometheus-")
@@ -271,6 +290,30 @@ def _budget_value(raw: Any, where: str) -> float:
         return parse_budget(raw, source=where)
     except BudgetError as e:
         raise LaunchError(str(e)) from None
+
+
+def _aliases_value(raw: Any, where: str) -> tuple[float, ...]:
+    from vllm_alloc.integration.config import parse_aliases
+
+    try:
+        return parse_aliases(raw, where)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+
+
+def _admin_key(path: str) -> str:
+    """The admin key in `path` (its first line), kept out of the command line, where `ps` shows it."""
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LaunchError(f"--admin-key-file {path!r} cannot be read ({e})") from None
+    if len(key) < 16 or "\n" in key:
+        what = "no key" if not key else f"a key of {len(key)} characters on {len(key.splitlines())} line(s)"
+        raise LaunchError(
+            f"--admin-key-file {path!r} holds {what}; expected one line of at least 16 characters "
+            "(e.g. `openssl rand -hex 32 > FILE`)"
+        )
+    return key
 
 
 def _budget_file_key(raw: Any, _where: str) -> str:

@@ -8,6 +8,9 @@ passes (never warm-up or dummy runs) and only on tensor-parallel rank 0.
   vllm_alloc:routed_activations_total{layer, budget}  routed (token, expert) pairs computed
   vllm_alloc:full_activations_total{layer, budget}    pairs the full model would have computed
   vllm_alloc:request_budget                           histogram of request budgets b
+  vllm_alloc:default_budget                           b of requests that name none (API server)
+  vllm_alloc:budget_file_info{file, sha}              1 for the budget file served, 0 for earlier ones
+  vllm_alloc:admin_changes_total{result}              admin-route changes, "applied" or "refused"
 
 `layer` is the model's decoder-layer index; `budget` is B / A (the absolute budget as a fraction of the
 full activation count A), printed with 4 significant digits.
@@ -43,6 +46,52 @@ def _get() -> dict[str, Any]:
             buckets=BUDGET_BUCKETS,
         )
     return _metrics
+
+
+def _serving() -> dict[str, Any]:
+    """The API server's metrics (created on first use, so worker processes never export them)."""
+    if not _server_metrics:
+        from prometheus_client import Counter, Gauge
+
+        _server_metrics["default"] = Gauge(
+            "vllm_alloc:default_budget",
+            "Budget b of requests that name none.",
+            multiprocess_mode="mostrecent",
+        )
+        _server_metrics["file"] = Gauge(
+            "vllm_alloc:budget_file_info",
+            "1 for the budget file served (uniform: none), 0 for those served before.",
+            ["file", "sha"],
+            multiprocess_mode="mostrecent",
+        )
+        _server_metrics["changes"] = Counter(
+            "vllm_alloc:admin_changes",
+            "Changes asked of the admin route, by result: applied or refused.",
+            ["result"],
+        )
+    return _server_metrics
+
+
+_server_metrics: dict[str, Any] = {}
+_file_labels: list[tuple[str, str]] = []
+
+
+def set_serving(settings: Any) -> None:
+    """Export the default budget and budget file now served (`integration.config.Settings`)."""
+    m = _serving()
+    m["default"].set(settings.default_budget)
+    bf = settings.budget_file
+    labels = (settings.source, bf.fingerprint_hash() if bf is not None else "")
+    for old in _file_labels:
+        if old != labels:
+            m["file"].labels(*old).set(0)
+    m["file"].labels(*labels).set(1)
+    if labels not in _file_labels:
+        _file_labels.append(labels)
+
+
+def count_admin_change(result: str) -> None:
+    _serving()["changes"].labels(result).inc()
 
 
 def budget_label(fraction: float) -> str:

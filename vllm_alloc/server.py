@@ -25,6 +25,15 @@ apply it. A `vllm_xargs` budget in such a body still reaches SamplingParams wher
 `vllm_xargs` on, and the engine then applies it and salts the prefix cache
 (`integration/requests_check.py`).
 
+Budget aliases (`budget_aliases` in the settings, `vllm-alloc serve --budget-aliases 0.75,0.5`): at
+start-up (the ASGI lifespan) the middleware adds NAME@0.75 and NAME@0.5 to the model names vLLM serves
+(NAME: the first served name), so /v1/models lists them and every route accepts them. A request to
+NAME@b on a route in BUDGET_PATHS runs at b; a header or body budget that disagrees is refused with 400.
+On the routes in UNBUDGETED_GENERATION, which generate but pass no budget on, a request naming an alias is
+refused with 400 rather than run at another budget.
+
+The admin route (ADMIN_PATH, `vllm_alloc.admin`) is answered here too.
+
 The launcher (`vllm-alloc serve`) lives in `vllm_alloc.launch`; this module only exposes its parser,
 so `cli.py` finds every subcommand by the module named in DESIGN.md.
 """
@@ -32,11 +41,11 @@ so `cli.py` finds every subcommand by the module named in DESIGN.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from hashlib import sha256
 from typing import Any
 
-from vllm_alloc.integration.config import PluginConfig, Settings, resolve_settings
+from vllm_alloc.integration.config import PluginConfig, Settings, alias_names
 from vllm_alloc.requests import BUDGET_KEY, BudgetError, parse_budget, valid_range
 
 Scope = MutableMapping[str, Any]
@@ -46,11 +55,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BUDGET_HEADER = "X-Activation-Budget"
+ADMIN_PATH = "/vllm-alloc/admin"  # runtime control (`vllm_alloc.admin`)
 APPLIED_HEADER = "X-Activation-Budget-Applied"
 MESSAGES_PATH = "/v1/messages"  # Anthropic Messages API
 INVOCATIONS_PATH = "/invocations"  # SageMaker: generation or pooling, by the body (module docstring)
 BUDGET_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH, INVOCATIONS_PATH}
+)
+# Routes where vLLM 0.32 generates but passes no budget on (module docstring): a budget alias is refused.
+UNBUDGETED_GENERATION = frozenset(
+    {"/v1/chat/completions/batch", "/inference/v1/generate", "/generative_scoring", "/cohere/v2/chat"}
 )
 # The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
 _GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
@@ -67,9 +81,16 @@ def settings_from_vllm_config(vllm_config: Any) -> Settings:
     """The budget settings the worker will use, resolved from the API server's VllmConfig by the same
     code (`vllm_alloc.integration.config`); without a budget file the minimum is 1/K, K the model's
     top-k (the uniform allocation at K_base = 1)."""
+    config, top_k = config_from_vllm_config(vllm_config)
+    return config.resolve(top_k=top_k)
+
+
+def config_from_vllm_config(vllm_config: Any) -> tuple[PluginConfig, int | None]:
+    """The plugin settings as configured (`--additional-config` > VLLM_ALLOC_*), and the model's top-k."""
     model_config = getattr(vllm_config, "model_config", None)
     hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
-    return resolve_settings(getattr(vllm_config, "additional_config", None), top_k=model_top_k(hf_config))
+    config = PluginConfig.from_additional_config(getattr(vllm_config, "additional_config", None))
+    return config, model_top_k(hf_config)
 
 
 def model_top_k(hf_config: Any) -> int | None:
@@ -92,43 +113,41 @@ class ActivationBudgetMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._settings: Settings | None = None
+        self.config = PluginConfig()  # as configured; the admin route changes it
+        self.top_k: int | None = None
+        self.aliases: dict[str, float] = {}  # model name NAME@b -> b
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._starting(scope, send))
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == ADMIN_PATH:
+            from vllm_alloc import admin
+
+            await admin.handle(self, scope, receive, send)
+            return
+        if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         if scope["path"] not in BUDGET_PATHS:
-            if _header_values(scope):
-                # A route that would ignore the header: say so rather than serve at the wrong budget.
-                await _send_400(
-                    send,
-                    f"{BUDGET_HEADER} is not applied on {scope['path']}; activation budgets apply on "
-                    f"{', '.join(sorted(BUDGET_PATHS))}. Send this request without the header",
-                    scope["path"],
-                )
-                return
-            await self.app(scope, receive, send)
+            await self._other_post(scope, receive, send)
             return
         body, disconnected = await _read_body(receive)
         if disconnected:
             return  # the client left before sending its request; nothing to answer
         settings = self.settings(scope)
         try:
-            new_body, budget = rewrite_body(_header_values(scope), body, settings, scope["path"])
+            new_body, budget = rewrite_body(
+                _header_values(scope), body, settings, scope["path"], self.aliases
+            )
         except BudgetRequestError as e:
             await _send_400(send, str(e), scope["path"])
             return
 
-        sent = False
-
-        async def replay() -> Message:
-            # First the (rewritten) body, then the real channel: http.disconnect must reach vLLM.
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": new_body, "more_body": False}
-            return await receive()
-
+        replay = _replay(new_body, receive)
         if budget is None:  # not a JSON object, or not generation: vLLM answers it as without the plugin
             await self.app(scope, replay, send)
             return
@@ -146,28 +165,116 @@ class ActivationBudgetMiddleware:
 
         await self.app(scope, replay, send_with_budget)
 
-    def settings(self, scope: Scope) -> Settings:
-        """Resolved once, on the first request: vLLM builds the middleware before the engine config
-        exists, but by the first request the app state holds it (`app.state.vllm_config`)."""
+    async def _other_post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A POST outside BUDGET_PATHS: refuse a budget header, and a budget alias where vLLM generates."""
+        if _header_values(scope):
+            # A route that would ignore the header: say so rather than serve at the wrong budget.
+            await _send_400(
+                send,
+                f"{BUDGET_HEADER} is not applied on {scope['path']}; activation budgets apply on "
+                f"{', '.join(sorted(BUDGET_PATHS))}. Send this request without the header",
+                scope["path"],
+            )
+            return
+        self.settings(scope)  # resolves the aliases on a server whose lifespan did not run
+        if scope["path"] not in UNBUDGETED_GENERATION or not self.aliases:
+            await self.app(scope, receive, send)
+            return
+        body, disconnected = await _read_body(receive)
+        if disconnected:
+            return
+        model = _json_model(body)
+        if model in self.aliases:
+            await _send_400(
+                send,
+                f"model {model!r} is a budget alias (b = {format_budget(self.aliases[model])}), and "
+                f"{scope['path']} cannot apply a budget; budget aliases apply on "
+                f"{', '.join(sorted(BUDGET_PATHS))}. Name the model {self.base_name(model)!r} here",
+                scope["path"],
+            )
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _starting(self, scope: Scope, send: Send) -> Send:
+        """`send` for the lifespan: once vLLM has started, resolve the settings and serve the aliases."""
+
+        async def send_startup(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    self.settings(scope, strict=True)
+                except Exception as e:  # settings the server cannot serve: vLLM stops with this message
+                    message = {"type": "lifespan.startup.failed", "message": f"vllm-alloc: {e}"}
+            await send(message)
+
+        return send_startup
+
+    def settings(self, scope: Scope, strict: bool = False) -> Settings:
+        """Resolved once, at start-up (or on the first request where no lifespan runs): vLLM builds the
+        middleware before the engine config exists, but by then the app state holds it
+        (`app.state.vllm_config`). Also serves the budget aliases (`serve_aliases`). `strict` (start-up):
+        a bad setting raises; otherwise it is logged and the server accepts (0, 1]."""
         if self._settings is None:
-            vllm_config = getattr(getattr(scope.get("app"), "state", None), "vllm_config", None)
+            state = getattr(scope.get("app"), "state", None)
+            vllm_config = getattr(state, "vllm_config", None)
             try:
-                self._settings = settings_from_vllm_config(vllm_config)
+                self.config, self.top_k = config_from_vllm_config(vllm_config)
+                settings = self.config.resolve(top_k=self.top_k)
             except Exception as e:  # a bad config stops the engine at start-up; never fail requests on it
+                if strict:
+                    raise
                 _logger().warning("vllm-alloc: cannot resolve budget settings (%s); accepting (0, 1]", e)
-                self._settings = PluginConfig().resolve()  # no file, model unknown: (0, 1], default 1.0
+                self.config = PluginConfig()
+                settings = self.config.resolve()  # no file, model unknown: (0, 1], default 1.0
+            self.aliases = serve_aliases(state, settings)
+            self._settings = settings
+            if state is not None:  # a served app: export what it serves
+                from vllm_alloc import metrics
+
+                metrics.set_serving(settings)
         return self._settings
+
+    def use(self, config: PluginConfig, settings: Settings) -> None:
+        """Serve from now on with these settings (the admin route, after every worker took them)."""
+        self.config, self._settings = config, settings
+
+    def base_name(self, alias: str) -> str:
+        return alias[: alias.rindex("@")]
+
+
+def serve_aliases(state: Any, settings: Settings) -> dict[str, float]:
+    """{NAME@b: b} for the settings' aliases of the first served model name NAME, each added to the
+    names vLLM serves (`openai_serving_models.base_model_paths`, which /v1/models lists and every route
+    checks a request's model against) unless the server already serves it (`--served-model-name`)."""
+    models = getattr(state, "openai_serving_models", None)
+    paths = getattr(models, "base_model_paths", None)
+    if not settings.aliases or not paths:
+        return {}
+    base = paths[0]
+    aliases = alias_names(base.name, settings.aliases)
+    served = {p.name for p in paths}
+    for name in aliases:
+        if name not in served:
+            paths.append(type(base)(name=name, model_path=base.model_path))
+    _logger().info(
+        "vllm-alloc: serving budget aliases %s", ", ".join(f"{n} (b = {b!r})" for n, b in aliases.items())
+    )
+    return aliases
 
 
 def rewrite_body(
-    header_values: list[bytes], body: bytes, settings: Settings, path: str
+    header_values: list[bytes],
+    body: bytes,
+    settings: Settings,
+    path: str,
+    aliases: Mapping[str, float] | None = None,
 ) -> tuple[bytes, float | None]:
-    """(new body, applied b) for one request to `path`, given the values of its budget header(s);
-    (body, None) when the body is not a JSON object, or is an /invocations body vLLM does not generate
-    for and that names no budget.
+    """(new body, applied b) for one request to `path`, given the values of its budget header(s) and the
+    budget aliases served ({model name: b}); (body, None) when the body is not a JSON object, or is an
+    /invocations body vLLM does not generate for and that names no budget.
 
-    BudgetRequestError (HTTP 400) for an invalid header or body budget, when both are given and differ,
-    or when a budget comes with an /invocations body that is not a generation request.
+    BudgetRequestError (HTTP 400) for an invalid header or body budget, when header, body and the model's
+    alias name different budgets, or when a budget comes with an /invocations body that is not a
+    generation request.
     """
     lo = settings.min_budget
     from_header = header_budget(header_values, lo)
@@ -181,14 +288,25 @@ def rewrite_body(
     xargs = dict(data.get("vllm_xargs") or {})
     raw = xargs.get(BUDGET_KEY)
     from_body = None if raw is None else _parse(raw, lo, f"vllm_xargs.{BUDGET_KEY}")
+    model = data.get("model")
+    from_alias = (aliases or {}).get(model) if isinstance(model, str) else None
     if path == INVOCATIONS_PATH and not any(key in data for key in _GENERATION_KEYS):
-        if from_header is None and from_body is None:
+        if from_header is None and from_body is None and from_alias is None:
             return body, None  # a pooling request: no budget applies, and none was asked for
         raise BudgetRequestError(
             f"an activation budget applies only to text generation; this {INVOCATIONS_PATH} body has none "
             f"of the keys {', '.join(_GENERATION_KEYS)}, so vLLM serves it with a pooling handler, which "
-            f"would ignore the budget. Send it without {BUDGET_HEADER} and vllm_xargs.{BUDGET_KEY}"
+            f"would ignore the budget. Send it without {BUDGET_HEADER} and vllm_xargs.{BUDGET_KEY}, "
+            "and with a model name that is not a budget alias"
         )
+    if from_alias is not None:
+        for source, b in ((f"{BUDGET_HEADER} header", from_header), (f"vllm_xargs.{BUDGET_KEY}", from_body)):
+            if b is not None and b != from_alias:
+                raise BudgetRequestError(
+                    f"model {model!r} is a budget alias (b = {format_budget(from_alias)}), and the {source} "
+                    f"({format_budget(b)}) disagrees; send one of them, or the same budget"
+                )
+        from_header = from_alias
     if from_header is not None and from_body is not None and from_header != from_body:
         raise BudgetRequestError(
             f"{BUDGET_HEADER} header ({format_budget(from_header)}) and vllm_xargs.{BUDGET_KEY} "
@@ -269,6 +387,29 @@ def _header_values(scope: Scope) -> list[bytes]:
     return [v for k, v in scope["headers"] if k.lower() == name]
 
 
+def _json_model(body: bytes) -> Any:
+    """The `model` of a JSON object body; None for any other body."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data.get("model") if isinstance(data, dict) else None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` that hands over `body` first, then the real channel: http.disconnect must reach vLLM."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:
     chunks = []
     while True:
@@ -281,19 +422,31 @@ async def _read_body(receive: Receive) -> tuple[bytes, bool]:
 
 
 async def _send_400(send: Send, message: str, path: str) -> None:
+    await send_error(send, 400, message, path)
+
+
+async def send_error(send: Send, status: int, message: str, path: str, param: str = BUDGET_KEY) -> None:
     # The shape of vLLM's own errors on that route, so clients (openai.BadRequestError,
     # anthropic.BadRequestError) read it like vLLM's: ErrorResponse, or on /v1/messages the
     # AnthropicErrorResponse vLLM translates it into (anthropic/api_router.py, translate_error_response).
     error: dict[str, Any]
     if path == MESSAGES_PATH:
-        error = {"type": "error", "error": {"type": "BadRequestError", "message": message}}
+        error = {"type": "error", "error": {"type": _ERROR_TYPES[status], "message": message}}
     else:
-        error = {"error": {"message": message, "type": "BadRequestError", "param": BUDGET_KEY, "code": 400}}
-    payload = json.dumps(error).encode()
+        error = {"error": {"message": message, "type": _ERROR_TYPES[status], "param": param, "code": status}}
+    await send_json(send, status, error)
+
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                405: "MethodNotAllowed", 503: "ServiceUnavailableError"}  # fmt: skip
+
+
+async def send_json(send: Send, status: int, obj: Any) -> None:
+    payload = json.dumps(obj).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

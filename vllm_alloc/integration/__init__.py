@@ -38,6 +38,7 @@ def _add_worker_method(worker_base: type) -> None:
     vllm_alloc_set_carry(theta, alpha=None)  carry the balance at B with θ, {B: [θ_l, ...] or None}
     vllm_alloc_record_scores(on)     start / stop recording router scores (carry calibration)
     vllm_alloc_carry_thresholds(rows, offset)  θ per layer for {B: K(B)} from the recorded scores
+    vllm_alloc_reconfigure(change, apply)  check / take a new budget file or default budget (admin route)
     """
     from vllm_alloc.integration.state import STATE
 
@@ -50,6 +51,7 @@ def _add_worker_method(worker_base: type) -> None:
         "vllm_alloc_set_carry": lambda self, theta, alpha=None: STATE.set_carry(theta, alpha),
         "vllm_alloc_record_scores": lambda self, on: STATE.record_scores(on),
         "vllm_alloc_carry_thresholds": lambda self, rows, offset: STATE.carry_thresholds(rows, offset),
+        "vllm_alloc_reconfigure": lambda self, change, apply: STATE.reconfigure(change, apply),
     }
     for name, method in methods.items():
         if not hasattr(worker_base, name):

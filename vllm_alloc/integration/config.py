@@ -19,6 +19,8 @@ Keys of the `vllm_alloc` object:
                   a balance, every token of a request carries it in position order, so teacher-forcing
                   a sequence measures one decode stream)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
+  budget_aliases  budgets served as model names: [0.75, 0.5] serves NAME@0.75 and NAME@0.5 beside NAME
+                  (NAME: the first served model name), each running at its budget (`vllm_alloc.server`)
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
 torch, is imported only when settings are resolved.
@@ -39,12 +41,13 @@ if TYPE_CHECKING:
 CONFIG_KEY = "vllm_alloc"
 SCOPES = ("budget", "request", "token", "position", "stream")
 WEIGHTS = ("topk", "kept", "raw")
-_KEYS = ("budget_file", "default_budget", "scope", "weights")
+_KEYS = ("budget_file", "default_budget", "scope", "weights", "budget_aliases")
 _ENV = {
     "budget_file": "VLLM_ALLOC_BUDGET_FILE",
     "default_budget": "VLLM_ALLOC_DEFAULT_BUDGET",
     "scope": "VLLM_ALLOC_SCOPE",
     "weights": "VLLM_ALLOC_WEIGHTS",
+    "budget_aliases": "VLLM_ALLOC_BUDGET_ALIASES",
 }
 
 
@@ -58,6 +61,7 @@ class Settings:
     weights: str
     default_budget: float  # b of requests that name none
     min_budget: float | None  # the smallest valid b (k_base / K); None: the model's K is unknown, (0, 1]
+    aliases: tuple[float, ...] = ()  # budgets served as model names NAME@b (`alias_names`)
 
 
 def plugin_section(additional_config: Any) -> dict[str, Any]:
@@ -88,6 +92,7 @@ class PluginConfig:
     default_budget: float | None = None
     scope: str | None = None
     weights: str | None = None
+    budget_aliases: tuple[float, ...] = ()
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PluginConfig:
@@ -105,6 +110,7 @@ class PluginConfig:
             else parse_budget(default, source=f"{CONFIG_KEY} default_budget"),
             scope=setting("scope"),
             weights=setting("weights"),
+            budget_aliases=parse_aliases(setting("budget_aliases"), f"{CONFIG_KEY} budget_aliases"),
         )
         config.check()
         return config
@@ -120,20 +126,27 @@ class PluginConfig:
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
 
-    def resolve(self, *, model: ModelFingerprint | None = None, top_k: int | None = None) -> Settings:
+    def resolve(
+        self,
+        *,
+        model: ModelFingerprint | None = None,
+        top_k: int | None = None,
+        loaded: BudgetFile | None = None,
+    ) -> Settings:
         """Level 3: the budget file (or the uniform allocation) under these settings.
 
         With `model` (the worker, once the model is built) the file is validated against it, and without
         a file the uniform budget file is built for it. Without `model` (the launcher, the API server) a
         file is loaded as it is, and without one the minimum is 1/`top_k`, that of the uniform allocation
         at K_base = 1 (unknown when `top_k` is None). ValueError (BudgetFileError, BudgetError) names the
-        setting, its value and the fix.
+        setting, its value and the fix. `loaded` is the file `budget_file` names, already read (the admin
+        route reads it once in the API server and sends the same text to every worker).
         """
         from vllm_alloc.budget import BudgetFile, load_budget_file, uniform_budget_file
 
         budget_file: BudgetFile | None = None
         if self.budget_file:
-            budget_file = load_budget_file(self.budget_file)
+            budget_file = loaded or load_budget_file(self.budget_file)
             if model is not None:
                 budget_file.validate_against(model, self.budget_file)
         elif model is not None:
@@ -161,7 +174,41 @@ class PluginConfig:
                 default, min_budget=min_budget, source=f"{CONFIG_KEY} default_budget"
             ),
             min_budget=min_budget,
+            aliases=tuple(
+                parse_budget(b, min_budget=min_budget, source=f"{CONFIG_KEY} budget_aliases[{i}]")
+                for i, b in enumerate(self.budget_aliases)
+            ),
         )
+
+
+def parse_aliases(raw: Any, source: str) -> tuple[float, ...]:
+    """Budget aliases from a JSON list of budgets or a comma-separated text (`0.75,0.5`), in the order
+    given; ValueError naming the value for a bad budget or one given twice. Checked against the model's
+    minimum when settings are resolved."""
+    if raw is None:
+        return ()
+    items = [part.strip() for part in raw.split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple):
+        raise ValueError(
+            f"{source}={raw!r} is not valid; expected a list of budgets in (0, 1], e.g. [0.75, 0.5]"
+        )
+    aliases: list[float] = []
+    for i, item in enumerate(items):
+        b = parse_budget(item, source=f"{source}[{i}]")
+        if b in aliases:
+            raise ValueError(f"{source} names {alias_suffix(b)} twice ({raw!r}); give each budget once")
+        aliases.append(b)
+    return tuple(aliases)
+
+
+def alias_suffix(b: float) -> str:
+    """`@0.5`: the budget as a model-name suffix, the text `X-Activation-Budget-Applied` echoes."""
+    return f"@{float(b)!r}"
+
+
+def alias_names(base: str, aliases: tuple[float, ...]) -> dict[str, float]:
+    """{model name: b} of the aliases of served model `base`."""
+    return {f"{base}{alias_suffix(b)}": b for b in aliases}
 
 
 def resolve_settings(

@@ -67,6 +67,12 @@ def _install_salt() -> None:
     cls.process_inputs = process_inputs
 
 
+def use_settings(processor: Any, settings: Any) -> None:
+    """Salt with these settings from now on (the admin route changed the default budget)."""
+    if processor is not None:
+        processor._vllm_alloc_settings = settings
+
+
 def budget_salt(processor: Any, raw: Any, client_salt: str | None) -> str | None:
     """The cache salt of a request with raw budget `raw` (None: the server default) and the client's salt.
     The API server's middleware may have salted the request already; `cache_salt` then leaves it as is."""

@@ -458,6 +458,53 @@ class AllocState:
             for B, ks in rows.items()
         }
 
+    # -- runtime control (the admin route) ---------------------------------------------------------------
+    def reconfigure(self, change: dict[str, Any], apply: bool) -> dict[str, Any]:
+        """Check, and with `apply` take, new settings between passes (`vllm_alloc.admin`). `change` may hold
+        `budget_file`, {"source": path or name, "text": its content} (None: the uniform allocation), and
+        `default_budget`, a b. The file is validated against this model and the default against its
+        minimum; ValueError names the file, field and value, and leaves everything as it was. Applied, the
+        allocation table, Alloc-T flags and the carried balance's θ are overwritten in place (captured
+        CUDA graphs read the same buffers)."""
+        from dataclasses import replace
+
+        from vllm_alloc.budget import parse_budget_text
+
+        plan = self._need_plan()
+        config = self.config or PluginConfig()
+        loaded = plan.budget_file if config.budget_file else None
+        if "budget_file" in change:
+            new_file = change["budget_file"]
+            source = None if new_file is None else str(new_file["source"])
+            loaded = None if new_file is None else parse_budget_text(new_file["text"], source)
+            config = replace(config, budget_file=source)
+        if "default_budget" in change:
+            config = replace(config, default_budget=parse_budget(change["default_budget"]))
+        settings = config.resolve(model=self.fingerprint(), loaded=loaded)
+        self._check_scope(settings.scope)
+        new = settings.budget_file
+        assert new is not None  # resolve(model=...) builds the uniform file when none is configured
+        if apply:
+            if not plan.carrying.any() and any(new.carrying()) and plan.table.device.type == "cuda":
+                compat.logger("vllm_alloc").warning(
+                    "vllm-alloc: %s carries a balance; CUDA graphs captured before do not (docs/design.md)",
+                    settings.source,
+                )
+            self.config = config
+            plan.budget_file, plan.source = new, settings.source
+            plan.scope, plan.weights, plan.default_budget = (
+                settings.scope,
+                settings.weights,
+                settings.default_budget,
+            )
+            self.reset_allocation()
+            self._absolute.clear()
+        return {
+            "source": settings.source,
+            "default_budget": settings.default_budget,
+            "min_budget": settings.min_budget,
+        }
+
     def _need_plan(self) -> Plan:
         if self.plan is None:
             raise RuntimeError("vllm-alloc: no MoE model loaded in this worker")
