@@ -38,11 +38,19 @@ RANGE = "[0.25, 1]"  # the valid budgets of this model: K_base / K = 1/4 up to 1
 APPLIED = "x-activation-budget-applied"
 
 
+ADMIN_KEY = "e2e-admin-key-0123456789"
+ALIASES = ("0.5", "0.25")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = str(tiny_model("qwen3_moe", num_layers=L, top_k=K, num_experts=16, hidden_size=128))
+    key_file = tmp_path_factory.mktemp("admin") / "key"
+    key_file.write_text(ADMIN_KEY)
     args = [
         "--default-budget", "1.0",
+        "--budget-aliases", ",".join(ALIASES),
+        "--admin-key-file", str(key_file),
         "--max-model-len", "256",
         "--max-num-seqs", "16",
         "--enforce-eager",  # loads faster than compiling; the plugin's path is the same
@@ -265,6 +273,197 @@ def test_still_serving_after_bad_requests(server: Server) -> None:
         model=server.model, prompt="still there?", max_tokens=2, extra_headers={"X-Activation-Budget": "0.5"}
     )
     assert out.usage.completion_tokens >= 1
+
+
+# -- budget aliases ------------------------------------------------------------------------------------------
+
+
+def test_aliases_are_listed_and_run_at_their_budget(server: Server) -> None:
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [server.model] + [
+        f"{server.model}@{a}" for a in ALIASES
+    ]
+    before = metrics(server)
+    tokens: dict[str, int] = defaultdict(int)
+    for b in (0.5, 0.25):
+        raw = client.completions.with_raw_response.create(
+            model=f"{server.model}@{b}", prompt=f"alias {b}", max_tokens=5, extra_body={"ignore_eos": True}
+        )
+        assert raw.headers[APPLIED] == repr(b)
+        tokens[label(b)] += computed_tokens(raw.parse().usage)
+    stream = client.chat.completions.create(
+        model=f"{server.model}@0.5",
+        messages=[{"role": "user", "content": "alias, streamed"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    usage = [c.usage for c in stream if c.usage][-1]
+    tokens["0.5"] += computed_tokens(usage)
+    want = expected_counters(tokens)
+    assert settled_delta(server, before, want) == want
+    hist = delta(metrics(server), before)
+    assert hist[("vllm_alloc:request_budget_count", "", "")] == 3
+    assert hist[("vllm_alloc:request_budget_bucket", "", "0.25")] == 1
+
+
+def test_alias_refusals(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(
+        openai.BadRequestError, match=r"is a budget alias \(b = 0\.5\).*header \(0\.25\) disagrees"
+    ):
+        client.completions.create(
+            model=f"{server.model}@0.5",
+            prompt="x",
+            max_tokens=1,
+            extra_headers={"X-Activation-Budget": "0.25"},
+        )
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions/batch",
+        json={"model": f"{server.model}@0.5", "messages": [[{"role": "user", "content": "x"}]]},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "cannot apply a budget" in r.text, r.text
+    with pytest.raises(openai.NotFoundError):  # not an alias this server serves: vLLM's own 404
+        client.completions.create(model=f"{server.model}@0.75", prompt="x", max_tokens=1)
+
+
+# -- the admin route, changed under load ---------------------------------------------------------------------
+
+
+def admin(server: Server, body: dict[str, Any] | None = None, key: str = ADMIN_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    url = f"{server.base_url}/vllm-alloc/admin"
+    if body is None:
+        return httpx.get(url, headers=headers, timeout=60)
+    return httpx.post(url, json=body, headers=headers, timeout=60)
+
+
+def serving_metrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith(("vllm_alloc:default_budget", "vllm_alloc:budget_file_info", "vllm_alloc:admin"))
+    }
+
+
+def test_admin_changes_budgets_under_load_without_losing_requests(server: Server, tmp_path: Path) -> None:
+    """Under a load of 48 requests (alias, header and default budgets, half streaming), the admin route
+    sets the default to 0.5 and loads a skewed budget file, then restores both. Every request completes.
+    Full-budget counts are exact per applied budget throughout, and so are the pools (routed per budget,
+    summed over layers: K_l(B) sums to B in both files); per layer they are exact before and after."""
+    from e2e.test_integration import skewed_budget_file
+
+    assert admin(server, key="wrong").status_code == 401
+    assert admin(server).json()["default_budget"] == 1.0
+    skewed, rows = skewed_budget_file(tmp_path, "Qwen3MoeForCausalLM")
+    bad = tmp_path / "bad.json"
+    bad.write_text(skewed.read_text().replace('"k": [3, 1]', '"k": [9, 1]'))
+    r = admin(server, {"budget_file": str(bad)})
+    assert r.status_code == 400 and str(bad) in r.text and "allocations[2].k" in r.text, r.text
+    before = metrics(server)
+    applied: list[tuple[str, int]] = []
+
+    async def one(client: Any, i: int) -> None:
+        model = f"{server.model}@0.5" if i % 3 == 0 else server.model
+        headers = {"X-Activation-Budget": "0.25"} if i % 3 == 1 else {}
+        stream = i % 2 == 1
+        raw = await client.completions.with_raw_response.create(
+            model=model,
+            prompt=f"under load {i}",
+            max_tokens=8,
+            stream=stream,
+            extra_headers=headers,
+            extra_body={"ignore_eos": True},
+            **({"stream_options": {"include_usage": True}} if stream else {}),
+        )
+        result = raw.parse()  # the legacy raw response parses synchronously, stream or not
+        if stream:
+            usage = None
+            async for chunk in result:
+                usage = chunk.usage or usage
+        else:
+            usage = result.usage
+        assert usage is not None and usage.completion_tokens == 8
+        applied.append((label(float(raw.headers[APPLIED])), computed_tokens(usage)))
+
+    async def change(delay: float, body: dict[str, Any]) -> None:
+        await asyncio.sleep(delay)
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await http.post(
+                f"{server.base_url}/vllm-alloc/admin",
+                json=body,
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+        assert r.status_code == 200, r.text
+
+    async def load() -> None:
+        async with server.async_client() as client:
+            await asyncio.gather(
+                *(one(client, i) for i in range(48)),
+                change(1.0, {"default_budget": 0.5, "budget_file": str(skewed)}),
+                change(4.0, {"default_budget": 1.0, "budget_file": None}),
+            )
+
+    asyncio.run(load())
+    assert len(applied) == 48
+    assert {lab for lab, _ in applied} >= {"0.5", "0.25", "1"}
+    tokens: dict[str, int] = defaultdict(int)
+    for lab, n in applied:
+        tokens[lab] += n
+    got = settled_delta(server, before, expected_counters(tokens))
+    for lab, n in tokens.items():
+        B = round(float(lab) * L * K)
+        full = [got.get(("vllm_alloc:full_activations_total", layer, lab), 0) for layer in map(str, range(L))]
+        routed = [
+            got.get(("vllm_alloc:routed_activations_total", layer, lab), 0) for layer in map(str, range(L))
+        ]
+        assert full == [K * n] * L, lab  # every applied budget counted, none lost
+        assert sum(routed) == n * B, lab  # each pass spent its pool exactly, in either file
+    series = serving_metrics(server)
+    assert series[("vllm_alloc:default_budget", ())] == 1.0
+    assert series[("vllm_alloc:admin_changes_total", (("result", "applied"),))] == 2
+    assert series[("vllm_alloc:admin_changes_total", (("result", "refused"),))] == 1
+    assert series[("vllm_alloc:budget_file_info", (("file", str(skewed)), ("sha", admin_sha(skewed))))] == 0
+
+    # After: the skewed file alone, then uniform again; per layer exact under each.
+    assert admin(server, {"budget_file": str(skewed)}).json()["budget_file"] == str(skewed)
+    before = metrics(server)
+    usage = (
+        server.client()
+        .completions.create(
+            model=f"{server.model}@0.5",
+            prompt="after the change",
+            max_tokens=6,
+            extra_body={"ignore_eos": True},
+        )
+        .usage
+    )
+    n = computed_tokens(usage)
+    want = {}
+    for layer, k in zip(map(str, range(L)), rows[4], strict=True):
+        want[("vllm_alloc:full_activations_total", layer, "0.5")] = float(K * n)
+        want[("vllm_alloc:routed_activations_total", layer, "0.5")] = float(k * n)
+    assert settled_delta(server, before, want) == want
+    assert (
+        serving_metrics(server)[
+            ("vllm_alloc:budget_file_info", (("file", str(skewed)), ("sha", admin_sha(skewed))))
+        ]
+        == 1
+    )
+    state = admin(server, {"budget_file": None}).json()
+    assert state["budget_file"] == "uniform" and state["default_budget"] == 1.0
+
+
+def admin_sha(path: Path) -> str:
+    from vllm_alloc.budget import load_budget_file
+
+    return load_budget_file(path).fingerprint_hash()
 
 
 # -- load: 64 concurrent requests, mixed budgets, half streaming ---------------------------------------------

@@ -54,6 +54,8 @@ def server(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--num-gpu-blocks-override",
         "12",
         "--enable-prefix-caching",
+        "--budget-aliases",
+        "0.5",
         "--enforce-eager",
         "--gpu-memory-utilization",
         memory_fraction(),
@@ -124,6 +126,22 @@ def test_prefix_cache_never_shared_across_budgets(server: Server) -> None:
     assert cached(full.usage) >= BLOCK
     quarter = complete(server, prompt, 0.25)
     assert cached(quarter.usage) == 0
+
+
+def test_prefix_cache_isolation_holds_for_budget_aliases(server: Server) -> None:
+    """An alias shares the prefix cache of its budget, never another's: NAME@0.5 and the header 0.5 are
+    one namespace, NAME (b = 1.0) another."""
+    prompt = LONG[1]
+    client = server.client()
+
+    def run(model: str, headers: dict[str, str] | None = None) -> int:
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=2, extra_headers=headers or {})
+        return cached(out.usage)
+
+    assert run(server.model) == 0
+    assert run(f"{server.model}@0.5") == 0, "KV computed at b = 1.0 served the alias at b = 0.5"
+    assert run(server.model, {"X-Activation-Budget": "0.5"}) >= BLOCK, "the same budget is one namespace"
+    assert run(f"{server.model}@0.5") >= BLOCK
 
 
 # -- seeded requests whose prefill is split across steps ----------------------------------------------------
