@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality bench-quality-testbed soak clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality bench-quality-testbed readme-table soak clean
 
 venv: $(STAMP)
 
@@ -77,6 +77,15 @@ bench-serve: venv
 
 bench-quality: venv
 	$(BIN)/python benchmarks/quality.py
+
+# The README's first-screen table: decode speed per budget on the default model with its budget file
+# (a few minutes), next to the perplexities of the last `make bench-quality` (build/quality/results.json).
+readme-table: venv
+	$(BIN)/python benchmarks/bench_serve.py --model models/default --budget-file configs/default.json \
+		--configs c --budgets 1.0,0.75,0.5,0.33 --batch-sizes 1,8 --rounds 3 --no-share \
+		--json build/readme/speed.json
+	$(BIN)/python benchmarks/readme_table.py --speed build/readme/speed.json \
+		--quality build/quality/results.json --readme README.md
 
 # The same quality benchmark on a second testbed of another shape (L = 6, E = 32, K = 4, I = 32), trained
 # by the default model's script (about 17 min on one thread) and profiled by the same script, all under

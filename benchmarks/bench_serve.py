@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch sizes N of the Alloc-T share measurement: decode passes T = N, prefill T = N·P",
     )
     p.add_argument("--out", help="also write the markdown report to this file")
+    p.add_argument("--json", help="also write the medians to this file, {config: {N: {metric: value}}}")
+    p.add_argument(
+        "--budget-file",
+        help="budget file for the plugin's engine (c) (default: none, the uniform allocation)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: small model, 1 round, few tokens")
     args = p.parse_args(argv)
     if args.prompt_len < 2:  # the share rows tell prefill (T = N·P) from decode (T = N) by T
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = {
         "a": {**spec, "plugin": False},
         "b": {**spec, "plugin": False, "hf_overrides": {"num_experts_per_tok": K // 2}},
-        "c": {**spec, "plugin": True},
+        "c": {**spec, "plugin": True, "budget_file": args.budget_file},
     }
     wanted = [e for e in ("a", "b", "c") if e in args.configs]
     print(f"model {model} ({shape}); engines {wanted}; rounds {args.rounds}", flush=True)
@@ -263,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.json:
+        by_config: dict[str, dict[int, dict[str, float]]] = {}
+        for (label, bs), values in medians.items():
+            by_config.setdefault(label, {})[bs] = values
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps({"machine": machine_info(model, shape), "medians": by_config}, indent=1)
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 METRICS: tuple[str, ...] = ("prefill_tps", "decode_tps", "ttft_ms", "itl_ms")
@@ -258,6 +259,10 @@ class _Engine:
         )
         if spec.get("hf_overrides"):
             kwargs["hf_overrides"] = spec["hf_overrides"]
+        if spec.get("budget_file"):
+            kwargs["additional_config"] = {
+                "vllm_alloc": {"budget_file": str(Path(spec["budget_file"]).resolve())}
+            }
         self.llm = LLM(**kwargs)
         self.engine = self.llm.llm_engine
         self.vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
