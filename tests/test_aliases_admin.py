@@ -42,8 +42,8 @@ class FakeEngine:
     async def collective_rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
         self.calls.append((method, args))
         if self.refuse:
-            raise RuntimeError(f"Call to {method} method failed: {self.refuse}")
-        return [{}]
+            return [{"source": "uniform"}, {"error": self.refuse}]  # the second rank refuses
+        return [{}, {}]
 
 
 class Server:

@@ -167,16 +167,15 @@ def prepare(
 
 
 async def _workers(engine: Any, change: dict[str, Any], apply: bool) -> None:
+    """Every worker checks (or takes) the change; AdminError with the first refusal. A worker answers a
+    refusal with {"error": message} (`integration._reconfigure`)."""
     try:
-        await engine.collective_rpc(RPC, args=(change, apply))
-    except Exception as e:  # a worker's ValueError arrives as the engine's utility-call failure
-        raise AdminError(_worker_message(e)) from None
-
-
-def _worker_message(e: Exception) -> str:
-    text = str(e)
-    marker = f"Call to {RPC} method failed: "
-    return text.split(marker, 1)[1] if marker in text else text
+        answers = await engine.collective_rpc(RPC, args=(change, apply))
+    except Exception as e:  # an unexpected failure: the engine's utility-call error
+        raise AdminError(f"the workers could not {'apply' if apply else 'check'} the change: {e}") from None
+    for answer in answers or []:
+        if isinstance(answer, dict) and "error" in answer:
+            raise AdminError(answer["error"])
 
 
 def describe(mw: ActivationBudgetMiddleware, settings: Settings) -> dict[str, Any]:

@@ -72,6 +72,13 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
             llm.collective_rpc("vllm_alloc_set_allocation", args=(run["set_allocation"],))
         if run.get("set_scope"):
             llm.collective_rpc("vllm_alloc_set_scope", args=(run["set_scope"],))
+        reconfigured = []
+        for change in run.get("reconfigure", []):  # as the admin route does it: check on all, then apply
+            checked = llm.collective_rpc("vllm_alloc_reconfigure", args=(change, False))
+            ok = not any("error" in answer for answer in checked)
+            reconfigured.append(
+                llm.collective_rpc("vllm_alloc_reconfigure", args=(change, True)) if ok else checked
+            )
         params = [
             SamplingParams(
                 max_tokens=run.get("max_tokens", 6),
@@ -102,6 +109,7 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
                 "counters": counters[0] if counters else None,
                 "cached_tokens": [o.num_cached_tokens for o in outputs],
                 "counters_per_rank": counters,
+                "reconfigured": reconfigured,
             }
         )
     del llm

@@ -296,6 +296,15 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
     budget_file, rows = skewed_budget_file(tmp_path, "Qwen3MoeForCausalLM")
     config = {"vllm_alloc": {"budget_file": str(budget_file)}}
     run = {"prompts": PROMPTS, "budgets": [1.0, 0.5, 0.25, 0.75]}
+    # Then, as the admin route does between passes: a file for another model is refused on every rank and
+    # changes nothing; going back to the uniform allocation reaches both ranks.
+    other = uniform_budget_file(tiny_fingerprint(moe_layers=(0, 2))).model_dump_json()
+    changes = [{"budget_file": {"source": "other.json", "text": other}}, {"budget_file": None}]
+    uniform_run = {
+        "prompts": [p + " again" for p in PROMPTS],
+        "budgets": [0.5, 0.25] * 2,
+        "reconfigure": changes,
+    }
     results, _ = drive(
         tmp_path,
         model,
@@ -307,7 +316,7 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
                 # Two CPU workers on one NUMA node need explicit core binding.
                 "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
                 "llm_kwargs": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.15},
-                "runs": [run],
+                "runs": [run, uniform_run],
             },
         ],
     )
@@ -323,6 +332,19 @@ def test_tensor_parallel_matches_single_rank(tmp_path: Path, tiny_model: Any) ->
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
     assert_counts_follow(per_rank[0], {B: rows[B] for B in (8, 4, 2, 6)})
     assert per_rank[0]["used"] == single["counters"]["used"]
+    after = results[1]["runs"][1]
+    refused, applied = after["reconfigured"]
+    assert len(refused) == 2 and all(
+        "other.json" in r["error"] and "moe_layers" in r["error"] for r in refused
+    )
+    assert applied == [{"source": "uniform", "default_budget": 1.0, "min_budget": 0.25}] * 2
+    for now, before in zip(after["counters_per_rank"], per_rank, strict=True):
+        added = {
+            **now,
+            **{k: [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(now[k], before[k], strict=True)]
+               for k in ("used", "full")},
+        }  # fmt: skip
+        assert_counts_follow(added, {4: [2, 2], 2: [1, 1]})  # uniform, on every rank
 
 
 def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 _installed = False
 
 
@@ -38,7 +40,8 @@ def _add_worker_method(worker_base: type) -> None:
     vllm_alloc_set_carry(theta, alpha=None)  carry the balance at B with θ, {B: [θ_l, ...] or None}
     vllm_alloc_record_scores(on)     start / stop recording router scores (carry calibration)
     vllm_alloc_carry_thresholds(rows, offset)  θ per layer for {B: K(B)} from the recorded scores
-    vllm_alloc_reconfigure(change, apply)  check / take a new budget file or default budget (admin route)
+    vllm_alloc_reconfigure(change, apply)  check / take a new budget file or default budget (admin route);
+                                     a refusal is returned as {"error": message}, not raised
     """
     from vllm_alloc.integration.state import STATE
 
@@ -51,8 +54,18 @@ def _add_worker_method(worker_base: type) -> None:
         "vllm_alloc_set_carry": lambda self, theta, alpha=None: STATE.set_carry(theta, alpha),
         "vllm_alloc_record_scores": lambda self, on: STATE.record_scores(on),
         "vllm_alloc_carry_thresholds": lambda self, rows, offset: STATE.carry_thresholds(rows, offset),
-        "vllm_alloc_reconfigure": lambda self, change, apply: STATE.reconfigure(change, apply),
+        "vllm_alloc_reconfigure": lambda self, change, apply: _reconfigure(STATE, change, apply),
     }
     for name, method in methods.items():
         if not hasattr(worker_base, name):
             setattr(worker_base, name, method)
+
+
+def _reconfigure(state: Any, change: dict[str, Any], apply: bool) -> dict[str, Any]:
+    # Returned, not raised: when one of several workers raises in a collective RPC, vLLM 0.32's
+    # multiprocess executor leaves the others' answers queued, and the next RPC reads those instead of
+    # its own (seen with TP = 2 on CPU).
+    try:
+        return state.reconfigure(change, apply)
+    except ValueError as e:
+        return {"error": str(e)}
