@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality bench-quality-testbed readme-table soak clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality bench-quality-testbed bench-lm-eval readme-table soak clean
 
 venv: $(STAMP)
 
@@ -77,6 +77,11 @@ bench-serve: venv
 
 bench-quality: venv
 	$(BIN)/python benchmarks/quality.py
+
+# lm-evaluation-harness against `vllm-alloc serve` at b = 1.0 and b = 0.5 (through the budget alias), on
+# the held-out stdlib tasks in benchmarks/lm_eval/ (about 3 minutes).
+bench-lm-eval: venv
+	$(BIN)/python benchmarks/lm_eval_bench.py
 
 # The README's first-screen table: decode speed per budget on the default model with its budget file
 # (a few minutes), next to the perplexities of the last `make bench-quality` (build/quality/results.json).

@@ -31,7 +31,7 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,8 +224,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", MODEL, *SERVER_ARGS]
+def start_server(port: int, log: Path, args: Sequence[str] = SERVER_ARGS) -> subprocess.Popen[bytes]:
+    """`vllm-alloc serve models/default ARGS` on 127.0.0.1:port, from the repository root."""
+    argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", MODEL, *args]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")

@@ -33,32 +33,42 @@ BUDGETS = "0.33,0.5,0.75"
 EOS = "<|endoftext|>"
 
 
-def split_ids(split: str, model: Path = MODEL) -> list[int]:
-    """Token ids of one split of the default model's data, as scripts/train_default_model.py built it.
+def split_texts(split: str, model: Path = MODEL) -> list[tuple[str, str]]:
+    """(relative path, text) of each file of one split of the default model's data, in the manifest's
+    (sorted) order, as scripts/train_default_model.py read them.
 
     Refuses to go on when the stdlib text here is not the text the manifest recorded (another Python)."""
     import sysconfig
 
-    from transformers import AutoTokenizer
-
     manifest = json.loads((model / "data_manifest.json").read_text(encoding="utf-8"))
     entry = manifest["splits"][split]
     root = Path(sysconfig.get_paths()["stdlib"])
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    sep = tokenizer.convert_tokens_to_ids(EOS)
     digest = hashlib.sha256()
-    ids: list[int] = []
+    texts: list[tuple[str, str]] = []
     for rel in entry["files"]:
         text = (root / rel).read_text(encoding="utf-8", errors="replace")
         digest.update(rel.encode() + b"\0" + text.encode() + b"\0")
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(sep)
+        texts.append((rel, text))
     if digest.hexdigest() != entry["sha256"]:
         raise RuntimeError(
             f"the {split} split read from {root} does not match {model}/data_manifest.json (sha256 "
             f"{digest.hexdigest()[:16]} vs {entry['sha256'][:16]}); this Python's stdlib differs from "
             f"Python {manifest['python']}, the one the model was trained on"
         )
+    return texts
+
+
+def split_ids(split: str, model: Path = MODEL) -> list[int]:
+    """Token ids of one split of the default model's data, as scripts/train_default_model.py built it:
+    each file's tokens followed by the end-of-text token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    sep = tokenizer.convert_tokens_to_ids(EOS)
+    ids: list[int] = []
+    for _, text in split_texts(split, model):
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(sep)
     return ids
 
 
