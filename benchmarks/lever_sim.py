@@ -19,6 +19,12 @@ Rows at b (uniform K_l = ⌊b·K⌋ in every layer, K_base = 1):
                                     expert offline: router weight × the expert's mean output norm on
                                     the validation split (the kept set is then the top by that score)
 
+With --group N (N streams decoding together, one group per step: the decode regime at N):
+  Alloc-T N                         the plugin today: each step's pool N·K_l shared by the N tokens
+  group bank N α                    the carried balance of the group as a whole: a step spends the
+                                    extras above θ_l·exp(−α·β/N) within N·(K_l − K_base) + β, and
+                                    banks the rest in β (≥ 0, so the group never exceeds its pool)
+
 It exists to choose the lever's form and defaults before it is wired into serving; the served numbers
 come from `make bench-quality` (BENCHMARKS.md), which measures vLLM.
 """
@@ -40,6 +46,7 @@ from vllm_alloc.carry import carry_counts, threshold_for  # noqa: E402
 
 SEQ_LEN = 256
 K_BASE = 1
+BATCH = 32  # streams per forward pass of the simulation
 
 
 def main() -> None:
@@ -49,7 +56,10 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--offset", type=float, default=0.4)
     ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--group", type=int, help="N streams per decode group: the N-stream rows only")
     args = ap.parse_args()
+    if args.group is not None and (args.group < 1 or BATCH % args.group):
+        raise SystemExit(f"--group {args.group}: must divide the simulation's batch of {BATCH} streams")
 
     import transformers.models.qwen3_moe.modeling_qwen3_moe as qwen3
     from transformers import AutoModelForCausalLM
@@ -105,8 +115,8 @@ def main() -> None:
 
     def nll(data: torch.Tensor, rule: object) -> torch.Tensor:
         out = []
-        for i in range(0, len(data), 32):
-            batch = data[i : i + 32]
+        for i in range(0, len(data), BATCH):
+            batch = data[i : i + BATCH]
             state["rule"], state["streams"] = rule, len(batch)
             with torch.no_grad():
                 logits = model(batch).logits[:, :-1].float()
@@ -169,16 +179,48 @@ def main() -> None:
     def bar_only(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return keep_top(w, w, (w >= theta_mean[l]).sum(-1).clamp(min=K_BASE))
 
+    def grouped(alpha: float | None) -> object:
+        """Each step, the extras of every N consecutive streams' tokens go to the group's best keys:
+        N·(K_l − K_base) of them (Alloc-T, alpha None), or, with a bank, those above the bar."""
+        theta = bars(router_score, args.offset)
+        G = args.group
+
+        def rule(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            streams, S, _ = w.shape
+            per_step = G * (k_l - K_BASE)
+            bank = torch.zeros(streams // G, dtype=torch.int64)
+            n = torch.empty(streams, S, dtype=torch.int64)
+            for s in range(S):
+                extras = w[:, s, K_BASE:].reshape(streams // G, -1)
+                spend = torch.full_like(bank, per_step)
+                if alpha is not None:
+                    bar = theta[l] * torch.exp(-alpha * bank.double() / G)
+                    want = (extras.double() >= bar[:, None]).sum(-1)
+                    spend = torch.minimum(want, per_step + bank)
+                    bank = bank + per_step - spend
+                order = torch.argsort(extras, dim=-1, descending=True, stable=True)
+                ranks = torch.arange(extras.shape[1]) < spend[:, None]
+                chosen = torch.zeros_like(extras, dtype=torch.bool).scatter(-1, order, ranks)
+                n[:, s] = K_BASE + chosen.view(streams, K - K_BASE).sum(-1)
+            return keep_top(w, w, n)
+
+        return rule
+
     test = windows("test")
     full = nll(test, None)
     rows = {
         "uniform top-⌊bK⌋ (renormalised)": nll(test, uniform(True)),
         "uniform same-B (weights topk)": nll(test, uniform(False)),
-        "carry α=0": nll(test, carried(0.0)),
-        f"carry α={args.alpha}": nll(test, carried(args.alpha)),
-        "bar without balance": nll(test, bar_only),
-        f"carry α={args.alpha}, score w·‖e‖": nll(test, carried(args.alpha, norm_score)),
     }
+    if args.group is None:
+        rows["carry α=0"] = nll(test, carried(0.0))
+        rows[f"carry α={args.alpha}"] = nll(test, carried(args.alpha))
+        rows["bar without balance"] = nll(test, bar_only)
+        rows[f"carry α={args.alpha}, score w·‖e‖"] = nll(test, carried(args.alpha, norm_score))
+    else:
+        rows[f"Alloc-T N={args.group}"] = nll(test, grouped(None))
+        rows[f"group bank N={args.group} α={args.alpha}"] = nll(test, grouped(args.alpha))
+        rows[f"group bank N={args.group} α=0"] = nll(test, grouped(0.0))
     ppl = {name: math.exp(v.mean().item()) for name, v in rows.items()}
     topk, same = ppl["uniform top-⌊bK⌋ (renormalised)"], ppl["uniform same-B (weights topk)"]
     f = math.exp(full.mean().item())
