@@ -101,7 +101,8 @@ class Server:
         asyncio.run(self._run(scope, [{"type": "http.request", "body": raw, "more_body": False}], sent))
         status, response_headers = sent[0]["status"], dict(sent[0]["headers"])
         if len(self.app.calls) > calls:
-            return status, response_headers, json.loads(self.app.calls[-1]["body"] or b"null")
+            reached = self.app.calls[-1]["body"]
+            return status, response_headers, json.loads(reached) if reached[:1] in (b"{", b"[") else reached
         return status, response_headers, json.loads(sent[1]["body"])
 
     def admin(self, body: Any = None, key: str | None = KEY, method: str = "POST") -> tuple[int, Any]:
@@ -215,6 +216,17 @@ def test_an_alias_on_a_route_that_cannot_apply_it_is_400() -> None:
     assert "cannot apply a budget" in error["error"]["message"] and "'tiny' here" in error["error"]["message"]
     status, _, body = server.request({"model": "tiny", "messages": []}, "/v1/chat/completions/batch")
     assert status == 200 and body == {"model": "tiny", "messages": []}  # passed on untouched
+    boundary = "b0undary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\nRIFF....\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny@0.5\r\n--{boundary}--\r\n'
+    ).encode()
+    content_type = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    status, _, error = server.request(form, "/v1/audio/transcriptions", headers=content_type)
+    assert status == 400 and "cannot apply a budget" in error["error"]["message"]
+    plain = form.replace(b"tiny@0.5", b"tiny")  # the base name: passed on as it came
+    assert server.request(plain, "/v1/audio/transcriptions", headers=content_type)[::2] == (200, plain)
     status, _, body = server.request({"model": "tiny@0.5", "prompt": "x"}, "/tokenize")
     assert status == 200 and body["model"] == "tiny@0.5"  # no generation there: the alias is just a name
 

@@ -64,7 +64,14 @@ BUDGET_PATHS = frozenset(
 )
 # Routes where vLLM 0.32 generates but passes no budget on (module docstring): a budget alias is refused.
 UNBUDGETED_GENERATION = frozenset(
-    {"/v1/chat/completions/batch", "/inference/v1/generate", "/generative_scoring", "/cohere/v2/chat"}
+    {
+        "/v1/chat/completions/batch",
+        "/inference/v1/generate",
+        "/generative_scoring",
+        "/cohere/v2/chat",
+        "/v1/audio/transcriptions",  # form data (multipart): the model is a form field
+        "/v1/audio/translations",
+    }
 )
 # The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
 _GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
@@ -183,7 +190,7 @@ class ActivationBudgetMiddleware:
         body, disconnected = await _read_body(receive)
         if disconnected:
             return
-        model = _json_model(body)
+        model = _request_model(body, _content_type(scope))
         if model in self.aliases:
             await _send_400(
                 send,
@@ -387,13 +394,26 @@ def _header_values(scope: Scope) -> list[bytes]:
     return [v for k, v in scope["headers"] if k.lower() == name]
 
 
-def _json_model(body: bytes) -> Any:
-    """The `model` of a JSON object body; None for any other body."""
+def _request_model(body: bytes, content_type: bytes) -> Any:
+    """The `model` of a JSON object body, or the `model` field of a multipart form; None otherwise."""
+    if content_type.lower().startswith(b"multipart/form-data"):
+        from email import message_from_bytes, policy
+
+        form = message_from_bytes(b"Content-Type: " + content_type + b"\r\n\r\n" + body, policy=policy.HTTP)
+        for part in form.iter_parts() if form.is_multipart() else ():
+            if part.get_param("name", header="content-disposition") == "model":
+                payload = part.get_payload(decode=True)
+                return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+        return None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
     return data.get("model") if isinstance(data, dict) else None
+
+
+def _content_type(scope: Scope) -> bytes:
+    return next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
