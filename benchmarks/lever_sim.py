@@ -19,6 +19,15 @@ Rows at b (uniform K_l = ⌊b·K⌋ in every layer, K_base = 1):
                                     expert offline: router weight × the expert's mean output norm on
                                     the validation split (the kept set is then the top by that score)
 
+With --decode-loop, the same test windows decode position by position with a KV cache (teacher-forced),
+so a rule may carry state across layers as well as steps:
+  carry α (loop)                    the carried balance per (request, layer), as served: must match
+                                    `carry α` of the layer-by-layer scan
+  carry α, one bank (loop)          one balance per request for all its layers: a layer's savings pay
+                                    for another's uncertain token (still β ≥ 0: the request's total
+                                    over all layers never exceeds its pool B per token)
+  bar without balance (loop)        as above, no pool
+
 With --group N (N streams decoding together, one group per step: the decode regime at N):
   Alloc-T N                         the plugin today: each step's pool N·K_l shared by the N tokens
   group bank N α                    the carried balance of the group as a whole: a step spends the
@@ -57,6 +66,12 @@ def main() -> None:
     ap.add_argument("--offset", type=float, default=0.4)
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--group", type=int, help="N streams per decode group: the N-stream rows only")
+    ap.add_argument("--decode-loop", action="store_true", help="the decode-loop rows only (one bank)")
+    ap.add_argument(
+        "--one-bank-sweep",
+        metavar="α:offset,...",
+        help="with --decode-loop: only the one-bank row, once per (α, offset), e.g. 0.0125:0.4,0.025:0.4",
+    )
     args = ap.parse_args()
     if args.group is not None and (args.group < 1 or BATCH % args.group):
         raise SystemExit(f"--group {args.group}: must divide the simulation's batch of {BATCH} streams")
@@ -206,7 +221,67 @@ def main() -> None:
 
         return rule
 
+    def decode_nll(data: torch.Tensor, make_rule: object) -> torch.Tensor:
+        """Mean NLL per window, decoding each window token by token (KV cache, teacher-forced); a fresh
+        rule per batch of streams (`make_rule(streams)`), so its state starts empty per request."""
+        from transformers import DynamicCache
+
+        out = []
+        for i in range(0, len(data), BATCH):
+            batch = data[i : i + BATCH]
+            state["rule"] = make_rule(len(batch)) if make_rule is not None else None  # type: ignore[operator]
+            state["streams"] = len(batch)
+            cache, lps = DynamicCache(), []
+            with torch.no_grad():
+                for s in range(batch.shape[1] - 1):
+                    logits = model(batch[:, s : s + 1], past_key_values=cache, use_cache=True).logits
+                    lp = torch.log_softmax(logits[:, -1].float(), -1).gather(-1, batch[:, s + 1, None])
+                    lps.append(lp[:, 0])
+            out.append(-torch.stack(lps, 1).mean(1))
+        return torch.cat(out)
+
+    def loop_carry(alpha: float, one_bank: bool, offset: float = args.offset) -> object:
+        theta = bars(router_score, offset)
+
+        def make(streams: int) -> object:
+            bank = torch.zeros(1 if one_bank else L, streams, dtype=torch.int64)
+
+            def rule(l: int, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                row = 0 if one_bank else l
+                n, bank[row] = carry_counts(
+                    w[:, 0], torch.full((streams,), k_l), bank[row], torch.full((streams,), theta[l]),
+                    K_BASE, alpha,
+                )  # fmt: skip
+                return keep_top(w, w, n[:, None])
+
+            return rule
+
+        return make
+
     test = windows("test")
+    if args.decode_loop:
+        full_loop = decode_nll(test, None)
+        if args.one_bank_sweep:
+            sweep = [tuple(float(x) for x in item.split(":")) for item in args.one_bank_sweep.split(",")]
+            loop_rows = {
+                "uniform top-⌊bK⌋ (renormalised)": decode_nll(test, lambda _: uniform(True)),
+                "uniform same-B (weights topk)": decode_nll(test, lambda _: uniform(False)),
+            }
+            for alpha, offset in sweep:
+                loop_rows[f"one bank α={alpha:g} offset {offset:g}"] = decode_nll(
+                    test, loop_carry(alpha, True, offset)
+                )
+            report(args, k_l, K, len(test), full_loop, loop_rows)
+            return
+        loop_rows = {
+            "uniform top-⌊bK⌋ (renormalised)": decode_nll(test, lambda _: uniform(True)),
+            "uniform same-B (weights topk)": decode_nll(test, lambda _: uniform(False)),
+            f"carry α={args.alpha} (loop)": decode_nll(test, loop_carry(args.alpha, False)),
+            f"carry α={args.alpha}, one bank (loop)": decode_nll(test, loop_carry(args.alpha, True)),
+            "bar without balance (loop)": decode_nll(test, lambda _: bar_only),
+        }
+        report(args, k_l, K, len(test), full_loop, loop_rows)
+        return
     full = nll(test, None)
     rows = {
         "uniform top-⌊bK⌋ (renormalised)": nll(test, uniform(True)),
@@ -221,10 +296,21 @@ def main() -> None:
         rows[f"Alloc-T N={args.group}"] = nll(test, grouped(None))
         rows[f"group bank N={args.group} α={args.alpha}"] = nll(test, grouped(args.alpha))
         rows[f"group bank N={args.group} α=0"] = nll(test, grouped(0.0))
+    report(args, k_l, K, len(test), full, rows)
+
+
+def report(
+    args: argparse.Namespace,
+    k_l: int,
+    K: int,
+    windows: int,
+    full: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+) -> None:
     ppl = {name: math.exp(v.mean().item()) for name, v in rows.items()}
     topk, same = ppl["uniform top-⌊bK⌋ (renormalised)"], ppl["uniform same-B (weights topk)"]
     f = math.exp(full.mean().item())
-    print(f"{args.model.name}: b={args.b} K_l={k_l} of K={K}, {len(test)} test windows x {SEQ_LEN}, "
+    print(f"{args.model.name}: b={args.b} K_l={k_l} of K={K}, {windows} test windows x {SEQ_LEN}, "
           f"offset {args.offset}; full model {f:.3f}")  # fmt: skip
     head = f"{'row':34s} {'ppl':>8s} {'rec vs top-k':>13s} {'rec vs same-B':>14s}"
     print(f"{head}  paired ΔNLL vs same-B (95%)")
