@@ -306,13 +306,19 @@ def test_admin_refuses_a_budget_file_with_its_field_named(
     assert server.engine.calls == []
 
 
+def k_base_2_file(tmp_path: Path) -> Path:
+    """A valid budget file for the fake model with K_base = 2: its minimum is 0.5, not 0.25."""
+    path = tmp_path / "k2.json"
+    uniform_budget_file(make_state().fingerprint(), k_base=2).dump(path)
+    return path
+
+
 def test_admin_loads_a_file_and_a_worker_refusal_changes_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("VLLM_ALLOC_ADMIN_KEY", KEY)
     server = aliased(0.5)
-    path = tmp_path / "k2.json"
-    uniform_budget_file(make_state().fingerprint(), k_base=2).dump(path)
+    path = k_base_2_file(tmp_path)
     server.engine.refuse = f"budget file {path}: field 'model': written for another model"
     status, answer = server.admin({"budget_file": str(path)})
     assert status == 400 and answer["error"]["message"] == server.engine.refuse
@@ -334,8 +340,7 @@ def test_admin_refuses_a_file_whose_minimum_is_above_an_alias(
 ) -> None:
     monkeypatch.setenv("VLLM_ALLOC_ADMIN_KEY", KEY)
     server = aliased(0.25)
-    path = tmp_path / "k2.json"
-    uniform_budget_file(make_state().fingerprint(), k_base=2).dump(path)
+    path = k_base_2_file(tmp_path)
     status, answer = server.admin({"budget_file": str(path)})
     assert status == 400 and "budget_aliases[0]=0.25" in answer["error"]["message"]
 

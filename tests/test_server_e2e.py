@@ -92,6 +92,16 @@ def settled_delta(srv: Server, before: dict[Any, float], want: dict[Any, float])
     return got
 
 
+async def final_usage(result: Any, stream: bool) -> Any:
+    """The usage of an async completion: the last chunk's that has one, when streamed."""
+    if not stream:
+        return result.usage
+    usage = None
+    async for chunk in result:
+        usage = chunk.usage or usage
+    return usage
+
+
 def label(b: float | None) -> str:
     return "1" if b is None else f"{b:.4g}"
 
@@ -382,13 +392,8 @@ def test_admin_changes_budgets_under_load_without_losing_requests(server: Server
             extra_body={"ignore_eos": True},
             **({"stream_options": {"include_usage": True}} if stream else {}),
         )
-        result = raw.parse()  # the legacy raw response parses synchronously, stream or not
-        if stream:
-            usage = None
-            async for chunk in result:
-                usage = chunk.usage or usage
-        else:
-            usage = result.usage
+        # The legacy raw response parses synchronously, stream or not.
+        usage = await final_usage(raw.parse(), stream)
         assert usage is not None and usage.completion_tokens == 8
         applied.append((label(float(raw.headers[APPLIED])), computed_tokens(usage)))
 
@@ -485,12 +490,7 @@ def test_64_concurrent_mixed_requests(server: Server) -> None:
         else:
             messages = [{"role": "user", "content": f"request {i} of 64"}]
             result = await client.chat.completions.create(messages=messages, **common, **extra)
-        if stream:
-            usage = None
-            async for chunk in result:
-                usage = chunk.usage or usage
-        else:
-            usage = result.usage
+        usage = await final_usage(result, stream)
         assert usage is not None and usage.completion_tokens == 4 + i % 5
         return label(b), computed_tokens(usage)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs, metrics
@@ -36,6 +35,7 @@ from vllm_alloc.server import (
     Receive,
     Scope,
     Send,
+    _header_values,
     _logger,
     _read_body,
     format_budget,
@@ -145,25 +145,14 @@ def prepare(
     all of them check the same bytes). Without `budget_file` the file served now stays, as loaded: a
     default-budget change never picks up edits made to the file on disk. ValueError (BudgetFileError,
     BudgetError) names the file, field or value."""
-    from vllm_alloc.budget import parse_budget_text, read_budget_file
+    from vllm_alloc.budget import read_budget_file
 
-    rpc_change: dict[str, Any] = {}
-    loaded = current.budget_file if config.budget_file else None
-    if "budget_file" in change:
-        source = change["budget_file"]
-        if source is None:
-            rpc_change["budget_file"] = None
-        else:
-            path, text = read_budget_file(source)
-            loaded = parse_budget_text(text, path)
-            source = str(path.resolve())
-            rpc_change["budget_file"] = {"source": source, "text": text}
-        config = replace(config, budget_file=source)
-    if "default_budget" in change:
-        config = replace(config, default_budget=change["default_budget"])
-        rpc_change["default_budget"] = change["default_budget"]
-    settings = config.resolve(top_k=top_k, loaded=loaded)
-    return config, settings, rpc_change
+    rpc_change = dict(change)
+    if change.get("budget_file") is not None:
+        path, text = read_budget_file(change["budget_file"])
+        rpc_change["budget_file"] = {"source": str(path.resolve()), "text": text}
+    config, loaded = config.changed(current.budget_file, rpc_change)  # as every worker will
+    return config, config.resolve(top_k=top_k, loaded=loaded), rpc_change
 
 
 async def _workers(engine: Any, change: dict[str, Any], apply: bool) -> None:
@@ -198,11 +187,8 @@ def _refusal(scope: Scope) -> tuple[int, str] | None:
             f"{ADMIN_PATH} is off: start the server with VLLM_ALLOC_ADMIN_KEY set "
             "(vllm-alloc serve --admin-key-file FILE) to enable it"
         )
-    given = b""
-    for name, value in scope["headers"]:
-        if name.lower() == b"authorization":
-            given = value
-    if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+    given = _header_values(scope, "authorization")
+    if not hmac.compare_digest(given[-1] if given else b"", f"Bearer {key}".encode()):
         return (
             401,
             f"{ADMIN_PATH} needs the header `Authorization: Bearer <admin key>`; the key given is not it",

@@ -190,7 +190,7 @@ class ActivationBudgetMiddleware:
         body, disconnected = await _read_body(receive)
         if disconnected:
             return
-        model = _request_model(body, _content_type(scope))
+        model = _request_model(body, next(iter(_header_values(scope, "content-type")), b""))
         if model in self.aliases:
             await _send_400(
                 send,
@@ -389,8 +389,9 @@ def _parse(raw: Any, min_budget: float | None, source: str) -> float:
         raise BudgetRequestError(str(e)) from None
 
 
-def _header_values(scope: Scope) -> list[bytes]:
-    name = BUDGET_HEADER.lower().encode()
+def _header_values(scope: Scope, header: str = BUDGET_HEADER) -> list[bytes]:
+    """Every value of `header` in the request, in order."""
+    name = header.lower().encode()
     return [v for k, v in scope["headers"] if k.lower() == name]
 
 
@@ -410,10 +411,6 @@ def _request_model(body: bytes, content_type: bytes) -> Any:
     except (ValueError, UnicodeDecodeError):
         return None
     return data.get("model") if isinstance(data, dict) else None
-
-
-def _content_type(scope: Scope) -> bytes:
-    return next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

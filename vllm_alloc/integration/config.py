@@ -29,7 +29,7 @@ torch, is imported only when settings are resolved.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs
@@ -125,6 +125,27 @@ class PluginConfig:
             raise ValueError(f"{CONFIG_KEY} scope={self.scope!r} is not valid; expected one of {SCOPES}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
+
+    def changed(
+        self, current: BudgetFile | None, change: dict[str, Any]
+    ) -> tuple[PluginConfig, BudgetFile | None]:
+        """This configuration after an admin change (`vllm_alloc.admin`), and the budget file it names,
+        parsed, for `resolve(loaded=...)`. `change["budget_file"]` is {"source": path, "text": its
+        content}, or None for the uniform allocation; without it the file served now, `current`, stays as
+        it was loaded. `change["default_budget"]` replaces the default. ValueError names the file, field
+        or value."""
+        from vllm_alloc.budget import parse_budget_text
+
+        config, loaded = self, current if self.budget_file else None
+        if "budget_file" in change:
+            new_file = change["budget_file"]
+            source = None if new_file is None else str(new_file["source"])
+            loaded = None if new_file is None else parse_budget_text(new_file["text"], source)
+            config = replace(config, budget_file=source)
+        if "default_budget" in change:
+            b = parse_budget(change["default_budget"], source=f"{CONFIG_KEY} default_budget")
+            config = replace(config, default_budget=b)
+        return config, loaded
 
     def resolve(
         self,

@@ -466,20 +466,8 @@ class AllocState:
         minimum; ValueError names the file, field and value, and leaves everything as it was. Applied, the
         allocation table, Alloc-T flags and the carried balance's θ are overwritten in place (captured
         CUDA graphs read the same buffers)."""
-        from dataclasses import replace
-
-        from vllm_alloc.budget import parse_budget_text
-
         plan = self._need_plan()
-        config = self.config or PluginConfig()
-        loaded = plan.budget_file if config.budget_file else None
-        if "budget_file" in change:
-            new_file = change["budget_file"]
-            source = None if new_file is None else str(new_file["source"])
-            loaded = None if new_file is None else parse_budget_text(new_file["text"], source)
-            config = replace(config, budget_file=source)
-        if "default_budget" in change:
-            config = replace(config, default_budget=parse_budget(change["default_budget"]))
+        config, loaded = (self.config or PluginConfig()).changed(plan.budget_file, change)
         settings = config.resolve(model=self.fingerprint(), loaded=loaded)
         self._check_scope(settings.scope)
         new = settings.budget_file
