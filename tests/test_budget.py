@@ -399,7 +399,19 @@ def test_carried_balance_fields() -> None:
     assert bf.carry_table()[a["budget"]].tolist() == [0.25, math.inf, 0.5, 0.125]
     assert bf.carry_table()[a["budget"] + 1].tolist() == [math.inf] * L
     text = summary(bf, [a["budget"] / bf.model.full_activations])
-    assert "carried balance (lone decode streams): α = 0.05" in text and "(0.25, —, 0.5, 0.125)" in text
+    assert "carried balance (lone decode streams): pool layer (per layer), α = 0.05" in text
+    assert "(0.25, —, 0.5, 0.125)" in text
+    data["carry_pool"], data["carry_alpha"] = "request", 0.025
+    bf = parse_budget_file(data)
+    assert (
+        bf.carry_pool == "request"
+        and "pool request (one bank per request for all its layers), α = 0.025"
+        in (summary(bf, [a["budget"] / bf.model.full_activations]))
+    )
+    data["carry_pool"] = "bank"
+    with pytest.raises(BudgetFileError, match="carry_pool"):
+        parse_budget_file(data)
+    data["carry_pool"] = "layer"
     a["carry"] = [0.25]
     with pytest.raises(BudgetFileError, match="has 1 thresholds; it needs one per layer"):
         parse_budget_file(data)

@@ -53,6 +53,64 @@ def test_pool_never_exceeded_and_excess_bounded(case: tuple) -> None:
         balance = after
 
 
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 12), st.integers(0, 2**31 - 1), st.booleans())
+def test_one_bank_pool_over_layers_host_and_device(
+    L: int, N: int, S: int, seed: int, singleton: bool
+) -> None:
+    """Pool "request": N lone requests decode S steps through L layers, one bank each for all their
+    layers. After every layer call β >= 0, so a request's kept pairs over any prefix of its (step, layer)
+    calls stay within the K_l it was given there (B per token summed over a step); each call exceeds K_l
+    by at most min(K − K_l, β before it). The host layer call and the device path agree on every call."""
+    from vllm_alloc.device_budget import Carry as DeviceCarry
+    from vllm_alloc.device_budget import layer_routing
+
+    rng = np.random.default_rng(seed)
+    K = int(rng.integers(1, 7))
+    kb = int(rng.integers(1, K + 1))
+    A = L * K
+    table = np.zeros((A + 1, L), np.int32)
+    table[A] = rng.integers(kb, K + 1, L)  # every request at B = A's row, K_l >= K_base
+    budget = np.full(N, A, np.int64)
+    slot = np.arange(1, N + 1, dtype=np.int64)
+    theta = np.zeros((A + 1, L))
+    theta[A] = rng.random(L) * 0.6
+    alpha = float(rng.choice([0.0, 0.025, 0.5]))
+    host_balance = np.zeros((N + 1, L), np.int64)
+    dev_balance = torch.zeros(N + 1, L, dtype=torch.int64)
+    group = np.arange(N, dtype=np.int64)
+    given_k = np.zeros(N, np.int64)
+    spent = np.zeros(N, np.int64)
+    ids = np.tile(np.arange(K, dtype=np.int32), (N, 1))
+    for _ in range(S):
+        for column in range(L):
+            keys = rng.random((N, K), dtype=np.float32)
+            before = host_balance[1:, 0].copy()
+            pairs = alloc_t_host.layer_call(
+                keys, keys, ids, budget, table, column, group, kb, "topk", singleton, np.zeros(A + 1), False,
+                alloc_t_host.Carry(slot, host_balance, theta, alpha, one_bank=True),
+            )  # fmt: skip
+            _, kept_ids = layer_routing(
+                torch.from_numpy(keys), torch.from_numpy(keys), torch.from_numpy(ids),
+                table=torch.from_numpy(table), token_budget=torch.from_numpy(budget),
+                token_group=torch.from_numpy(group), used=torch.zeros(L, A + 1), column=column,
+                k_base=kb, singleton_groups=singleton,
+                carry=DeviceCarry(torch.from_numpy(slot), dev_balance, torch.from_numpy(theta), alpha, True),
+            )  # fmt: skip
+            kept = pairs.per_token
+            np.testing.assert_array_equal((kept_ids >= 0).sum(dim=1).numpy(), kept)
+            np.testing.assert_array_equal(dev_balance.numpy(), host_balance)
+            k_l = table[A, column]
+            assert ((kept >= kb) & (kept <= K)).all()
+            assert (kept - k_l <= np.minimum(K - k_l, before)).all(), "per-call excess bound"
+            given_k += k_l
+            spent += kept
+            assert (host_balance[1:, 0] >= 0).all(), "nothing is borrowed"
+            assert (spent <= given_k).all(), "the request's pool, over its layers"
+            np.testing.assert_array_equal(spent, given_k - host_balance[1:, 0])
+    assert (host_balance[:, 1:] == 0).all(), "one bank: the other columns are never touched"
+
+
 def test_edges_of_the_bar() -> None:
     keys = torch.tensor([[0.6, 0.3, 0.1, 0.0]] * 3)
     k_l = torch.tensor([2, 2, 2])
@@ -119,9 +177,10 @@ def test_bad_alpha_is_named(alpha: object) -> None:
         carry_counts(torch.rand(1, 2), torch.tensor([1]), torch.tensor([0]), torch.zeros(1), alpha=alpha)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("one_bank", [False, True])
 @pytest.mark.parametrize("singleton", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.05])
-def test_device_layer_routing_carries_as_the_host_path(alpha: float, singleton: bool) -> None:
+def test_device_layer_routing_carries_as_the_host_path(alpha: float, singleton: bool, one_bank: bool) -> None:
     """One decode step of 12 lone requests (distinct slots) mixed with uncarried rows and padding: the
     device path (`device_budget.layer_routing`) keeps and banks what the host layer call does."""
     from vllm_alloc.device_budget import Carry, layer_routing
@@ -144,7 +203,7 @@ def test_device_layer_routing_carries_as_the_host_path(alpha: float, singleton: 
     used = np.zeros(A + 1)
     pairs = alloc_t_host.layer_call(
         keys, keys, ids, budget, table, 1, group, 1, "topk", singleton, used, True,
-        alloc_t_host.Carry(slot, host_balance, theta, alpha),
+        alloc_t_host.Carry(slot, host_balance, theta, alpha, one_bank),
     )  # fmt: skip
     dev_balance = torch.from_numpy(balance0.copy())
     dev_used = torch.zeros(L, A + 1, dtype=torch.float64)
@@ -152,10 +211,12 @@ def test_device_layer_routing_carries_as_the_host_path(alpha: float, singleton: 
         torch.from_numpy(keys), torch.from_numpy(keys), torch.from_numpy(ids),
         table=torch.from_numpy(table), token_budget=torch.from_numpy(budget),
         token_group=torch.from_numpy(group), used=dev_used, column=1, k_base=1, singleton_groups=singleton,
-        carry=Carry(torch.from_numpy(slot), dev_balance, torch.from_numpy(theta), alpha),
+        carry=Carry(torch.from_numpy(slot), dev_balance, torch.from_numpy(theta), alpha, one_bank),
     )  # fmt: skip
     np.testing.assert_array_equal((kept_ids >= 0).sum(dim=1).numpy(), pairs.per_token)
     np.testing.assert_array_equal(dev_balance[1:].numpy(), host_balance[1:])
     np.testing.assert_array_equal(dev_used[1].numpy(), used)
-    assert not np.array_equal(host_balance[1:13, 1], balance0[1:13, 1]), "some request banked or spent"
-    np.testing.assert_array_equal(host_balance[13:, 1], balance0[13:, 1])
+    bank, other = (0, 1) if one_bank else (1, 0)  # layer 1's call: its own column, or the request's bank
+    assert not np.array_equal(host_balance[1:13, bank], balance0[1:13, bank]), "some request banked or spent"
+    np.testing.assert_array_equal(host_balance[13:, bank], balance0[13:, bank])
+    np.testing.assert_array_equal(host_balance[:, other], balance0[:, other])

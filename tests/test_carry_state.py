@@ -137,8 +137,25 @@ def test_set_carry_validates_and_reset_restores_the_file() -> None:
         state.set_carry({}, alpha=-1.0)
     state.set_carry({B_HALF: [0.1, math.inf]}, alpha=0.2)
     assert plan.carrying[B_HALF] and plan.carry_theta[B_HALF].tolist() == [0.1, math.inf]
+    with pytest.raises(ValueError, match="pool='bank' is not valid"):
+        state.set_carry({}, pool="bank")
+    plan.balance[1] = torch.tensor([2, 3])
+    state.set_carry({}, pool="request")
+    assert plan.carry_pool == "request" and not plan.balance.any(), "a new pool starts from zero"
     state.reset_allocation()
-    assert not plan.carrying.any() and plan.carry_alpha == 0.05
+    assert not plan.carrying.any() and plan.carry_alpha == 0.05 and plan.carry_pool == "layer"
+
+
+def test_scope_stream_refuses_one_bank() -> None:
+    """Scope `stream` runs a request's tokens layer by layer in one pass: right for a balance per layer,
+    not for one bank over the layers (decode reaches layer l of token s after every layer of s − 1)."""
+    state = carrying_state(scope="stream")
+    with pytest.raises(ValueError, match="per-layer balance only"):
+        state.set_carry({}, pool="request")
+    state.set_scope("token")
+    state.set_carry({}, pool="request")
+    with pytest.raises(ValueError, match="per-layer balance only"):
+        state.set_scope("stream")
 
 
 def test_scope_stream_is_refused_on_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -206,12 +206,14 @@ def _layer_call(
     balance: np.ndarray,
     theta: np.ndarray,
     alpha: float,
+    bank: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
     """One MoE layer call of the CPU serving path in one compiled call: K_l(B_t) from the allocation
     table, Alloc-T, the carried balance of tokens with a slot (token_slot[t] > 0: their request's row of
     `balance` [S + 1, L], θ from `theta` [A + 1, L]), the activation count (used[B_t] += kept pairs) and
     the kernel layout. Carried tokens are alone in their groups, and are taken in token order, so a
-    request's tokens in one pass (scope `stream`) spend and bank in position order, as decode steps do."""
+    request's tokens in one pass (scope `stream`) spend and bank in position order, as decode steps do.
+    bank: the balance column (this layer's, or 0 where a request has one bank for all its layers)."""
     T = rank_keys.shape[0]
     k_tok = np.empty(T, np.int64)
     for t in range(T):
@@ -221,9 +223,9 @@ def _layer_call(
         slot = token_slot[t]
         if slot > 0 and k_tok[t] > 0:
             k = _carried(
-                rank_keys[t], k_tok[t], balance[slot, column], theta[token_budget[t], column], kb, alpha
+                rank_keys[t], k_tok[t], balance[slot, bank], theta[token_budget[t], column], kb, alpha
             )
-            balance[slot, column] += k_tok[t] - k
+            balance[slot, bank] += k_tok[t] - k
             keep[t] = k
     if count:
         for t in range(T):
@@ -257,6 +259,7 @@ def layer_call(
     out_w, out_ids, tokens, uniform, keep = _layer_call(
         rank_keys, topk_weights, topk_ids, token_budget, table, column, group, kb, singleton_groups,
         weights == "kept", used, count, c.token_slot, c.balance, c.theta, c.alpha,
+        0 if c.one_bank else column,
     )  # fmt: skip
     return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)
 
@@ -264,12 +267,13 @@ def layer_call(
 class Carry(NamedTuple):
     """The carried balance's arrays for `layer_call` (see `carry.py`): token_slot [T] int64 (0 = not
     carried; an empty array when no token is), balance [S + 1, L] int64 (updated in place), theta
-    [A + 1, L] float64, alpha."""
+    [A + 1, L] float64, alpha, one_bank (a request's layers share column 0 of its balance row)."""
 
     token_slot: np.ndarray
     balance: np.ndarray
     theta: np.ndarray
     alpha: float
+    one_bank: bool = False
 
 
 _NO_CARRY = Carry(np.zeros(0, np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float64), 0.0)

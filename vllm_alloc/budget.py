@@ -317,6 +317,9 @@ class BudgetFile(_Schema):
     scope: Literal["budget", "request"] = "budget"
     default_budget: float = 1.0  # b for requests that name none
     carry_alpha: float = Field(default=0.05, ge=0.0)  # α of the carried balance, where a B carries
+    # Where a request banks what its tokens save: one balance per MoE layer ("layer"), or one for all its
+    # layers ("request": a layer's savings pay for another layer's uncertain token).
+    carry_pool: Literal["layer", "request"] = "layer"
     sensitivities: list[Sensitivity] = []
     allocations: list[Allocation]  # one per integer B from L·k_base to A, sorted by B
     guard: Guard | None = None  # how the candidates were validated (profiler-written files)

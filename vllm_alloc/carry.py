@@ -30,7 +30,10 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["carry_counts", "check_alpha", "threshold_for"]
+__all__ = ["CARRY_POOLS", "carry_counts", "check_alpha", "threshold_for"]
+
+# Where a request banks its savings: a balance per MoE layer, or one bank for all its layers.
+CARRY_POOLS = ("layer", "request")
 
 
 def check_alpha(alpha: float) -> None:

@@ -34,12 +34,14 @@ from vllm_alloc.carry import carry_counts
 class Carry(NamedTuple):
     """The carried balance's device buffers (`carry.py`): token_slot [N] int64 (0 = not carried; a
     carried token's request row of `balance`, one token per request in a pass), balance [S + 1, L] int64
-    (row 0 scratch), theta [A + 1, L] float64 (θ_l(B)), alpha."""
+    (row 0 scratch), theta [A + 1, L] float64 (θ_l(B)), alpha, one_bank (static: a request's layers
+    share column 0 of its row, the pool "request")."""
 
     token_slot: torch.Tensor
     balance: torch.Tensor
     theta: torch.Tensor
     alpha: float
+    one_bank: bool = False
 
 
 def layer_routing(
@@ -78,11 +80,12 @@ def layer_routing(
         # Every row reads its slot's balance; rows not carried use slot 0, a scratch row they write back
         # unchanged (all writes to it carry the value read, so duplicate indices are harmless).
         slot = carry.token_slot[:T]
-        before = carry.balance[slot, column]
+        bank = 0 if carry.one_bank else column
+        before = carry.balance[slot, bank]
         n, after = carry_counts(rank_keys, k_tok, before, carry.theta[budget, column], k_base, carry.alpha)
         carried = slot > 0
         n_keep = torch.where(carried, n, -1)
-        carry.balance[slot, column] = torch.where(carried, after, before).to(carry.balance.dtype)
+        carry.balance[slot, bank] = torch.where(carried, after, before).to(carry.balance.dtype)
     kept_w, kept_ids, kept = alloc_t.reallocate(
         rank_keys,
         topk_weights,

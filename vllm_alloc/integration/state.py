@@ -24,6 +24,7 @@ import torch
 
 from vllm_alloc import device_budget, envs
 from vllm_alloc.budget import BudgetFile, ModelFingerprint
+from vllm_alloc.carry import CARRY_POOLS
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.requests import BudgetError, parse_budget
@@ -65,6 +66,7 @@ class Plan:
     carry_theta: torch.Tensor  # [A + 1, L] float64
     carrying: np.ndarray  # [A + 1] bool, host
     carry_alpha: float
+    carry_pool: str  # "layer": a balance per (request, layer); "request": column 0 for all its layers
     balance: torch.Tensor  # [S + 1, L] int64
     token_slot: torch.Tensor  # [N] int64
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
@@ -85,7 +87,9 @@ class Plan:
         """The carried balance's buffers for the device path, or None where no budget carries."""
         if not self.carrying.any():
             return None
-        return device_budget.Carry(self.token_slot, self.balance, self.carry_theta, self.carry_alpha)
+        return device_budget.Carry(
+            self.token_slot, self.balance, self.carry_theta, self.carry_alpha, self.carry_pool == "request"
+        )
 
     @property
     def A(self) -> int:
@@ -181,6 +185,7 @@ class AllocState:
             carry_theta=budget_file.carry_table().to(device),
             carrying=np.asarray(budget_file.carrying(), dtype=bool),
             carry_alpha=budget_file.carry_alpha,
+            carry_pool=budget_file.carry_pool,
             balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
             token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
         )
@@ -407,16 +412,24 @@ class AllocState:
             self.plan.carry_theta.copy_(bf.carry_table())
             self.plan.carrying[:] = bf.carrying()
             self.plan.carry_alpha = bf.carry_alpha
+            self._set_pool(bf.carry_pool)
 
-    def set_carry(self, theta: dict[int, list[float] | None], alpha: float | None = None) -> None:
+    def set_carry(
+        self, theta: dict[int, list[float] | None], alpha: float | None = None, pool: str | None = None
+    ) -> None:
         """Where `theta` names B, carry the balance there with these θ_l (None: stop carrying at B);
-        `alpha` replaces α (the profiler and the quality benchmark measure the lever this way, eager).
-        CUDA graphs captured while no B carried do not compute it (docs/design.md, GPU path)."""
+        `alpha` replaces α and `pool` the balance's pool, "layer" or "request" (the profiler and the
+        quality benchmark measure the lever this way, eager). CUDA graphs captured while no B carried do
+        not compute it, nor one captured with the other pool (docs/design.md, GPU path)."""
         from vllm_alloc.carry import check_alpha
 
         plan = self._need_plan()
         if alpha is not None:
             check_alpha(alpha)
+        if pool is not None and pool not in CARRY_POOLS:
+            raise ValueError(f"pool={pool!r} is not valid; expected one of {CARRY_POOLS}")
+        if pool == "request" and plan.scope == "stream":
+            raise ValueError(STREAM_ONE_BANK)
         L = plan.budget_file.model.num_moe_layers
         for B, row in theta.items():
             if not 0 < int(B) <= plan.A:
@@ -425,10 +438,19 @@ class AllocState:
                 raise ValueError(f"θ {row} for B={B} is invalid; expected {L} numbers (inf allowed)")
         if alpha is not None:
             plan.carry_alpha = float(alpha)
+        if pool is not None:
+            self._set_pool(pool)
         for B, row in theta.items():
             plan.carrying[int(B)] = row is not None
             if row is not None:
                 plan.carry_theta[int(B)].copy_(torch.tensor(row, dtype=plan.carry_theta.dtype))
+
+    def _set_pool(self, pool: str) -> None:
+        """Take the balance's pool; a change zeroes every balance (a per-layer balance is not a bank)."""
+        assert self.plan is not None
+        if pool != self.plan.carry_pool:
+            self.plan.balance.zero_()
+            self.plan.carry_pool = pool
 
     def record_scores(self, on: bool) -> None:
         """Start (clearing what was recorded before) or stop recording each layer's router scores below
@@ -472,6 +494,8 @@ class AllocState:
         self._check_scope(settings.scope)
         new = settings.budget_file
         assert new is not None  # resolve(model=...) builds the uniform file when none is configured
+        if settings.scope == "stream" and new.carry_pool == "request":
+            raise ValueError(STREAM_ONE_BANK)
         if apply:
             if not plan.carrying.any() and any(new.carrying()) and plan.table.device.type == "cuda":
                 compat.logger("vllm_alloc").warning(
@@ -516,6 +540,8 @@ class AllocState:
                 "scope 'stream' (evaluation: a request's tokens carry its balance in order within one "
                 "pass) runs on the CPU host path only; use 'token' or 'position' on devices"
             )
+        if scope == "stream" and self.plan.carry_pool == "request":
+            raise ValueError(STREAM_ONE_BANK)
 
     # -- counters -----------------------------------------------------------------------------------------
     def counters(self) -> dict[str, Any]:
@@ -553,6 +579,10 @@ class AllocState:
             )
 
 
+STREAM_ONE_BANK = (
+    "scope 'stream' teacher-forces the per-layer balance only (carry_pool 'layer'): a request's one bank "
+    "needs its layers in decode order, one token per request per pass"
+)
 STATE = AllocState()
 
 
