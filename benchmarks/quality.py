@@ -20,10 +20,11 @@ training, model selection or profiling saw). Rows, at b ∈ {1.0, 0.75, 0.5, 0.3
                            configuration) and "request" (what the profiler measures with), plus each
                            protocol's candidate, and the levers (weights "kept", K_base = 2, a profile
                            from 1/8 of the calibration tokens)
-  carried balance          a lone decode stream under scope "stream": the shipped file as it is
+  carried balance          a lone decode stream in decode order (below): the shipped file as it is
                            (`L+T shipped (decode N=1)`: its tokens carry where the file ships the
-                           balance), and uniform K_l carrying it with θ calibrated in the engine from
-                           the full model's router scores on 64 validation windows (`uniform + carry`)
+                           balance), and uniform K_l carrying it (the file's pool and α) with θ
+                           calibrated in the engine from the full model's router scores on 64
+                           validation windows (`uniform + carry`)
 
 Each engine-level setting (plugin on/off, hf_overrides, budget file, scope, weights) is one engine in a
 child process (`--engine SPEC OUT`), started once and run one after another; within an engine the
@@ -37,8 +38,9 @@ Regimes. Alloc-T's groups depend on how tokens share a forward pass, so the rows
 2048-token steps of whole windows) measure the prefill regime. The decode regime, N concurrent
 same-budget streams, is measured by teacher forcing too, with groups made exactly as N streams' decode
 steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows) or, where a B carries
-the request balance, scope `stream` (each window's tokens carry it in order, as decode steps would;
-tests/e2e: equal to a real decode loop), and N = 8, 64
+the request balance, decode order (`vllm_alloc.profile.decode_order`: every window prefilled one token
+per pass, all 256 together, each token its own group, so each window takes exactly a lone decoding
+request's steps, with its balance carried across positions and layers), and N = 8, 64
 (engines `decode N=…`) run scope `position` with N windows per `generate` call, all N prefilled in one
 step, so a group is the N tokens at one position (tests/e2e: equal to a real decode loop). Rows without
 Alloc-T (the uniforms, `(token)`) are the same in every regime. `regime_tables` prints one table per
@@ -62,13 +64,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402  (after sys.path)
 
-from vllm_alloc.profile import CARRY_ALPHA, CARRY_OFFSET  # noqa: E402
+from vllm_alloc.profile import CARRY_OFFSET, decode_order  # noqa: E402
 
 BUDGETS = (1.0, 0.75, 0.5, 0.33)
 SEQ_LEN = 256
 SHIPPED_ROW = "L+T shipped (budget, topk)"  # the configuration `--budget-config default` serves
-# ... and the same file for a lone decode stream, teacher-forced under scope `stream`: its tokens carry the
-# request balance where the file ships it (tests/e2e: equal to a real decode loop).
+# ... and the same file for lone decode streams, teacher-forced in decode order: their tokens carry the
+# request balance where the file ships it, exactly as decoding requests do.
 SHIPPED_N1 = "L+T shipped (decode N=1)"
 # Decode regime: N concurrent same-budget streams. N = 1 is scope `token` (a group of one token), so its
 # rows are the `(token)` rows; N > 1 teacher-forces N windows per pass under scope `position`.
@@ -118,11 +120,12 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     # Decode regime (scope `position`): N windows per `generate` call, all N prefilled in one step, so a
     # position's group is exactly those N streams' tokens there.
     streams = spec.get("streams")
+    in_order = bool(spec.get("decode_order"))
     kwargs: dict[str, Any] = dict(
         model=spec["model"],
         dtype="bfloat16",
         max_model_len=SEQ_LEN + 1,
-        max_num_seqs=max(64, streams or 0),
+        max_num_seqs=max(64, streams or 0, len(spec["seqs"]) if in_order else 0),
         max_num_batched_tokens=max(2048, (streams or 0) * SEQ_LEN),
         gpu_memory_utilization=0.3,
         enforce_eager=True,
@@ -157,7 +160,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 theta: dict[int, Any] = dict.fromkeys(rows)  # installed rows do not carry, unless asked
                 if ev.get("carry"):
                     theta = llm.collective_rpc("vllm_alloc_carry_thresholds", args=(rows, CARRY_OFFSET))[0]
-                llm.collective_rpc("vllm_alloc_set_carry", args=(theta, CARRY_ALPHA))
+                llm.collective_rpc("vllm_alloc_set_carry", args=(theta,))  # the file's pool and α
             else:
                 llm.collective_rpc("vllm_alloc_reset_allocation")
         out[ev["label"]], per_seq[ev["label"]] = {}, {}
@@ -168,7 +171,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             calls = (
                 [prompts[i : i + streams] for i in range(0, len(prompts), streams)] if streams else [prompts]
             )
-            outputs = [o for call in calls for o in llm.generate(call, params, use_tqdm=False)]
+            with decode_order(llm, in_order):
+                outputs = [o for call in calls for o in llm.generate(call, params, use_tqdm=False)]
             nlls = [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs, strict=True)]
             ppl = math.exp(sum(nlls) / sum(len(ids) - 1 for ids in seqs))
             out[ev["label"]][str(b)] = ppl
@@ -252,10 +256,11 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
             ],
         ),
         plugin(
-            "stream",  # a lone decode stream: the shipped file, and the uniform allocation carrying
-            {"budget_file": str(shipped), "scope": "stream"},
+            "decode N=1",  # lone decode streams: the shipped file, and the uniform allocation carrying
+            {"budget_file": str(shipped), "scope": "token"},
             [ev(SHIPPED_N1, None), ev("uniform + carry (decode N=1)", src["uniform"], carry=True)],
-        ),
+        )
+        | {"decode_order": True},
         plugin(
             "default",  # exactly what `--budget-config default` serves
             {"budget_file": str(shipped)},

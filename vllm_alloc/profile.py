@@ -18,13 +18,14 @@ only when everything is done (temporary file + os.replace), so an interrupted ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from vllm_alloc.budget import (
     parse_budget_file,
 )
 from vllm_alloc.calibration import CalibrationData, CalibrationError, load_calibration, nll_sum
+from vllm_alloc.carry import CARRY_POOLS
 from vllm_alloc.requests import BudgetError, parse_budget
 
 METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split, vLLM prompt logprobs"
@@ -45,8 +47,10 @@ METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split
 REGIME_SCOPES = {"prefill": "budget", "decode": "token"}
 # The carried balance's calibration (docs/design.md): θ_l keeps K_l − K_base − CARRY_OFFSET extras per
 # token on average, and the bar falls by exp(−α·β); both measured best on two models (lever_sim.py).
+# One bank for all of a request's layers moves L times as often as a layer's balance, so its α is lower.
 CARRY_OFFSET = 0.4
-CARRY_ALPHA = 0.05
+CARRY_ALPHA = {"layer": 0.05, "request": 0.025}
+CARRY_POOL = "request"
 _EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 
 
@@ -130,10 +134,11 @@ class VllmEvaluator:
         return math.exp(sum(nll) / sum(len(ids) - 1 for ids in self.calib.split_sequences(split)))
 
     def validate(self, ks: Sequence[int], alloc_t: bool, regime: str, carry: bool = False) -> list[float]:
-        # A lone stream that carries its balance is teacher-forced under scope `stream` (CPU): each
-        # sequence's tokens carry it in order, as its decode steps would.
-        scope = "stream" if carry and regime == "decode" else REGIME_SCOPES[regime]
-        nll = self._run(ks, alloc_t, scope, "heldout", carry)
+        # A lone stream that carries its balance runs in decode order (`decode_order`): one token per
+        # sequence per pass, each its own group, exactly the steps a decoding request takes.
+        in_order = carry and regime == "decode"
+        with decode_order(self.llm, in_order):
+            nll = self._run(ks, alloc_t, REGIME_SCOPES[regime], "heldout", carry)
         return [v / (len(ids) - 1) for v, ids in zip(nll, self.calib.heldout, strict=True)]
 
     def calibrate_carry(self) -> None:
@@ -175,6 +180,33 @@ class VllmEvaluator:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in sequences]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, sequences, strict=True)]
+
+
+@contextlib.contextmanager
+def decode_order(llm: Any, on: bool = True) -> Iterator[None]:
+    """Within the block, the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) prefills every prompt
+    one token per pass (vLLM's `long_prefill_token_threshold` = 1), so teacher-forced prompts run as
+    decoding requests do: each pass computes every layer of one token per sequence, in position order.
+    That is what a request balance spanning layers needs (scope `stream`, one pass per sequence, runs
+    layer by layer). Prompt logprobs are the same as in one pass (bf16 noise aside). Needs chunked
+    prefill; sequences decode together up to max_num_seqs."""
+    if not on:
+        yield
+        return
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    scheduler = getattr(core, "scheduler", None)
+    config = getattr(scheduler, "scheduler_config", None)
+    if config is None or not config.enable_chunked_prefill:
+        raise RuntimeError(
+            "vllm-alloc: decode-order evaluation needs the engine core in this process "
+            "(VLLM_ENABLE_V1_MULTIPROCESSING=0) with chunked prefill on"
+        )
+    before = config.long_prefill_token_threshold
+    config.long_prefill_token_threshold = 1
+    try:
+        yield
+    finally:
+        config.long_prefill_token_threshold = before
 
 
 def start_llm(model: str, seq_len: int, dtype: str, max_num_seqs: int) -> Any:
@@ -221,6 +253,7 @@ def build_budget_file(
     target: float = pp.TARGET,
     full_heldout: float | None = None,
     carry_alpha: float | None = None,
+    carry_pool: str = CARRY_POOL,
 ) -> BudgetFile:
     """Assemble and validate the budget file (every problem surfaces as a BudgetFileError)."""
     from vllm_alloc.budget import Calibration
@@ -253,8 +286,9 @@ def build_budget_file(
         "puts it below both baselines in every regime where they differ; otherwise the B runs uniform "
         "with Alloc-T. "
         + (
-            f"Candidates ' + carry' carry each lone decode token's request balance (alpha {carry_alpha}; "
-            "theta calibrated on the profile split), measured under scope 'stream'. "
+            f"Candidates ' + carry' carry each lone decode token's request balance (pool {carry_pool}, "
+            f"alpha {carry_alpha}; theta calibrated on the profile split), measured in decode order (one "
+            "token per sequence per pass). "
             if carry_alpha is not None
             else ""
         )
@@ -274,6 +308,7 @@ def build_budget_file(
     }
     if carry_alpha is not None:
         data["carry_alpha"] = carry_alpha
+        data["carry_pool"] = carry_pool
     return parse_budget_file(data)
 
 
@@ -305,10 +340,11 @@ def profile_to_file(
     progress: bool = True,
     thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
     carry_alpha: float | None = None,
+    carry_pool: str = CARRY_POOL,
 ) -> tuple[BudgetFile, int]:
     """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
     returns the file and the number of model runs. With `thresholds` the guard also tries carrying the
-    balance (`profile_protocols.profile`), at `carry_alpha`."""
+    balance (`profile_protocols.profile`), at `carry_alpha` in `carry_pool`."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -376,6 +412,7 @@ def profile_to_file(
         target=target,
         full_heldout=full,
         carry_alpha=carry_alpha if thresholds is not None else None,
+        carry_pool=carry_pool,
     )
     write_atomically(budget_file, out)
     return budget_file, memo.runs + validations.runs
@@ -447,10 +484,19 @@ def add_parser(subparsers: Any) -> None:
         help="do not try carrying each lone decode stream's balance (candidates ' + carry'); CPU only",
     )
     p.add_argument(
+        "--carry-pool",
+        choices=CARRY_POOLS,
+        default=CARRY_POOL,
+        help="where a request banks what its tokens save: a balance per MoE layer, or one bank for all "
+        f"its layers (default {CARRY_POOL})",
+    )
+    p.add_argument(
         "--carry-alpha",
         type=float,
-        default=CARRY_ALPHA,
-        help=f"how fast the carried balance's bar falls as it grows (default {CARRY_ALPHA})",
+        default=None,
+        help="how fast the carried balance's bar falls as it grows (default "
+        + ", ".join(f"{a} for pool {p}" for p, a in CARRY_ALPHA.items())
+        + ")",
     )
     p.add_argument(
         "--carry-offset",
@@ -459,7 +505,12 @@ def add_parser(subparsers: Any) -> None:
         help=f"θ keeps K_l - K_base - this many extras per token on average (default {CARRY_OFFSET})",
     )
     p.add_argument("--dtype", default="auto", help="vLLM dtype (default auto)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="vLLM batch size (default 64)")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="vLLM batch size (default 64; at least the held-out sequences, which decode together)",
+    )
     p.add_argument("--out", required=True, type=Path, help="budget file to write (e.g. configs/NAME.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -477,6 +528,8 @@ def run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--confidence {args.confidence} is outside the valid range (0, 1)")
         if not 0.0 < args.resolve < 1.0:
             raise ProfileError(f"--resolve {args.resolve} is outside the valid range (0, 1)")
+        if args.carry_alpha is None:
+            args.carry_alpha = CARRY_ALPHA[args.carry_pool]
         if not (math.isfinite(args.carry_alpha) and args.carry_alpha >= 0):
             raise ProfileError(f"--carry-alpha {args.carry_alpha} is outside the valid range [0, inf)")
         if not (math.isfinite(args.carry_offset) and 0 <= args.carry_offset < 1):
@@ -499,13 +552,15 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         start = time.monotonic()
-        llm = start_llm(args.model, calib.seq_len, args.dtype, args.max_num_seqs)
+        # Decode-order validation (`decode_order`) runs every held-out sequence at once: a pass per position.
+        llm = start_llm(args.model, calib.seq_len, args.dtype, max(args.max_num_seqs, len(calib.heldout)))
         model = fingerprint(config, llm.collective_rpc("vllm_alloc_counters")[0])
         evaluator = VllmEvaluator(llm, calib, model, args.k_base, args.carry_offset)
-        # Teacher-forcing a carrying stream (scope `stream`) runs on the CPU host path only.
+        # The carried balance is validated on the CPU host path only so far (the device path's carry is
+        # covered by unit and CUDA-graph tests, not yet profiled on a GPU).
         carry = not args.no_carry and _on_cpu()
         if carry:
-            llm.collective_rpc("vllm_alloc_set_carry", args=({}, args.carry_alpha))
+            llm.collective_rpc("vllm_alloc_set_carry", args=({}, args.carry_alpha, args.carry_pool))
             evaluator.calibrate_carry()
         try:
             budget_file, runs = profile_to_file(
@@ -523,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 thresholds=evaluator.thresholds if carry else None,
                 carry_alpha=args.carry_alpha,
+                carry_pool=args.carry_pool,
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")

@@ -5,7 +5,8 @@
 SPEC: {"model": path, "engines": [{"plugin": bool, "eager": bool, "additional_config": {...},
         "llm_kwargs": {...}, "env": {...}, "runs": [{"prompts": [...], "budgets": [b or null, ...],
         "max_tokens": n, "temperature": t, "seed": s, "prompt_logprobs": bool,
-        "set_allocation": {B: [K_l...]} (optional)}]}]}
+        "set_allocation": {B: [K_l...]} (optional), "decode_order": bool (prompts prefilled one
+        token per pass, `vllm_alloc.profile.decode_order`)}]}]}
 Each engine runs in a process of its own, one after another; `plugin: false` sets VLLM_ALLOC_DISABLE=1
 before the engine starts, so neither it nor its worker processes load the plugin. Results per run: token
 ids, sample logprobs, prompt logprobs, prompt tokens served from the prefix cache, and the plugin's
@@ -91,7 +92,10 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
             )
             for b in run["budgets"]
         ]
-        outputs = llm.generate(run["prompts"], params, use_tqdm=False)
+        from vllm_alloc.profile import decode_order
+
+        with decode_order(llm, bool(run.get("decode_order"))):
+            outputs = llm.generate(run["prompts"], params, use_tqdm=False)
         counters = llm.collective_rpc("vllm_alloc_counters") if spec.get("plugin", True) else None
         results.append(
             {

@@ -211,11 +211,12 @@ def test_cuda_branch_inside_vllm_cpu_matches_host_path(tmp_path: Path, tiny_mode
     assert device[1]["prompt_logprobs"][0] != device[0]["prompt_logprobs"][0]
 
 
-def carrying_file(tmp_path: Path, theta: float = 0.27) -> Path:
+def carrying_file(tmp_path: Path, theta: float = 0.27, pool: str = "layer") -> Path:
     """The tiny Qwen3-MoE's uniform budget file, carrying the request balance at b = 0.5 (B = A/2)."""
     data = uniform_budget_file(tiny_fingerprint()).model_dump(mode="json")
     data["allocations"][A // 2 - L]["carry"] = [theta] * L
-    path = tmp_path / "carry.json"
+    data["carry_pool"] = pool
+    path = tmp_path / f"carry-{pool}.json"
     parse_budget_file(data).dump(path)
     return path
 
@@ -520,6 +521,52 @@ def test_scope_stream_teacher_forcing_matches_a_carrying_decode(tmp_path: Path, 
     # Carrying kept the pool: at B every token's activations sum to at most steps · K_l per layer.
     used = real["counters"]["used"]
     assert all(row[B] <= steps * (B // L) for row in used)
+
+
+def test_decode_order_teacher_forcing_matches_one_bank_decodes(tmp_path: Path, tiny_model: Any) -> None:
+    """One bank per request over its layers (carry_pool "request") needs each token's layers in decode
+    order, which one prefill pass cannot give. The quality benchmark and the profiler therefore
+    teacher-force in decode order (`profile.decode_order`: one token per sequence per pass, scope
+    `token`). Two lone streams at b = 0.5 decode 12 steps each, one at a time; forcing both sequences
+    together in decode order gives each one's logprobs, float32 rounding apart. Forcing them in one pass
+    (nothing carries: a request's tokens are not decode steps there) does not."""
+    model = tiny_model("qwen3_moe")
+    config = {"vllm_alloc": {"budget_file": str(carrying_file(tmp_path, pool="request"))}}
+    starts = [{"prompt_token_ids": [17]}, {"prompt_token_ids": [29]}]
+    steps = 12
+    engine = {"llm_kwargs": {"dtype": "float32"}, "additional_config": config}
+    decode, _ = drive(
+        tmp_path,
+        model,
+        [engine | {"runs": [{"prompts": [s], "budgets": [0.5], "max_tokens": steps} for s in starts]}],
+        name="decode",
+    )
+    real = decode[0]["runs"]
+    forced = [
+        {"prompt_token_ids": s["prompt_token_ids"] + run["tokens"][0][:-1]}
+        for s, run in zip(starts, real, strict=True)
+    ]
+    forced_runs = [
+        {"prompts": forced, "budgets": [0.5, 0.5], "max_tokens": 1, "set_scope": "token", **extra}
+        for extra in ({"decode_order": True}, {})
+    ]
+    results, _ = drive(tmp_path, model, [engine | {"runs": forced_runs}], name="forced")
+    in_order, one_pass = results[0]["runs"]
+
+    def gap(run: dict[str, Any]) -> float:
+        return max(
+            abs(a - b)
+            for forced_lp, r in zip(run["prompt_logprobs"], real, strict=True)
+            for a, b in zip(forced_lp, r["logprobs"][0][:-1], strict=True)
+        )
+
+    assert all(len(r["tokens"][0]) == steps for r in real)
+    assert gap(in_order) <= 1e-5
+    assert gap(one_pass) > 1e-3
+    # One bank: a request's activations at B, summed over its layers, stay within steps · B.
+    B = A // 2
+    used = [sum(row[B] for row in r["counters"]["used"]) for r in real]
+    assert used[0] <= steps * B and used[1] - used[0] <= steps * B
 
 
 def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:

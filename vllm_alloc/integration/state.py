@@ -497,11 +497,20 @@ class AllocState:
         if settings.scope == "stream" and new.carry_pool == "request":
             raise ValueError(STREAM_ONE_BANK)
         if apply:
-            if not plan.carrying.any() and any(new.carrying()) and plan.table.device.type == "cuda":
-                compat.logger("vllm_alloc").warning(
-                    "vllm-alloc: %s carries a balance; CUDA graphs captured before do not (docs/design.md)",
-                    settings.source,
-                )
+            log = compat.logger("vllm_alloc")
+            if plan.table.device.type == "cuda" and any(new.carrying()):
+                if not plan.carrying.any():
+                    log.warning(
+                        "vllm-alloc: %s carries a balance; CUDA graphs captured before do not (design.md)",
+                        settings.source,
+                    )
+                elif new.carry_pool != plan.carry_pool:
+                    log.warning(
+                        "vllm-alloc: %s carries in pool %r; CUDA graphs captured before keep pool %r",
+                        settings.source,
+                        new.carry_pool,
+                        plan.carry_pool,
+                    )
             self.config = config
             plan.budget_file, plan.source = new, settings.source
             plan.scope, plan.weights, plan.default_budget = (
