@@ -621,3 +621,27 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
     finally:
         llm.collective_rpc("vllm_alloc_reset_allocation")
         shutdown_llm(llm)
+
+
+def test_decode_order_sets_and_restores_the_prefill_chunk() -> None:
+    """`decode_order` prefills one token per pass inside the block (vLLM's long_prefill_token_threshold),
+    restores the engine's value after it, also on an error, and refuses an engine it cannot reach."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(enable_chunked_prefill=True, long_prefill_token_threshold=0)
+    core = SimpleNamespace(engine_core=SimpleNamespace(scheduler=SimpleNamespace(scheduler_config=config)))
+    llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core))
+    with profile_mod.decode_order(llm):
+        assert config.long_prefill_token_threshold == 1
+    assert config.long_prefill_token_threshold == 0
+    with pytest.raises(KeyError), profile_mod.decode_order(llm):
+        raise KeyError("a failed generate")
+    assert config.long_prefill_token_threshold == 0
+    with profile_mod.decode_order(llm, on=False):
+        assert config.long_prefill_token_threshold == 0
+    config.enable_chunked_prefill = False
+    with pytest.raises(RuntimeError, match="chunked prefill on"), profile_mod.decode_order(llm):
+        pass
+    bare = SimpleNamespace(llm_engine=SimpleNamespace())
+    with pytest.raises(RuntimeError, match="in this process"), profile_mod.decode_order(bare):
+        pass
