@@ -40,9 +40,12 @@ same-budget streams, is measured by teacher forcing too, with groups made exactl
 steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows) or, where a B carries
 the request balance, decode order (`vllm_alloc.profile.decode_order`: every window prefilled one token
 per pass, all 256 together, each token its own group, so each window takes exactly a lone decoding
-request's steps, with its balance carried across positions and layers), and N = 8, 64
-(engines `decode N=…`) run scope `position` with N windows per `generate` call, all N prefilled in one
-step, so a group is the N tokens at one position (tests/e2e: equal to a real decode loop). Rows without
+request's steps, with its balance carried across positions and layers), and N = 8, 64. Where the file
+lets groups of N decode tokens carry (`carry_group` >= N), its row at N runs in decode order too, N
+windows per call under the serving scope `budget` (engine `decode N=… in order`); otherwise, and for
+every row that does not carry, the engines `decode N=…` run scope `position` with N windows per
+`generate` call, all N prefilled in one step, so a group is the N tokens at one position (tests/e2e:
+equal to a real decode loop). Rows without
 Alloc-T (the uniforms, `(token)`) are the same in every regime. `regime_tables` prints one table per
 regime. Every engine keeps its engine core in-process, so every configuration sees the same batches.
 """
@@ -125,7 +128,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         model=spec["model"],
         dtype="bfloat16",
         max_model_len=SEQ_LEN + 1,
-        max_num_seqs=max(64, streams or 0, len(spec["seqs"]) if in_order else 0),
+        max_num_seqs=max(64, streams or 0, len(spec["seqs"]) if in_order and not streams else 0),
         max_num_batched_tokens=max(2048, (streams or 0) * SEQ_LEN),
         gpu_memory_utilization=0.3,
         enforce_eager=True,
@@ -288,12 +291,26 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
         ),
     ]
     for n in DECODE_STREAMS[1:]:
+        # Where the file lets groups of n decode tokens carry (carry_group), the shipped row runs in decode
+        # order, n streams per call under the serving scope `budget`: a group is the n streams' tokens at
+        # one step, and they carry across steps and layers. Elsewhere nothing carries, and the rows
+        # teacher-force n windows per pass under scope `position`.
+        carries = any(bf.carrying()) and n <= bf.carry_group
+        if carries:
+            engines.append(
+                plugin(
+                    f"decode N={n} in order",
+                    {"budget_file": str(shipped), "scope": "budget"},
+                    [ev(f"L+T shipped (decode N={n})", None)],
+                )
+                | {"streams": n, "decode_order": True}
+            )
         engines.append(
             plugin(
                 f"decode N={n}",
                 {"budget_file": str(shipped), "scope": "position"},
                 [
-                    ev(f"L+T shipped (decode N={n})", None),
+                    *([] if carries else [ev(f"L+T shipped (decode N={n})", None)]),
                     ev(f"T only (decode N={n})", src["uniform"]),
                     ev(f"L+T isolating DP (decode N={n})", src["isolating"]),
                     ev(f"L+T operating-point DP (decode N={n})", src["operating-point"]),

@@ -399,7 +399,8 @@ def test_carried_balance_fields() -> None:
     assert bf.carry_table()[a["budget"]].tolist() == [0.25, math.inf, 0.5, 0.125]
     assert bf.carry_table()[a["budget"] + 1].tolist() == [math.inf] * L
     text = summary(bf, [a["budget"] / bf.model.full_activations])
-    assert "carried balance (lone decode streams): pool layer (per layer), α = 0.05" in text
+    assert "carried balance (decode streams): pool layer (per layer), α = 0.05, decode tokens" in text
+    assert "carry in groups of up to 1;" in text
     assert "(0.25, —, 0.5, 0.125)" in text
     data["carry_pool"], data["carry_alpha"] = "request", 0.025
     bf = parse_budget_file(data)
@@ -411,7 +412,11 @@ def test_carried_balance_fields() -> None:
     data["carry_pool"] = "bank"
     with pytest.raises(BudgetFileError, match="carry_pool"):
         parse_budget_file(data)
-    data["carry_pool"] = "layer"
+    data["carry_pool"], data["carry_group"] = "layer", 0
+    with pytest.raises(BudgetFileError, match="carry_group"):
+        parse_budget_file(data)
+    data["carry_group"] = 8
+    assert parse_budget_file(data).carry_group == 8
     a["carry"] = [0.25]
     with pytest.raises(BudgetFileError, match="has 1 thresholds; it needs one per layer"):
         parse_budget_file(data)

@@ -44,6 +44,37 @@ def test_only_lone_decode_tokens_carry() -> None:
     assert slots(state, 4) == [0, 0, 0, 0]
 
 
+def groups(state: AllocState, n: int) -> list[int]:
+    assert state.plan is not None
+    return state.plan.token_group[:n].tolist()
+
+
+def test_carry_group_lets_small_groups_of_decode_tokens_carry() -> None:
+    """carry_group G: decode tokens carry where at most G of them share a group, and leave it (a group
+    of their own each), so Alloc-T's pool of what remains is only the remaining tokens'."""
+    state = carrying_state()
+    # a, d: decode at b = 0.5; e: a 3-token prefill chunk at b = 0.5, the same group under scope budget.
+    batch = (["a", "d", "e"], [0.5, 0.5, 0.5], np.array([0, 1, 2, 5]), np.array([8, 3, 0]))
+    state.fill(*batch)
+    assert slots(state, 5) == [0, 0, 0, 0, 0] and groups(state, 5) == [0] * 5, "G = 1: two decode tokens"
+    state.end_pass()
+    state.set_carry({}, group=2)
+    state.fill(*batch)
+    got = slots(state, 5)
+    assert got[0] > 0 and got[1] > 0 and got[0] != got[1] and got[2:] == [0, 0, 0]
+    assert groups(state, 5) == [0, 1, 2, 2, 2], "the chunk keeps a group of its own tokens"
+    assert not state.singleton_groups and state.carried
+    state.end_pass()
+    # Three decode tokens at one B exceed G = 2: none carries, Alloc-T has the group.
+    state.fill(["a", "d", "f"], [0.5, 0.5, 0.5], np.array([0, 1, 2, 3]), np.array([9, 4, 7]))
+    assert slots(state, 3) == [0, 0, 0] and groups(state, 3) == [0, 0, 0]
+    state.end_pass()
+    with pytest.raises(ValueError, match="group=0 is not valid"):
+        state.set_carry({}, group=0)
+    state.reset_allocation()
+    assert state.plan is not None and state.plan.carry_group == 1
+
+
 def test_a_request_keeps_its_slot_and_balance_until_it_restarts() -> None:
     state = carrying_state()
     plan = state.plan

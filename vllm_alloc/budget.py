@@ -320,6 +320,9 @@ class BudgetFile(_Schema):
     # Where a request banks what its tokens save: one balance per MoE layer ("layer"), or one for all its
     # layers ("request": a layer's savings pay for another layer's uncertain token).
     carry_pool: Literal["layer", "request"] = "layer"
+    # A decode token carries where at most this many decode tokens share its Alloc-T group (1: only a lone
+    # one); carried tokens leave the group. Above it, Alloc-T works with the group.
+    carry_group: int = Field(default=1, ge=1)
     sensitivities: list[Sensitivity] = []
     allocations: list[Allocation]  # one per integer B from L·k_base to A, sorted by B
     guard: Guard | None = None  # how the candidates were validated (profiler-written files)

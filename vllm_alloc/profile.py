@@ -51,6 +51,9 @@ REGIME_SCOPES = {"prefill": "budget", "decode": "token"}
 CARRY_OFFSET = 0.4
 CARRY_ALPHA = {"layer": 0.05, "request": 0.025}
 CARRY_POOL = "request"
+# Decode tokens carry where at most this many share an Alloc-T group (BENCHMARKS.md: at N = 8 streams
+# carrying beat Alloc-T on the default model; at N = 64 Alloc-T is ahead).
+CARRY_GROUP = 8
 _EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 
 
@@ -254,6 +257,7 @@ def build_budget_file(
     full_heldout: float | None = None,
     carry_alpha: float | None = None,
     carry_pool: str = CARRY_POOL,
+    carry_group: int = CARRY_GROUP,
 ) -> BudgetFile:
     """Assemble and validate the budget file (every problem surfaces as a BudgetFileError)."""
     from vllm_alloc.budget import Calibration
@@ -288,7 +292,7 @@ def build_budget_file(
         + (
             f"Candidates ' + carry' carry each lone decode token's request balance (pool {carry_pool}, "
             f"alpha {carry_alpha}; theta calibrated on the profile split), measured in decode order (one "
-            "token per sequence per pass). "
+            f"token per sequence per pass); served, decode tokens carry in groups of up to {carry_group}. "
             if carry_alpha is not None
             else ""
         )
@@ -309,6 +313,7 @@ def build_budget_file(
     if carry_alpha is not None:
         data["carry_alpha"] = carry_alpha
         data["carry_pool"] = carry_pool
+        data["carry_group"] = carry_group
     return parse_budget_file(data)
 
 
@@ -341,10 +346,11 @@ def profile_to_file(
     thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
     carry_alpha: float | None = None,
     carry_pool: str = CARRY_POOL,
+    carry_group: int = CARRY_GROUP,
 ) -> tuple[BudgetFile, int]:
     """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
     returns the file and the number of model runs. With `thresholds` the guard also tries carrying the
-    balance (`profile_protocols.profile`), at `carry_alpha` in `carry_pool`."""
+    balance (`profile_protocols.profile`), at `carry_alpha` in `carry_pool`, written with `carry_group`."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -413,6 +419,7 @@ def profile_to_file(
         full_heldout=full,
         carry_alpha=carry_alpha if thresholds is not None else None,
         carry_pool=carry_pool,
+        carry_group=carry_group,
     )
     write_atomically(budget_file, out)
     return budget_file, memo.runs + validations.runs
@@ -491,6 +498,13 @@ def add_parser(subparsers: Any) -> None:
         f"its layers (default {CARRY_POOL})",
     )
     p.add_argument(
+        "--carry-group",
+        type=int,
+        default=CARRY_GROUP,
+        help="decode tokens carry where at most this many share an Alloc-T group; above it Alloc-T works "
+        f"with the group (default {CARRY_GROUP})",
+    )
+    p.add_argument(
         "--carry-alpha",
         type=float,
         default=None,
@@ -528,6 +542,8 @@ def run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--confidence {args.confidence} is outside the valid range (0, 1)")
         if not 0.0 < args.resolve < 1.0:
             raise ProfileError(f"--resolve {args.resolve} is outside the valid range (0, 1)")
+        if args.carry_group < 1:
+            raise ProfileError(f"--carry-group {args.carry_group} is outside the valid range [1, inf)")
         if args.carry_alpha is None:
             args.carry_alpha = CARRY_ALPHA[args.carry_pool]
         if not (math.isfinite(args.carry_alpha) and args.carry_alpha >= 0):
@@ -579,6 +595,7 @@ def run(args: argparse.Namespace) -> int:
                 thresholds=evaluator.thresholds if carry else None,
                 carry_alpha=args.carry_alpha,
                 carry_pool=args.carry_pool,
+                carry_group=args.carry_group,
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")

@@ -91,9 +91,10 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
         )
     if any(bf.carrying()):
         lines.append(
-            f"carried balance (lone decode streams): pool {bf.carry_pool} ("
+            f"carried balance (decode streams): pool {bf.carry_pool} ("
             + ("one bank per request for all its layers" if bf.carry_pool == "request" else "per layer")
-            + f"), α = {bf.carry_alpha:g}; θ per layer where a B carries "
+            + f"), α = {bf.carry_alpha:g}, decode tokens carry in groups of up to {bf.carry_group}; θ per "
+            "layer where a B carries "
             "(— : +inf, the layer keeps K_base and banks the rest)"
         )
     table = [["b", "B", "K(B)", "Alloc-T", "carry θ", "chosen", "vs uniform: prefill", "decode (N = 1)"]]

@@ -37,8 +37,9 @@ def _add_worker_method(worker_base: type) -> None:
                                      Alloc-T flags, {B: bool} (profiling)
     vllm_alloc_reset_allocation()    restore the budget file's allocation and flags
     vllm_alloc_set_scope(scope)      change the reallocation scope between passes (profiling)
-    vllm_alloc_set_carry(theta, alpha=None, pool=None)  carry the balance at B with θ, {B: [θ_l, ...]
-                                     or None}; α, and the pool ("layer" or "request")
+    vllm_alloc_set_carry(theta, alpha=None, pool=None, group=None)  carry the balance at B with θ,
+                                     {B: [θ_l, ...] or None}; α, the pool ("layer" or "request"), and
+                                     the most decode tokens of a group that carry
     vllm_alloc_record_scores(on)     start / stop recording router scores (carry calibration)
     vllm_alloc_carry_thresholds(rows, offset)  θ per layer for {B: K(B)} from the recorded scores
     vllm_alloc_reconfigure(change, apply)  check / take a new budget file or default budget (admin route);
@@ -52,8 +53,8 @@ def _add_worker_method(worker_base: type) -> None:
         "vllm_alloc_set_allocation": lambda self, rows, alloc_t=None: STATE.set_allocation(rows, alloc_t),
         "vllm_alloc_reset_allocation": lambda self: STATE.reset_allocation(),
         "vllm_alloc_set_scope": lambda self, scope: STATE.set_scope(scope),
-        "vllm_alloc_set_carry": lambda self, theta, alpha=None, pool=None: STATE.set_carry(
-            theta, alpha, pool
+        "vllm_alloc_set_carry": lambda self, theta, alpha=None, pool=None, group=None: STATE.set_carry(
+            theta, alpha, pool, group
         ),
         "vllm_alloc_record_scores": lambda self, on: STATE.record_scores(on),
         "vllm_alloc_carry_thresholds": lambda self, rows, offset: STATE.carry_thresholds(rows, offset),

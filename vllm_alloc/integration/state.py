@@ -67,6 +67,7 @@ class Plan:
     carrying: np.ndarray  # [A + 1] bool, host
     carry_alpha: float
     carry_pool: str  # "layer": a balance per (request, layer); "request": column 0 for all its layers
+    carry_group: int  # decode tokens carry where at most this many share a group
     balance: torch.Tensor  # [S + 1, L] int64
     token_slot: torch.Tensor  # [N] int64
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
@@ -186,6 +187,7 @@ class AllocState:
             carrying=np.asarray(budget_file.carrying(), dtype=bool),
             carry_alpha=budget_file.carry_alpha,
             carry_pool=budget_file.carry_pool,
+            carry_group=budget_file.carry_group,
             balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
             token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
         )
@@ -275,6 +277,11 @@ class AllocState:
                 f"vllm-alloc: {n} tokens in one forward pass exceed the budget buffer "
                 f"({plan.token_budget.shape[0]}); raise it with max_num_batched_tokens"
             )
+        token_slot = self._carry_slots(req_ids, budgets, counts, query_start_loc, starts, token_group)
+        if token_slot is not None:  # carried tokens leave their groups: each is a group of its own
+            key = np.where(token_slot > 0, n + np.arange(n, dtype=np.int64), token_group)
+            _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+            token_group = first[inverse].astype(np.int64)  # still each group's first token
         # Padding rows (graph padding beyond the real tokens) keep B = 0: no expert runs for them.
         plan.token_budget.zero_()
         plan.token_budget[:n].copy_(torch.from_numpy(token_budget))
@@ -285,7 +292,6 @@ class AllocState:
         plan.full.add_(torch.from_numpy(tokens_per_budget * plan.K).to(plan.full.device))
         # Every group one token (scope `token`, or decode with distinct groups): Alloc-T's closed form.
         self.singleton_groups = plan.scope in ("token", "stream") or np.unique(token_group).size == n
-        token_slot = self._carry_slots(req_ids, budgets, counts, query_start_loc, starts, token_group)
         self.carried = token_slot is not None
         if plan.carrying.any():  # the device path reads every row's slot (0 = not carried)
             plan.token_slot.zero_()
@@ -305,8 +311,9 @@ class AllocState:
     ) -> np.ndarray | None:
         """Each token's balance slot ([T] int64, 0 = not carried), or None where no token carries.
 
-        A token carries where its B carries and it is alone in its group and its request's only token in
-        the pass (a decode step): elsewhere Alloc-T has a group to work with. Under scope `stream`
+        A token carries where its B carries, it is its request's only token in the pass (a decode step),
+        and at most `carry_group` such tokens share its group: elsewhere Alloc-T has a group to work with
+        (the caller takes carried tokens out of their groups). Under scope `stream`
         (evaluation, host path only) every token of a request carries, in position order, which is what
         its decode steps would do. A request keeps its slot while its positions continue; a request
         that comes back at another position (preempted and recomputed) starts again from β = 0."""
@@ -317,9 +324,10 @@ class AllocState:
         firsts = np.asarray(query_start_loc[:-1], dtype=np.int64)
         on = plan.carrying[budgets]
         if plan.scope != "stream":
-            sizes = np.bincount(token_group, minlength=token_group.shape[0])
-            alone = sizes[token_group[np.minimum(firsts, token_group.shape[0] - 1)]] == 1
-            on &= (counts == 1) & alone
+            decode = counts == 1
+            group = token_group[np.minimum(firsts, token_group.shape[0] - 1)]
+            decoding = np.bincount(group[decode], minlength=token_group.shape[0])
+            on &= decode & (decoding[group] <= plan.carry_group)
         token_slot = np.zeros(token_group.shape[0], dtype=np.int64)
         batch = set(req_ids)
         for i, req_id in enumerate(req_ids):
@@ -413,13 +421,19 @@ class AllocState:
             self.plan.carrying[:] = bf.carrying()
             self.plan.carry_alpha = bf.carry_alpha
             self._set_pool(bf.carry_pool)
+            self.plan.carry_group = bf.carry_group
 
     def set_carry(
-        self, theta: dict[int, list[float] | None], alpha: float | None = None, pool: str | None = None
+        self,
+        theta: dict[int, list[float] | None],
+        alpha: float | None = None,
+        pool: str | None = None,
+        group: int | None = None,
     ) -> None:
         """Where `theta` names B, carry the balance there with these θ_l (None: stop carrying at B);
-        `alpha` replaces α and `pool` the balance's pool, "layer" or "request" (the profiler and the
-        quality benchmark measure the lever this way, eager). CUDA graphs captured while no B carried do
+        `alpha` replaces α, `pool` the balance's pool ("layer" or "request") and `group` the most
+        decode tokens of a group that carry (the profiler and the quality benchmark measure the lever
+        this way, eager). CUDA graphs captured while no B carried do
         not compute it, nor one captured with the other pool (docs/design.md, GPU path)."""
         from vllm_alloc.carry import check_alpha
 
@@ -430,6 +444,8 @@ class AllocState:
             raise ValueError(f"pool={pool!r} is not valid; expected one of {CARRY_POOLS}")
         if pool == "request" and plan.scope == "stream":
             raise ValueError(STREAM_ONE_BANK)
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
+            raise ValueError(f"group={group!r} is not valid; expected an integer >= 1")
         L = plan.budget_file.model.num_moe_layers
         for B, row in theta.items():
             if not 0 < int(B) <= plan.A:
@@ -440,6 +456,8 @@ class AllocState:
             plan.carry_alpha = float(alpha)
         if pool is not None:
             self._set_pool(pool)
+        if group is not None:
+            plan.carry_group = group
         for B, row in theta.items():
             plan.carrying[int(B)] = row is not None
             if row is not None:
