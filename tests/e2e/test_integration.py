@@ -211,12 +211,12 @@ def test_cuda_branch_inside_vllm_cpu_matches_host_path(tmp_path: Path, tiny_mode
     assert device[1]["prompt_logprobs"][0] != device[0]["prompt_logprobs"][0]
 
 
-def carrying_file(tmp_path: Path, theta: float = 0.27, pool: str = "layer") -> Path:
+def carrying_file(tmp_path: Path, theta: float = 0.27, pool: str = "layer", group: int = 1) -> Path:
     """The tiny Qwen3-MoE's uniform budget file, carrying the request balance at b = 0.5 (B = A/2)."""
     data = uniform_budget_file(tiny_fingerprint()).model_dump(mode="json")
     data["allocations"][A // 2 - L]["carry"] = [theta] * L
-    data["carry_pool"] = pool
-    path = tmp_path / f"carry-{pool}.json"
+    data["carry_pool"], data["carry_group"] = pool, group
+    path = tmp_path / f"carry-{pool}-{group}.json"
     parse_budget_file(data).dump(path)
     return path
 
@@ -567,6 +567,45 @@ def test_decode_order_teacher_forcing_matches_one_bank_decodes(tmp_path: Path, t
     B = A // 2
     used = [sum(row[B] for row in r["counters"]["used"]) for r in real]
     assert used[0] <= steps * B and used[1] - used[0] <= steps * B
+
+
+def test_carry_group_streams_decode_as_if_alone(tmp_path: Path, tiny_model: Any) -> None:
+    """carry_group = 4: four streams decoding together at b = 0.5 (one group of 4 decode tokens under
+    scope `budget`) all carry, each in a group of its own, so each decodes exactly as it does alone
+    (float32 rounding apart). With carry_group = 1 the four share Alloc-T's group and do not carry,
+    and the logprobs differ (so the check can tell)."""
+    model = tiny_model("qwen3_moe")
+    starts = [{"prompt_token_ids": [t]} for t in (11, 23, 37, 41)]
+    steps = 10
+    engines = [
+        {
+            "llm_kwargs": {"dtype": "float32"},
+            "additional_config": {
+                "vllm_alloc": {"budget_file": str(carrying_file(tmp_path, pool="request", group=group))}
+            },
+            "runs": [
+                {"prompts": starts, "budgets": [0.5] * 4, "max_tokens": steps},
+                *({"prompts": [s], "budgets": [0.5], "max_tokens": steps} for s in starts),
+            ],
+        }
+        for group in (4, 1)
+    ]
+    results, _ = drive(tmp_path, model, engines, name="group")
+
+    def gap(runs: list[dict[str, Any]]) -> float:
+        """Largest difference of a stream's sampled logprobs together and alone (at G = 1 the greedy
+        tokens may part, and then their logprobs differ too)."""
+        together, *alone = runs
+        return max(
+            abs(a - b)
+            for lp, one in zip(together["logprobs"], alone, strict=True)
+            for a, b in zip(lp, one["logprobs"][0], strict=False)
+        )
+
+    four, one = (engine["runs"] for engine in results)
+    assert [run["tokens"][0] for run in four[1:]] == four[0]["tokens"]
+    assert gap(four) <= 1e-5
+    assert gap(one) > 1e-3
 
 
 def test_bad_budget_file_stops_startup(tmp_path: Path, tiny_model: Any) -> None:
