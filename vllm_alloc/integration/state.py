@@ -433,8 +433,8 @@ class AllocState:
         """Where `theta` names B, carry the balance there with these θ_l (None: stop carrying at B);
         `alpha` replaces α, `pool` the balance's pool ("layer" or "request") and `group` the most
         decode tokens of a group that carry (the profiler and the quality benchmark measure the lever
-        this way, eager). CUDA graphs captured while no B carried do
-        not compute it, nor one captured with the other pool (docs/design.md, GPU path)."""
+        this way, eager). CUDA graphs captured while no B carried do not compute it, nor do graphs
+        captured with the other pool (docs/design.md, GPU path)."""
         from vllm_alloc.carry import check_alpha
 
         plan = self._need_plan()
