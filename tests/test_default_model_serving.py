@@ -78,12 +78,18 @@ def test_counters_follow_the_shipped_allocation(served: dict) -> None:
     counters = served["runs"][1]["counters"]
     K = counters["K"]
     tokens = None
-    for column, k_l in enumerate(ks):
+    used_total = 0.0
+    for column in range(len(ks)):
         used, full = counters["used"][column][B], counters["full"][column][B]
         assert full > 0 and full % K == 0, f"layer column {column}: {full} full activations at B = {B}"
         tokens = tokens or full // K
         assert full // K == tokens, "every MoE layer sees the same tokens"
-        assert used == k_l * tokens, f"layer column {column}: used {used} != K_l {k_l} × {tokens} tokens"
+        assert bf.k_base * tokens <= used <= K * tokens, f"layer column {column}: used {used}"
+        used_total += used
+    # The decode streams carry one bank each (the file's carry_group lets these few carry), so a layer
+    # may spend more or less than its K_l; summed over the layers nothing exceeds the pool, B per token.
+    assert bf.carrying()[B] and len(PROMPTS) <= bf.carry_group
+    assert used_total <= sum(ks) * tokens, f"used {used_total} > B {sum(ks)} × {tokens} tokens"
     # Prompt tokens plus the 7 decode steps after the first sampled token, per request.
     prompt_tokens = sum(served["runs"][1]["prompt_tokens"])
     assert tokens == prompt_tokens + 7 * len(PROMPTS)
