@@ -38,9 +38,10 @@ def host_routing(
     T = keys.shape[0]
     rank = keys.numpy()
     h = plan.host
-    one_bank = plan.carry_pool == "request"
     carry = (
-        alloc_t_host.Carry(h["token_slot"][:T], h["balance"], h["carry_theta"], plan.carry_alpha, one_bank)
+        alloc_t_host.Carry(
+            h["token_slot"][:T], h["balance"], h["carry_theta"], plan.carry_alpha, plan.one_bank
+        )
         if STATE.carried
         else None
     )

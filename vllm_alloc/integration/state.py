@@ -89,8 +89,13 @@ class Plan:
         if not self.carrying.any():
             return None
         return device_budget.Carry(
-            self.token_slot, self.balance, self.carry_theta, self.carry_alpha, self.carry_pool == "request"
+            self.token_slot, self.balance, self.carry_theta, self.carry_alpha, self.one_bank
         )
+
+    @property
+    def one_bank(self) -> bool:
+        """Whether a request has one balance for all its layers (column 0 of its row)."""
+        return self.carry_pool == "request"
 
     @property
     def A(self) -> int:
@@ -442,8 +447,8 @@ class AllocState:
             check_alpha(alpha)
         if pool is not None and pool not in CARRY_POOLS:
             raise ValueError(f"pool={pool!r} is not valid; expected one of {CARRY_POOLS}")
-        if pool == "request" and plan.scope == "stream":
-            raise ValueError(STREAM_ONE_BANK)
+        if pool is not None:
+            self._check_scope(plan.scope, pool)
         if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 1):
             raise ValueError(f"group={group!r} is not valid; expected an integer >= 1")
         L = plan.budget_file.model.num_moe_layers
@@ -509,11 +514,9 @@ class AllocState:
         plan = self._need_plan()
         config, loaded = (self.config or PluginConfig()).changed(plan.budget_file, change)
         settings = config.resolve(model=self.fingerprint(), loaded=loaded)
-        self._check_scope(settings.scope)
         new = settings.budget_file
         assert new is not None  # resolve(model=...) builds the uniform file when none is configured
-        if settings.scope == "stream" and new.carry_pool == "request":
-            raise ValueError(STREAM_ONE_BANK)
+        self._check_scope(settings.scope, new.carry_pool)
         if apply:
             log = compat.logger("vllm_alloc")
             if plan.table.device.type == "cuda" and any(new.carrying()):
@@ -560,14 +563,16 @@ class AllocState:
         self._check_scope(scope)
         plan.scope = scope
 
-    def _check_scope(self, scope: str) -> None:
+    def _check_scope(self, scope: str, pool: str | None = None) -> None:
+        """Refuse what `scope` cannot run here; `pool`: the balance's pool it would run with (default:
+        the plan's)."""
         assert self.plan is not None
         if scope == "stream" and (self.plan.host is None or envs.VLLM_ALLOC_TEST_DEVICE_PATH):
             raise ValueError(
                 "scope 'stream' (evaluation: a request's tokens carry its balance in order within one "
                 "pass) runs on the CPU host path only; use 'token' or 'position' on devices"
             )
-        if scope == "stream" and self.plan.carry_pool == "request":
+        if scope == "stream" and (pool or self.plan.carry_pool) == "request":
             raise ValueError(STREAM_ONE_BANK)
 
     # -- counters -----------------------------------------------------------------------------------------
