@@ -105,7 +105,7 @@ bench-quality-testbed: $(TESTBED)-quality/testbed.json
 	$(BIN)/python benchmarks/quality.py --model $(TESTBED) --budget-file $< --scratch $(TESTBED)-quality \
 		--out $(TESTBED)-quality/results.json --png $(TESTBED)-quality/quality.png
 
-# Bounded soak of the server on the default model (mixed load, bad budgets, exact counter check).
+# Bounded soak of the server on the default model (mixed load, bad budgets, counter check).
 soak: venv
 	$(BIN)/python benchmarks/soak.py
 

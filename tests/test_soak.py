@@ -81,6 +81,42 @@ def test_expected_counters_use_the_budget_file():
     assert sum(want[(soak.ROUTED, str(layer), "0.5")] for layer in bf.model.moe_layers) == B * 3  # exact pool
 
 
+def test_counter_problems_exact_unless_B_carries():
+    bf = load_budget_file("default")
+    K, A = bf.model.top_k, bf.model.full_activations
+    layers = list(map(str, bf.model.moe_layers))
+    carrying = bf.carrying()
+    B_carry = bf.absolute_budget(0.5)
+    assert carrying[B_carry]
+    B_exact = next(B for B in range(A + 1) if not carrying[B] and B < A)
+    tokens = {A: 10, B_carry: 3, B_exact: 5}
+    want = soak.expected_counters(tokens, bf)
+    assert soak.counter_problems(want, tokens, bf) == []
+    label_c, label_e = (soak.budget_label(B / A) for B in (B_carry, B_exact))
+    # A carrying B: one layer spends one expert more, another one less; the pool holds.
+    ks = [int(k) for k in bf.allocation_table()[B_carry]]
+    up = next(i for i, k in enumerate(ks) if k < K)
+    down = next(i for i, k in enumerate(ks) if k > bf.k_base and i != up)
+    moved = dict(want)
+    moved[(soak.ROUTED, layers[up], label_c)] += 1
+    moved[(soak.ROUTED, layers[down], label_c)] -= 1
+    assert soak.counter_problems(moved, tokens, bf) == []
+    # ... but not past the pool, nor a layer past K or under k_base per token.
+    over = dict(want)
+    over[(soak.ROUTED, layers[0], label_c)] += 1
+    assert [p for p in soak.counter_problems(over, tokens, bf) if "over the layers" in p]
+    high = dict(want)
+    high[(soak.ROUTED, layers[0], label_c)] = K * 3 + 1
+    high[(soak.ROUTED, layers[1], label_c)] = 0
+    problems = soak.counter_problems(high, tokens, bf)
+    assert {p.split(",")[0] for p in problems} >= {f"{soak.ROUTED}{{layer={i}" for i in layers[:2]}
+    # A B that does not carry stays exact, and full is exact everywhere.
+    for key in [(soak.ROUTED, layers[0], label_e), (soak.FULL, layers[0], label_c)]:
+        off = dict(want)
+        off[key] += 1
+        assert soak.counter_problems(off, tokens, bf) == soak.mismatches(off, want)
+
+
 def test_parse_metrics_and_checks():
     text = "\n".join(
         [
