@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WEIGHT_MODES", "check_options", "reallocate"]
+__all__ = ["WEIGHT_MODES", "check_options", "kept_routing", "reallocate"]
 
 WEIGHT_MODES: tuple[str, ...] = ("topk", "kept")
 
@@ -157,7 +157,14 @@ def reallocate(
 
     # Back from ranked columns to the caller's columns.
     kept = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return (*kept_routing(kept, topk_weights, topk_ids, weights), kept)
 
+
+def kept_routing(
+    kept: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: str = "topk"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, K] float32, ids [T, K] int32, -1 = pruned) of the kept pairs, as `reallocate`
+    returns them (also after the distinct-expert cap, `cap.py`, has cut some)."""
     # torch.where, not multiplication by the mask: kept pairs then carry the input values bit for bit.
     w_in = topk_weights.to(torch.float32)
     out_w = torch.where(kept, w_in, 0.0)
@@ -168,4 +175,4 @@ def reallocate(
         # differ in the last bit: b = 1.0 must be bit-identical to stock routing.
         out_w = torch.where(kept.all(dim=1, keepdim=True), out_w, out_w * scale)
     out_ids = torch.where(kept, topk_ids.to(torch.int32), -1)
-    return out_w, out_ids, kept
+    return out_w, out_ids

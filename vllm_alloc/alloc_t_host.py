@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from vllm_alloc import cap_host
 from vllm_alloc.alloc_t import check_options
 from vllm_alloc.carry import check_alpha
 
@@ -207,13 +208,20 @@ def _layer_call(
     theta: np.ndarray,
     alpha: float,
     bank: int,
+    token_cap: np.ndarray,
+    cap_table: np.ndarray,
+    E: int,
+    cap_dropped: np.ndarray,
+    distinct: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
     """One MoE layer call of the CPU serving path in one compiled call: K_l(B_t) from the allocation
     table, Alloc-T, the carried balance of tokens with a slot (token_slot[t] > 0: their request's row of
     `balance` [S + 1, L], θ from `theta` [A + 1, L]), the activation count (used[B_t] += kept pairs) and
     the kernel layout. Carried tokens are alone in their groups, and are taken in token order, so a
     request's tokens in one pass (scope `stream`) spend and bank in position order, as decode steps do.
-    bank: the balance column (this layer's, or 0 where a request has one bank for all its layers)."""
+    bank: the balance column (this layer's, or 0 where a request has one bank for all its layers).
+    token_cap .. distinct: the distinct-expert cap (`cap_host.Cap`; E = 0: none), after Alloc-T and the
+    carried balance, so the count and the layout see what the cap left."""
     T = rank_keys.shape[0]
     k_tok = np.empty(T, np.int64)
     for t in range(T):
@@ -227,6 +235,15 @@ def _layer_call(
             )
             balance[slot, bank] += k_tok[t] - k
             keep[t] = k
+    if E > 0:
+        dropped = np.zeros(cap_dropped.shape[0], np.int64)
+        n_distinct = cap_host.apply(
+            order, keep, rank_keys, ids, token_cap, token_budget, cap_table[:, column], E, kb, dropped
+        )
+        if count and n_distinct > 0:  # 0: only padding rows (nothing ran)
+            distinct[n_distinct] += 1
+            for B in range(dropped.shape[0]):
+                cap_dropped[B] += dropped[B]
     if count:
         for t in range(T):
             used[token_budget[t]] += keep[t]
@@ -248,18 +265,21 @@ def layer_call(
     used: np.ndarray,
     count: bool,
     carry: Carry | None = None,
+    cap: cap_host.Cap = cap_host.NO_CAP,
 ) -> KeptPairs:
     """`reallocate_pairs` with k_tok = table[token_budget, column], counting the kept pairs into
     used[B] when `count`, and carrying the balance of the tokens `carry` gives a slot: what the CPU
     expert path runs per MoE layer call (each numpy or torch call costs µs there, so this is one
-    compiled call)."""
+    compiled call). `cap`: the distinct-expert cap and its counters (`cap_host.Cap`), applied last."""
     check_options(k_base, weights)  # compiled code checks no bounds: group ids must lie in [0, T)
     kb = min(k_base, rank_keys.shape[1])
     c = carry or _NO_CARRY
+    row = column if cap.num_experts else 0  # NO_CAP has one row of counters, never written
     out_w, out_ids, tokens, uniform, keep = _layer_call(
         rank_keys, topk_weights, topk_ids, token_budget, table, column, group, kb, singleton_groups,
         weights == "kept", used, count, c.token_slot, c.balance, c.theta, c.alpha,
-        0 if c.one_bank else column,
+        0 if c.one_bank else column, cap.token_cap, cap.table, cap.num_experts, cap.dropped[row],
+        cap.distinct[row],
     )  # fmt: skip
     return KeptPairs(out_w, out_ids, None if uniform else tokens, keep)
 

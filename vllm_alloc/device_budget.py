@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from vllm_alloc import alloc_t
+from vllm_alloc.cap import cap_experts, distinct_experts
 from vllm_alloc.carry import carry_counts
 
 
@@ -44,6 +45,20 @@ class Carry(NamedTuple):
     one_bank: bool = False
 
 
+class Cap(NamedTuple):
+    """The distinct-expert cap's device buffers (`cap.py`): token_cap [N] int64 (a capped token's cap
+    group + 1, 0 = not capped), table [A + 1, L] int64 (C_l(B); E or more = no cap), E, and the counters:
+    dropped [L, A + 1] (pairs the cap dropped, per layer and B), distinct [L, E + 1] (layer calls by the
+    distinct experts their kept pairs touch; padding-only calls count nothing)."""
+
+    token_cap: torch.Tensor
+    table: torch.Tensor
+    num_experts: int
+    dropped: torch.Tensor
+    distinct: torch.Tensor
+    on: bool = True  # static: some B is capped (False: only the distinct experts are counted)
+
+
 def layer_routing(
     rank_keys: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -58,6 +73,7 @@ def layer_routing(
     weights: str = "topk",
     singleton_groups: bool = False,
     carry: Carry | None = None,
+    cap: Cap | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alloc-T for the T rows of this layer call; returns (weights, ids) [T, K] in the input dtypes.
 
@@ -65,7 +81,9 @@ def layer_routing(
     (row 0 all zero). token_budget, token_group: [N ≥ T] int, read for rows [0, T). used: [L, A + 1],
     activations performed, incremented in place. column: this layer's column l. singleton_groups: a
     static promise (read at trace time); under a captured graph it must be False. carry: the carried
-    balance's buffers, or None where no budget carries (static, like singleton_groups).
+    balance's buffers, or None where no budget carries (static, like singleton_groups). cap: the
+    distinct-expert cap's buffers and counters (applied after Alloc-T and the carried balance where
+    `cap.on`), or None: neither cap nor count (static).
     """
     T = rank_keys.shape[0]
     if token_budget.shape[0] < T or token_group.shape[0] < T:
@@ -97,6 +115,23 @@ def layer_routing(
         singleton_groups=singleton_groups,
         n_keep=n_keep,
     )
+    if cap is not None:
+        E = cap.num_experts
+        if cap.on:
+            token_cap = cap.token_cap[:T]
+            c_tok = torch.where(token_cap > 0, cap.table[budget, column], E)
+            before = kept.sum(dim=1)
+            capped = cap_experts(
+                rank_keys, topk_ids, kept, (token_cap - 1).clamp(min=0), c_tok, E, k_base=k_base
+            )
+            kept, distinct = capped.kept, capped.distinct
+            kept_w, kept_ids = alloc_t.kept_routing(kept, topk_weights, topk_ids, weights)
+            cap.dropped[column].index_add_(0, budget, (before - kept.sum(dim=1)).to(cap.dropped.dtype))
+        else:
+            distinct = distinct_experts(topk_ids, kept, E)
+        # A padding-only call (graph warm-up, dummy runs) touches no expert and counts nothing.
+        one = (distinct > 0).to(cap.distinct.dtype).view(1)
+        cap.distinct[column].index_add_(0, distinct.view(1), one)
     used[column].index_add_(0, budget, kept.sum(dim=1).to(used.dtype))
     return kept_w.to(topk_weights.dtype), kept_ids.to(topk_ids.dtype)
 
