@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllm_alloc.budget import ModelFingerprint, uniform_budget_file
+from vllm_alloc.budget import ModelFingerprint, parse_budget_file, uniform_budget_file
 from vllm_alloc.calibration import CalibrationData
 from vllm_alloc.cli import main as cli_main
 from vllm_alloc.profile import profile_to_file
@@ -80,3 +80,16 @@ def test_show_marks_unmeasured_budgets_and_bad_input(tmp_path: Path, capsys) -> 
     assert "--budgets=0.2" in capsys.readouterr().err
     assert cli_main(["show", str(tmp_path / "nope.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_show_prints_caps_where_a_file_has_them() -> None:
+    model = ModelFingerprint(
+        architecture="X", moe_layers=[1, 3], num_experts=8, top_k=2, hidden_size=64, intermediate_size=32
+    )
+    data = uniform_budget_file(model).model_dump(mode="json")
+    assert "cap C" not in summary(uniform_budget_file(model), [0.5])
+    data["allocations"][0]["cap"] = [3, 5]  # B = 2, b = 0.5
+    text = summary(parse_budget_file(data), [0.5, 1.0])
+    assert "distinct-expert cap: the decode tokens at one B share at most C_l experts" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:4].strip() in ("0.5", "1")}
+    assert rows["0.5"][5] == "3,5" and rows["1"][5] == "off"

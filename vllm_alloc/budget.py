@@ -187,6 +187,9 @@ class Allocation(_Schema):
     # The carried balance at this B (`vllm_alloc.carry`): θ_l per MoE layer (null: +inf, the layer keeps
     # K_base and banks the rest); absent: lone decode tokens keep their top-K_l.
     carry: list[float | None] | None = None
+    # The distinct-expert cap at this B (`vllm_alloc.cap`): C_l per MoE layer, the experts the pass's
+    # decode tokens at B may share; absent: no cap.
+    cap: list[int] | None = None
     candidates: list[Candidate] = []
 
     @model_validator(mode="after")
@@ -368,6 +371,16 @@ class BudgetFile(_Schema):
                 )
             if a.carry is not None and a.budget == A:
                 _fail(f"allocations[{i}].carry", "B = A (b = 1.0) is the stock model and never carries")
+            if a.cap is not None:
+                E = self.model.num_experts
+                if len(a.cap) != L:
+                    what = f"has {len(a.cap)} values; it needs one per layer, L = {L}"
+                    _fail(f"allocations[{i}].cap", what)
+                bad = [c for c in a.cap if isinstance(c, bool) or not 1 <= c <= E]
+                if bad:
+                    _fail(f"allocations[{i}].cap", f"C = {bad[0]!r} is outside the valid range [1, E = {E}]")
+                if a.budget == A:
+                    _fail(f"allocations[{i}].cap", "B = A (b = 1.0) is the stock model and is never capped")
             for j, c in enumerate(a.candidates):
                 field = f"allocations[{i}].candidates[{j}].allocation"
                 _check_k(field, c.allocation, a.budget, K, self.k_base, L)
@@ -455,6 +468,19 @@ class BudgetFile(_Schema):
                 table[a.budget] = torch.tensor(
                     [math.inf if v is None else v for v in a.carry], dtype=torch.float64
                 )
+        return table
+
+    def cap_table(self, override: int | None = None) -> torch.Tensor:
+        """int64 [A+1, L]: row B is C_l(B) where B is capped, E (no cap) elsewhere. `override` (the
+        expert_cap setting): C for every layer at every B below A instead, 0 for no cap anywhere."""
+        L, A, E = self.model.num_moe_layers, self.model.full_activations, self.model.num_experts
+        table = torch.full((A + 1, L), E, dtype=torch.int64)
+        if override is not None:
+            table[:A] = min(override, E) if override > 0 else E
+            return table
+        for a in self.allocations:
+            if a.cap is not None:
+                table[a.budget] = torch.tensor(a.cap, dtype=torch.int64)
         return table
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:

@@ -45,6 +45,11 @@ def _int(name: str, default: int, lo: int) -> Callable[[], int]:
     return read
 
 
+def _int_or_none(name: str, lo: int) -> Callable[[], int | None]:
+    read = _int(name, -1, lo)
+    return lambda: None if os.environ.get(name, "") == "" else read()
+
+
 def _flag(name: str) -> Callable[[], bool]:
     return lambda: os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -66,6 +71,11 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VLLM_ALLOC_WEIGHTS": (
         _str_or_none("VLLM_ALLOC_WEIGHTS"),
         "Weights of kept experts, `topk`, `kept` or `raw`. Unset: the budget file's choice.",
+    ),
+    "VLLM_ALLOC_EXPERT_CAP": (
+        _int_or_none("VLLM_ALLOC_EXPERT_CAP", 0),
+        "For experiments: C, the distinct experts the decode tokens at one budget below 1.0 may use per "
+        "pass in every MoE layer (0: no cap). Unset: the budget file's caps.",
     ),
     "VLLM_ALLOC_BUDGET_ALIASES": (
         _str_or_none("VLLM_ALLOC_BUDGET_ALIASES"),

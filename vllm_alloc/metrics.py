@@ -7,6 +7,10 @@ passes (never warm-up or dummy runs) and only on tensor-parallel rank 0.
 
   vllm_alloc:routed_activations_total{layer, budget}  routed (token, expert) pairs computed
   vllm_alloc:full_activations_total{layer, budget}    pairs the full model would have computed
+  vllm_alloc:cap_dropped_pairs_total{layer, budget}   pairs Alloc-T kept that the distinct-expert cap
+                                                      dropped (`vllm_alloc.cap`)
+  vllm_alloc:distinct_experts{layer}                  histogram: experts one pass's kept pairs touch in
+                                                      a layer (passes with some token below b = 1.0)
   vllm_alloc:request_budget                           histogram of request budgets b
   vllm_alloc:default_budget                           b of requests that name none (API server)
   vllm_alloc:budget_file_info{file, sha}              1 for the budget file served, 0 for earlier ones
@@ -108,6 +112,45 @@ def add_activations(layer: int, budget: float, used: float, full: float) -> None
     if used:
         series[0].inc(used)
     series[1].inc(full)
+
+
+def add_cap_dropped(layer: int, budget: float, pairs: float) -> None:
+    m = _get()
+    if "dropped" not in m:
+        from prometheus_client import Counter
+
+        m["dropped"] = Counter(
+            "vllm_alloc:cap_dropped_pairs",
+            "Routed pairs Alloc-T kept that the distinct-expert cap dropped, per MoE layer and budget.",
+            ["layer", "budget"],
+        )
+    m["dropped"].labels(layer=str(layer), budget=budget_label(budget)).inc(pairs)
+
+
+def distinct_buckets(num_experts: int) -> tuple[float, ...]:
+    """Histogram buckets for 1 … E distinct experts: every value up to 16, then about 1.5× apart."""
+    edges, v = [], 1
+    while v < num_experts:
+        edges.append(v)
+        v = v + 1 if v < 16 else int(v * 1.5)
+    return (*edges, num_experts)
+
+
+def observe_distinct(layer: int, distinct: int, passes: int, num_experts: int) -> None:
+    """`passes` layer calls of MoE layer `layer` whose kept pairs touched `distinct` experts."""
+    m = _get()
+    if "distinct" not in m:  # created at the first flush, once E is known
+        from prometheus_client import Histogram
+
+        m["distinct"] = Histogram(
+            "vllm_alloc:distinct_experts",
+            "Distinct routed experts a forward pass touches in a MoE layer (passes with a budget below 1.0).",
+            ["layer"],
+            buckets=distinct_buckets(num_experts),
+        )
+    series = m["distinct"].labels(layer=str(layer))
+    for _ in range(passes):  # no bulk observe in prometheus_client; passes is a few per flush
+        series.observe(distinct)
 
 
 def observe_request_budget(b: float) -> None:

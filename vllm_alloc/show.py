@@ -97,7 +97,14 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
             "layer where a B carries "
             "(— : +inf, the layer keeps K_base and banks the rest)"
         )
-    table = [["b", "B", "K(B)", "Alloc-T", "carry θ", "chosen", "vs uniform: prefill", "decode (N = 1)"]]
+    capping = any(a.cap is not None for a in bf.allocations)
+    if capping:
+        lines.append(
+            "distinct-expert cap: the decode tokens at one B share at most C_l experts per layer and pass "
+            "(beyond the experts other tokens of the pass use, and their own top-K_base)"
+        )
+    head = ["b", "B", "K(B)", "Alloc-T", "carry θ", *(["cap C"] if capping else [])]
+    table = [[*head, "chosen", "vs uniform: prefill", "decode (N = 1)"]]
     for b in budgets:
         a = _allocation(bf, b)
         chosen = next((c for c in a.candidates if c.name == a.chosen), None)
@@ -118,7 +125,10 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
             if a.carry is None
             else "(" + ", ".join("—" if v is None else f"{v:.3g}" for v in a.carry) + ")"
         )
-        table.append([f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", theta, name, *cells])
+        cap = [_vec(a.cap) if a.cap is not None else "off"] if capping else []
+        table.append(
+            [f"{b:g}", str(a.budget), _vec(a.k), "on" if a.alloc_t else "off", theta, *cap, name, *cells]
+        )
     lines += ["", *_table(table, {0, 1})]
     for b in budgets:
         a = _allocation(bf, b)

@@ -21,6 +21,9 @@ Keys of the `vllm_alloc` object:
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
   budget_aliases  budgets served as model names: [0.75, 0.5] serves NAME@0.75 and NAME@0.5 beside NAME
                   (NAME: the first served model name), each running at its budget (`vllm_alloc.server`)
+  expert_cap      for experiments: C, the distinct experts the decode tokens at one budget below 1.0
+                  may use per pass in every MoE layer (`vllm_alloc.cap`); 0: no cap. Default: the budget
+                  file's caps (none unless the profiler chose them)
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
 torch, is imported only when settings are resolved.
@@ -41,13 +44,14 @@ if TYPE_CHECKING:
 CONFIG_KEY = "vllm_alloc"
 SCOPES = ("budget", "request", "token", "position", "stream")
 WEIGHTS = ("topk", "kept", "raw")
-_KEYS = ("budget_file", "default_budget", "scope", "weights", "budget_aliases")
+_KEYS = ("budget_file", "default_budget", "scope", "weights", "budget_aliases", "expert_cap")
 _ENV = {
     "budget_file": "VLLM_ALLOC_BUDGET_FILE",
     "default_budget": "VLLM_ALLOC_DEFAULT_BUDGET",
     "scope": "VLLM_ALLOC_SCOPE",
     "weights": "VLLM_ALLOC_WEIGHTS",
     "budget_aliases": "VLLM_ALLOC_BUDGET_ALIASES",
+    "expert_cap": "VLLM_ALLOC_EXPERT_CAP",
 }
 
 
@@ -62,6 +66,7 @@ class Settings:
     default_budget: float  # b of requests that name none
     min_budget: float | None  # the smallest valid b (k_base / K); None: the model's K is unknown, (0, 1]
     aliases: tuple[float, ...] = ()  # budgets served as model names NAME@b (`alias_names`)
+    expert_cap: int | None = None  # C for every layer and budget below 1.0 (0: none); None: the file's
 
 
 def plugin_section(additional_config: Any) -> dict[str, Any]:
@@ -93,6 +98,7 @@ class PluginConfig:
     scope: str | None = None
     weights: str | None = None
     budget_aliases: tuple[float, ...] = ()
+    expert_cap: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PluginConfig:
@@ -111,6 +117,7 @@ class PluginConfig:
             scope=setting("scope"),
             weights=setting("weights"),
             budget_aliases=parse_aliases(setting("budget_aliases"), f"{CONFIG_KEY} budget_aliases"),
+            expert_cap=setting("expert_cap"),
         )
         config.check()
         return config
@@ -125,6 +132,12 @@ class PluginConfig:
             raise ValueError(f"{CONFIG_KEY} scope={self.scope!r} is not valid; expected one of {SCOPES}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
+        cap = self.expert_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise ValueError(
+                f"{CONFIG_KEY} expert_cap={cap!r} is not valid; expected an integer >= 0 (the distinct "
+                "experts per MoE layer and pass for the decode tokens at one budget; 0: no cap)"
+            )
 
     def changed(
         self, current: BudgetFile | None, change: dict[str, Any]
@@ -199,6 +212,7 @@ class PluginConfig:
                 parse_budget(b, min_budget=min_budget, source=f"{CONFIG_KEY} budget_aliases[{i}]")
                 for i, b in enumerate(self.budget_aliases)
             ),
+            expert_cap=self.expert_cap,
         )
 
 

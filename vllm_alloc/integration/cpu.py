@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from vllm_alloc.integration.state import STATE
@@ -31,7 +32,7 @@ def host_routing(
     column: int, keys: torch.Tensor, weights_in: torch.Tensor, topk_ids: torch.Tensor
 ) -> KeptPairs:
     """Alloc-T of one CPU layer call on the host, and its activation count: the kept pairs."""
-    from vllm_alloc import alloc_t_host
+    from vllm_alloc import alloc_t_host, cap_host
 
     plan = STATE.plan
     assert plan is not None and plan.host is not None
@@ -44,6 +45,9 @@ def host_routing(
         )
         if STATE.carried
         else None
+    )
+    cap = cap_host.Cap(
+        h["token_cap"][:T] if STATE.capped else _NONE, h["cap_table"], plan.E, h["cap_dropped"], h["distinct"]
     )
     return alloc_t_host.layer_call(
         rank,
@@ -59,7 +63,11 @@ def host_routing(
         plan.host["used"][column],
         STATE.counting,
         carry,
+        cap,
     )
+
+
+_NONE = np.zeros(0, np.int64)  # token_cap when no token of the pass is capped
 
 
 def compacted_experts(runner: Any, x: torch.Tensor, pairs: KeptPairs) -> torch.Tensor:

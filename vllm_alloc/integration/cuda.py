@@ -61,6 +61,7 @@ def budget_experts(
         weights=plan.alloc_t_weights,
         singleton_groups=singleton_groups,
         carry=plan.device_carry(),
+        cap=plan.device_cap(),
     )
     experts = runner.routed_experts
     activation = kernel_activation(experts)

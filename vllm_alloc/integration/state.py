@@ -70,13 +70,22 @@ class Plan:
     carry_group: int  # decode tokens carry where at most this many share a group
     balance: torch.Tensor  # [S + 1, L] int64
     token_slot: torch.Tensor  # [N] int64
+    # The distinct-expert cap (`vllm_alloc.cap`): C_l(B) (E where B is not capped), which B are capped
+    # (host), each token's cap group + 1 (0 = not capped), and its counters: pairs dropped [L, A + 1] and
+    # layer calls by distinct experts touched [L, E + 1].
+    cap_table: torch.Tensor  # [A + 1, L] int64
+    capping: np.ndarray  # [A + 1] bool, host
+    token_cap: torch.Tensor  # [N] int64
+    cap_dropped: torch.Tensor  # [L, A + 1] float64
+    distinct: torch.Tensor  # [L, E + 1] float64
     # On CPU, numpy views of the buffers the host Alloc-T path reads or counts into (same memory); None on
     # devices. `full` has none: AllocState.fill counts it once per pass for every layer, in torch.
     host: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.table.device.type == "cpu":
-            names = ("table", "token_budget", "token_group", "used", "carry_theta", "balance", "token_slot")
+            names: tuple[str, ...] = ("table", "token_budget", "token_group", "used", "carry_theta")
+            names += ("balance", "token_slot", "cap_table", "token_cap", "cap_dropped", "distinct")
             self.host = {name: getattr(self, name).numpy() for name in names}
 
     @property
@@ -91,6 +100,16 @@ class Plan:
         return device_budget.Carry(
             self.token_slot, self.balance, self.carry_theta, self.carry_alpha, self.one_bank
         )
+
+    def device_cap(self) -> device_budget.Cap:
+        """The cap's buffers and counters for the device path (the cap itself only where some B is)."""
+        return device_budget.Cap(
+            self.token_cap, self.cap_table, self.E, self.cap_dropped, self.distinct, bool(self.capping.any())
+        )
+
+    @property
+    def E(self) -> int:
+        return self.budget_file.model.num_experts
 
     @property
     def one_bank(self) -> bool:
@@ -123,9 +142,10 @@ class AllocState:
     singleton_groups: bool = False
     counting: bool = False  # True only inside real forward passes (never warm-up / dummy runs)
     steps: int = 0
-    flushed: tuple[np.ndarray, np.ndarray] | None = None
+    flushed: dict[str, np.ndarray] | None = None  # the counters as last copied to Prometheus
     seen_requests: set[str] = field(default_factory=set)
     carried: bool = False  # True while some token of the pass carries its request's balance
+    capped: bool = False  # True while some token of the pass is under the distinct-expert cap
     # Request slots of the carried balance: req id -> [slot, position of its next token, last step seen].
     _slots: dict[str, list[int]] = field(default_factory=dict)
     _free_slots: list[int] = field(default_factory=list)
@@ -175,6 +195,7 @@ class AllocState:
         for column, info in enumerate(sorted(self.layers.values(), key=lambda i: i.layer_id)):
             info.column = column
         L, A = model.num_moe_layers, model.full_activations
+        cap_table = budget_file.cap_table(settings.expert_cap)
         self.plan = Plan(
             budget_file=budget_file,
             source=settings.source,
@@ -195,10 +216,15 @@ class AllocState:
             carry_group=budget_file.carry_group,
             balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
             token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
+            cap_table=cap_table.to(device),
+            capping=(cap_table < model.num_experts).any(dim=1).numpy(),
+            token_cap=torch.zeros(max_tokens, dtype=torch.int64, device=device),
+            cap_dropped=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
+            distinct=torch.zeros(L, model.num_experts + 1, dtype=torch.float64, device=device),
         )
         self._free_slots = list(range(2 * max_requests, 0, -1))
         self._check_scope(self.plan.scope)
-        self.flushed = (np.zeros((L, A + 1)), np.zeros((L, A + 1)))
+        self.flushed = {name: np.zeros(tuple(getattr(self.plan, name).shape)) for name in _COUNTERS}
         if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
             from vllm_alloc import alloc_t_host
 
@@ -302,6 +328,12 @@ class AllocState:
             plan.token_slot.zero_()
             if token_slot is not None:
                 plan.token_slot[:n].copy_(torch.from_numpy(token_slot))
+        token_cap = self._cap_groups(budgets, counts, token_budget, token_group)
+        self.capped = token_cap is not None
+        if plan.capping.any():  # the device path reads every row's cap group (0 = not capped)
+            plan.token_cap.zero_()
+            if token_cap is not None:
+                plan.token_cap[:n].copy_(torch.from_numpy(token_cap))
         self.budgeted = True
         plan.all_full.fill_(False)
 
@@ -349,6 +381,36 @@ class AllocState:
                 entry[2] = self.steps
         return token_slot if on.any() else None
 
+    def _cap_groups(
+        self, budgets: np.ndarray, counts: np.ndarray, token_budget: np.ndarray, token_group: np.ndarray
+    ) -> np.ndarray | None:
+        """Each token's cap group + 1 ([T] int64, 0 = not capped), or None where no token is capped.
+
+        The cap (`vllm_alloc.cap`) acts on decode tokens (their request's only token in the pass) at a
+        capped B, and all of them at one B share the pass's experts: one group per B. Evaluation scopes
+        teacher-force decode: under `position` a group is the tokens at one budget and position (the
+        decode tokens of N streams at one step), under `stream` every token is alone (a lone stream)."""
+        plan = self.plan
+        assert plan is not None
+        if not plan.capping.any():
+            return None
+        on = plan.capping[budgets]
+        if plan.scope not in ("position", "stream"):
+            on &= counts == 1
+        tok_on = np.repeat(on, counts)
+        if not tok_on.any():
+            return None
+        if plan.scope == "position":
+            groups = token_group
+        elif plan.scope == "stream":
+            groups = np.arange(token_group.shape[0], dtype=np.int64)
+        else:  # named by the first capped decode token at its B (ids stay below T)
+            _, first, inverse = np.unique(
+                np.where(tok_on, token_budget, -1), return_index=True, return_inverse=True
+            )
+            groups = first[inverse].astype(np.int64)
+        return np.where(tok_on, groups + 1, 0).astype(np.int64)
+
     def _new_slot(self, batch: set[str]) -> int:
         """A zeroed balance slot: a free one, else that of the request seen longest ago outside the batch
         (requests that finished are never announced to the V1 runner's model code)."""
@@ -368,6 +430,7 @@ class AllocState:
             self.plan.all_full.fill_(True)
         self.budgeted = False
         self.carried = False
+        self.capped = False
         self.singleton_groups = False
         self.counting = False
         self.steps += 1
@@ -580,7 +643,7 @@ class AllocState:
         """Cumulative counters by model layer index and absolute budget (tests, `collective_rpc`)."""
         plan = self.plan
         if plan is None:
-            return {"layers": [], "A": 0, "used": [], "full": []}
+            return {"layers": [], "A": 0, "used": [], "full": [], "cap_dropped": [], "distinct": []}
         infos = sorted(self.layers.values(), key=lambda i: i.column)
         return {
             "layers": [i.layer_id for i in infos],
@@ -588,6 +651,8 @@ class AllocState:
             "K": plan.K,
             "used": plan.used.cpu().tolist(),
             "full": plan.full.cpu().tolist(),
+            "cap_dropped": plan.cap_dropped.cpu().tolist(),
+            "distinct": plan.distinct.cpu().tolist(),
         }
 
     def flush(self) -> None:
@@ -597,11 +662,11 @@ class AllocState:
         plan = self.plan
         if plan is None or self.flushed is None or compat.tp_rank() != 0:
             return
-        used = plan.used.cpu().numpy()  # the one host sync, outside the forward pass
-        full = plan.full.cpu().numpy()
-        d_used, d_full = used - self.flushed[0], full - self.flushed[1]
-        self.flushed = (used.copy(), full.copy())
+        now = {name: getattr(plan, name).cpu().numpy() for name in _COUNTERS}  # outside the forward pass
+        delta = {name: now[name] - self.flushed[name] for name in _COUNTERS}
+        self.flushed = {name: now[name].copy() for name in _COUNTERS}
         infos = sorted(self.layers.values(), key=lambda i: i.column)
+        d_used, d_full = delta["used"], delta["full"]
         for column, B in zip(*np.nonzero(d_full), strict=True):
             metrics.add_activations(
                 layer=infos[column].layer_id,
@@ -609,8 +674,14 @@ class AllocState:
                 used=float(d_used[column, B]),
                 full=float(d_full[column, B]),
             )
+        dropped, distinct = delta["cap_dropped"], delta["distinct"]
+        for column, B in zip(*np.nonzero(dropped), strict=True):
+            metrics.add_cap_dropped(infos[column].layer_id, B / plan.A, float(dropped[column, B]))
+        for column, n in zip(*np.nonzero(distinct), strict=True):
+            metrics.observe_distinct(infos[column].layer_id, int(n), int(distinct[column, n]), plan.E)
 
 
+_COUNTERS = ("used", "full", "cap_dropped", "distinct")  # device counters flushed to Prometheus
 STREAM_ONE_BANK = (
     "scope 'stream' teacher-forces the per-layer balance only (carry_pool 'layer'): a request's one bank "
     "needs its layers in decode order, one token per request per pass"
