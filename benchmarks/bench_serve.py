@@ -6,7 +6,9 @@
 Configurations (DESIGN.md §5):
   (a) vLLM without the plugin (VLLM_ALLOC_DISABLE=1);
   (b) vLLM without the plugin, `hf_overrides={"num_experts_per_tok": K // 2}`: the uniform baseline;
-  (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`).
+  (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`);
+  (d) (with --expert-cap C) the plugin with the distinct-expert cap: the decode tokens at one budget below
+      1.0 share at most C experts per MoE layer and pass (`vllm_alloc.cap`), at the budgets --cap-budgets.
 Each configuration is one engine in its own long-lived process (serve_lib.EngineWorker), all alive at
 once (the benchmark model and its KV cache are sized so three fit in memory), and only one measures at a
 time. Measurements are interleaved: in each round, for each batch size, every configuration (and every
@@ -81,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget-file",
         help="budget file for the plugin's engine (c) (default: none, the uniform allocation)",
     )
+    p.add_argument(
+        "--expert-cap",
+        type=int,
+        help="add engine (d): the plugin with this expert_cap C (the distinct experts per layer and pass)",
+    )
+    p.add_argument("--cap-budgets", default="0.5", help="comma-separated budgets b measured on engine (d)")
     p.add_argument("--quick", action="store_true", help="smoke test: small model, 1 round, few tokens")
     args = p.parse_args(argv)
     if args.prompt_len < 2:  # the share rows tell prefill (T = N·P) from decode (T = N) by T
@@ -91,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.budgets = [float(x) for x in args.budgets.split(",")]
     args.configs = [c.strip() for c in args.configs.split(",")]
+    args.cap_budgets = [float(x) for x in args.cap_budgets.split(",")]
+    if args.expert_cap is not None:
+        if args.expert_cap < 1:
+            p.error(f"--expert-cap {args.expert_cap}: must be at least 1")
+        args.configs.append("d")
     args.share_batches = [int(x) for x in args.share_batches.split(",")]
     return args
 
@@ -108,7 +121,13 @@ def model_shape(model: Path) -> dict[str, int]:
     }
 
 
-def config_names(configs: list[str], budgets: list[float], K: int) -> list[tuple[str, str, float | None]]:
+def config_names(
+    configs: list[str],
+    budgets: list[float],
+    K: int,
+    cap: int | None = None,
+    cap_budgets: tuple[float, ...] = (),
+) -> list[tuple[str, str, float | None]]:
     """(label, engine, budget) of every measured configuration, (a) first: ratios are against it."""
     out: list[tuple[str, str, float | None]] = []
     if "a" in configs:
@@ -117,6 +136,8 @@ def config_names(configs: list[str], budgets: list[float], K: int) -> list[tuple
         out.append((f"(b) top-{K // 2}", "b", None))
     if "c" in configs:
         out += [(f"(c) b={b:g}", "c", b) for b in budgets]
+    if "d" in configs and cap is not None:
+        out += [(f"(d) b={b:g} C={cap}", "d", b) for b in cap_budgets]
     return out
 
 
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     shape = model_shape(model)
     K = shape["K"]
-    measured = config_names(args.configs, args.budgets, K)
+    measured = config_names(args.configs, args.budgets, K, args.expert_cap, tuple(args.cap_budgets))
     N_max = max(args.batch_sizes)
     spec = {
         "model": str(model),
@@ -177,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "a": {**spec, "plugin": False},
         "b": {**spec, "plugin": False, "hf_overrides": {"num_experts_per_tok": K // 2}},
         "c": {**spec, "plugin": True, "budget_file": args.budget_file},
+        "d": {**spec, "plugin": True, "budget_file": args.budget_file, "expert_cap": args.expert_cap},
     }
-    wanted = [e for e in ("a", "b", "c") if e in args.configs]
+    wanted = [e for e in ("a", "b", "c", "d") if e in args.configs]
     print(f"model {model} ({shape}); engines {wanted}; rounds {args.rounds}", flush=True)
 
     workers: dict[str, serve_lib.EngineWorker] = {}
@@ -250,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if labels[0].startswith("(a)"):
         report += ["Targets (decode tok/s, DESIGN.md §5):", ""]
         report += serve_lib.target_lines(medians, args.batch_sizes, labels[0], full, half)
+        uniform = next((lab for lab, e, _ in measured if e == "b"), None)
+        for capped in (lab for lab, e, b in measured if e == "d" and b == 0.5):
+            report += serve_lib.cap_lines(medians, args.batch_sizes, capped, full, uniform)
         report.append("")
     if share:
         report += [

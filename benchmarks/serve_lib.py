@@ -125,6 +125,32 @@ def target_lines(
     return out
 
 
+def cap_lines(
+    medians: dict[tuple[str, int], dict[str, float]],
+    batch_sizes: Sequence[int],
+    capped: str,
+    full: str | None,
+    uniform: str | None,
+) -> list[str]:
+    """The distinct-expert cap's targets (DESIGN.md §5, issue 17): at batch 32, b = 0.5 with the cap
+    decodes at >= 1.6× of b = 1.0 and faster than uniform top-⌊b·K⌋; other batches are reported."""
+    out = []
+    for bs in batch_sizes:
+        if (capped, bs) not in medians:
+            continue
+        tps = medians[(capped, bs)]["decode_tps"]
+        parts = []
+        if full is not None and (full, bs) in medians:
+            r = tps / medians[(full, bs)]["decode_tps"]
+            parts.append(f"{r:.2f}× of b=1.0" + (f" (target ≥ 1.6): {_met(r >= 1.6)}" if bs == 32 else ""))
+        if uniform is not None and (uniform, bs) in medians:
+            r = tps / medians[(uniform, bs)]["decode_tps"]
+            parts.append(f"{r:.2f}× of {uniform}" + (f" (target > 1): {_met(r > 1)}" if bs == 32 else ""))
+        if parts:
+            out.append(f"- batch {bs}: {capped} decode = " + "; ".join(parts))
+    return out
+
+
 def share_table(rows: Sequence[dict[str, float]]) -> str:
     """Markdown table of Alloc-T's share of MoE-layer time per T (target ≤ 5%)."""
     lines = [
@@ -259,10 +285,13 @@ class _Engine:
         )
         if spec.get("hf_overrides"):
             kwargs["hf_overrides"] = spec["hf_overrides"]
+        plugin_config: dict[str, Any] = {}
         if spec.get("budget_file"):
-            kwargs["additional_config"] = {
-                "vllm_alloc": {"budget_file": str(Path(spec["budget_file"]).resolve())}
-            }
+            plugin_config["budget_file"] = str(Path(spec["budget_file"]).resolve())
+        if spec.get("expert_cap") is not None:
+            plugin_config["expert_cap"] = spec["expert_cap"]
+        if plugin_config:
+            kwargs["additional_config"] = {"vllm_alloc": plugin_config}
         self.llm = LLM(**kwargs)
         self.engine = self.llm.llm_engine
         self.vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
