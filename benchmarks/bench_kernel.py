@@ -9,7 +9,9 @@ checked against `vllm_alloc.reference.moe_forward` before it is timed; a wrong k
 
 Pruning as Alloc-T produces it: each token keeps a prefix of its own top-K ranking by (random) router
 score, of length ceil(b·K) (`--keep ceil`, default) or floor(b·K) (`--keep floor`), at least 1. Kept
-experts keep their full-model weights (DESIGN.md §2, option `topk`).
+experts keep their full-model weights (DESIGN.md §2, option `topk`). With `--caps C ...`, every b < 1
+also gets rows under the distinct-expert cap (`vllm_alloc.cap`, all T tokens one cap group, K_base = 1):
+the kernel then reads at most max(C, the tokens' top-1 experts) experts.
 
     python benchmarks/bench_kernel.py --out BENCH_KERNEL.md
     python benchmarks/bench_kernel.py --models qwen3-30b-a3b --T 1 16 --budgets 1.0 0.5
@@ -77,6 +79,21 @@ def make_routing(
     pruned = torch.arange(shape.K, device="cuda")[None, :] >= kept
     ids = ids.int().masked_fill(pruned, -1)
     return ids, weights.masked_fill(pruned, 0.0)
+
+
+def cap_routing(
+    ids: torch.Tensor, weights: torch.Tensor, C: int, E: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`make_routing`'s pruned routing under the distinct-expert cap C (one cap group of all T tokens).
+    Pruned slots must be a suffix of each row, as make_routing leaves them."""
+    from vllm_alloc.cap import cap_experts
+
+    T = ids.shape[0]
+    kept = ids >= 0
+    keys = torch.where(kept, weights, -1.0)  # the ranking: pruned slots last
+    group = torch.zeros(T, dtype=torch.int64, device=ids.device)
+    capped = cap_experts(keys, ids.clamp(min=0), kept, group, torch.full_like(group, C), E, k_base=1).kept
+    return torch.where(capped, ids, -1), torch.where(capped, weights, 0.0)
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, iters: int) -> float:
@@ -155,6 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budgets", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.33], help="b in (0, 1]"
     )
     parser.add_argument("--keep", choices=["ceil", "floor"], default="ceil", help="kept: ceil/floor(b·K)")
+    parser.add_argument(
+        "--caps", nargs="*", type=int, default=[], help="distinct-expert caps C: extra rows at every b < 1"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=50)
@@ -188,13 +208,19 @@ def bench_model(
     for T in args.T:
         x = torch.randn(T, shape.H, device="cuda", dtype=dtype)
         full_ms: float | None = None
+        runs = []
         for b in sorted(args.budgets, reverse=True):
             ids, weights = make_routing(T, shape, b, args.keep)
+            runs.append((b, f"{b}", ids, weights))
+            if b < 1.0:
+                for C in args.caps:
+                    runs.append((b, f"{b} C={C}", *cap_routing(ids, weights, C, shape.E)))
+        for b, label, ids, weights in runs:
             ours = functools.partial(fused_moe, x, w13, w2, ids, weights, config=config)
             error = check(ours(), x, w13, w2, ids, weights)
             if error:
                 failures += 1
-                rows.append(f"| {shape.name} | {T} | {b} | WRONG: {error} |")
+                rows.append(f"| {shape.name} | {T} | {label} | WRONG: {error} |")
                 print(rows[-1], flush=True)
                 continue
             ms = time_cuda(ours, args.warmup, args.iters)
@@ -215,7 +241,7 @@ def bench_model(
             gbps = layer_bytes(shape, T, ids, x.element_size()) / (ms * 1e-3) / 1e9
             pairs = int((ids != -1).sum())
             rows.append(
-                f"| {shape.name} | {T} | {b} | {pairs} | {distinct_experts(ids)} | {ms * 1e3:.1f} | "
+                f"| {shape.name} | {T} | {label} | {pairs} | {distinct_experts(ids)} | {ms * 1e3:.1f} | "
                 f"{vs_full} | {vs_vllm} | {gbps:.0f} | {100 * gbps / roofline:.0f}% |"
             )
             print(rows[-1], flush=True)

@@ -278,3 +278,24 @@ def check_compiles_fullgraph_with_dynamic_T() -> None:
 @pytest.mark.parametrize("capability", ["avx2", "avx512"])  # Inductor writes different vector code for each
 def test_compiles_fullgraph_with_dynamic_T(capability: str, tmp_path: Path) -> None:
     run_under_capability(capability, "test_cap", "check_compiles_fullgraph_with_dynamic_T", tmp_path)
+
+
+def test_bench_kernel_caps_its_pruned_routing() -> None:
+    """benchmarks/bench_kernel.py --caps: the pruned routing it times (a suffix of each row at −1) under
+    the cap, on CPU: pruned slots stay pruned, kept pairs are a subset, and few experts remain."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    T, E, K = 32, 64, 8
+    weights, ids = torch.softmax(torch.randn(T, E, generator=gen), dim=-1).topk(K, dim=-1)
+    pruned = torch.arange(K) >= 4
+    ids, weights = ids.int().masked_fill(pruned, -1), weights.masked_fill(pruned, 0.0)
+    capped_ids, capped_w = bench_kernel.cap_routing(ids, weights, 8, E)
+    kept = capped_ids >= 0
+    assert (kept <= (ids >= 0)).all() and torch.equal(capped_ids[kept], ids[kept])
+    assert torch.equal(capped_w[kept], weights[kept]) and (capped_w[~kept] == 0).all()
+    top1 = len(set(ids[:, 0].tolist()))
+    assert kept[:, 0].all() and len(set(capped_ids[kept].tolist())) <= max(8, top1)
