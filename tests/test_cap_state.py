@@ -56,6 +56,10 @@ def test_evaluation_scopes_cap_like_the_decode_they_stand_for() -> None:
     state = capped_state(scope="stream")
     state.fill(["a"], [0.5], np.array([0, 3]), np.array([0]))
     assert caps(state, 3) == [1, 2, 3]
+    # token: lone streams in decode order (one token per sequence per pass), each alone too.
+    state = capped_state(scope="token")
+    state.fill(["a", "b", "c"], [0.5] * 3, np.array([0, 1, 2, 3]), np.array([4, 4, 4]))
+    assert caps(state, 3) == [1, 2, 3]
 
 
 def test_expert_cap_zero_and_no_cap() -> None:

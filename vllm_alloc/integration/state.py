@@ -389,7 +389,8 @@ class AllocState:
         The cap (`vllm_alloc.cap`) acts on decode tokens (their request's only token in the pass) at a
         capped B, and all of them at one B share the pass's experts: one group per B. Evaluation scopes
         teacher-force decode: under `position` a group is the tokens at one budget and position (the
-        decode tokens of N streams at one step), under `stream` every token is alone (a lone stream)."""
+        decode tokens of N streams at one step); under `stream` and `token` (no interaction among tokens,
+        and the quality benchmark's lone streams in decode order) every token is alone."""
         plan = self.plan
         assert plan is not None
         if not plan.capping.any():
@@ -402,7 +403,7 @@ class AllocState:
             return None
         if plan.scope == "position":
             groups = token_group
-        elif plan.scope == "stream":
+        elif plan.scope in ("stream", "token"):
             groups = np.arange(token_group.shape[0], dtype=np.int64)
         else:  # named by the first capped decode token at its B (ids stay below T)
             _, first, inverse = np.unique(
