@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py [--seqs 256] [--model models/default] [--budget-file configs/default.json]
                                  [--png docs/quality.png] [--out build/quality/results.json]
+                                 [--only ENGINES] [--expert-cap C]
 
 Everything is measured by the served model (vLLM offline, prompt logprobs, prefix caching off), on the
 same fixed 256-token windows of the manifest's test split for every configuration (the split no
@@ -46,7 +47,9 @@ windows per call under the serving scope `budget` (engine `decode N=… in order
 every row that does not carry, the engines `decode N=…` run scope `position` with N windows per
 `generate` call, all N prefilled in one step, so a group is the N tokens at one position (tests/e2e:
 equal to a real decode loop). Rows without
-Alloc-T (the uniforms, `(token)`) are the same in every regime. `regime_tables` prints one table per
+Alloc-T (the uniforms, `(token)`) are the same in every regime. With `--expert-cap C`, the served
+configuration is also measured at N = 8 and 64 under the distinct-expert cap (`L+T shipped + cap C`,
+engines `decode N=… cap C`, run as that N's served row runs). `regime_tables` prints one table per
 regime. Every engine keeps its engine core in-process, so every configuration sees the same batches.
 """
 
@@ -57,6 +60,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -208,7 +212,11 @@ def rows_for(bf: Any, pick: str) -> dict[int, list[int]]:
     return rows
 
 
-def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
+def cap_label(C: int, n: int) -> str:
+    return f"L+T shipped + cap {C} (decode N={n})"
+
+
+def plan(shipped: Path, scratch: Path, expert_cap: int | None = None) -> list[dict[str, Any]]:
     from vllm_alloc.budget import load_budget_file
 
     bf = load_budget_file(shipped)
@@ -318,6 +326,16 @@ def plan(shipped: Path, scratch: Path) -> list[dict[str, Any]]:
             )
             | {"streams": n}
         )
+        if expert_cap is not None:
+            # The distinct-expert cap on the served configuration: the n streams' decode tokens at one
+            # step share at most C experts per layer (one cap group: a position under scope `position`,
+            # the pass's decode tokens at one B in decode order).
+            cfg = {"budget_file": str(shipped), "scope": "budget" if carries else "position"}
+            engines.append(
+                plugin(f"decode N={n} cap {expert_cap}", cfg | {"expert_cap": expert_cap},
+                       [ev(cap_label(expert_cap, n), None)])
+                | {"streams": n} | ({"decode_order": True} if carries else {})
+            )  # fmt: skip
     if small.is_file():
         engines.append(
             plugin("small-calib", {"budget_file": str(small)}, [ev("L+T small calib (budget)", None)])
@@ -467,10 +485,17 @@ def regime_tables(
             + " | recovery @0.5 vs top-⌊bK⌋ | vs same-B |",
             "|---|" + "---:|" * (len(low) + 2),
         ]
+        n = re.search(r"decode N = (\d+)", regime)
+        capped = sorted(
+            label
+            for label in results
+            if n and label.startswith("L+T shipped + cap ") and label.endswith(f"(decode N={n[1]})")
+        )
         shown = [
             ("uniform top-⌊bK⌋ (vLLM config top-k)", uni),
             ("uniform same B, no Alloc-T (plugin, no file)", same_b),
             *((name, results[label]) for name, label in rows if label in results),
+            *((label.rsplit(" (", 1)[0], results[label]) for label in capped),
         ]
         for name, row in shown:
             cells = [f"{row[b]:.3f} ({100 * (row[b] / full - 1):+.2f}%)" if b in row else "—" for b in low]
@@ -492,6 +517,8 @@ def regime_tables(
             lines += ["", f"Served configuration: {verdict}."]
             if nll is not None:
                 lines += ["", f"Paired over the test windows: {served_verdict(served, results, nll)}."]
+        for label in capped if nll is not None else []:
+            lines += ["", f"{label.rsplit(' (', 1)[0]}, paired: {served_verdict(label, results, nll)}."]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -614,12 +641,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=SCRATCH / "results.json")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "quality.png")
     p.add_argument("--only", help="comma-separated engine names to run (results merge into --out)")
+    p.add_argument(
+        "--expert-cap",
+        type=int,
+        help="also measure the served configuration under the distinct-expert cap C at N = 8 and 64",
+    )
     args = p.parse_args(argv)
 
     ids = split_ids("test", args.model)
     seqs = [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(min(args.seqs, len(ids) // SEQ_LEN))]
     args.scratch.mkdir(parents=True, exist_ok=True)
-    engines = plan(args.budget_file, args.scratch)
+    if args.expert_cap is not None and args.expert_cap < 1:
+        p.error(f"--expert-cap {args.expert_cap}: must be at least 1")
+    engines = plan(args.budget_file, args.scratch, args.expert_cap)
     previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     if args.only:
         engines = [e for e in engines if e["name"] in args.only.split(",")]

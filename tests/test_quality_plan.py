@@ -1,0 +1,47 @@
+"""benchmarks/quality.py without engines: the cap's engines in the plan, and its rows in the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import quality  # noqa: E402  (after sys.path)
+
+
+def test_expert_cap_adds_decode_engines_as_served(tmp_path: Path) -> None:
+    shipped = ROOT / "configs" / "default.json"
+    assert not [e for e in quality.plan(shipped, tmp_path) if "cap" in e["name"]]
+    engines = {e["name"]: e for e in quality.plan(shipped, tmp_path, expert_cap=6)}
+    # The shipped file carries in groups of up to 8: N = 8 runs in decode order under scope budget, as
+    # served; N = 64 (no carrying) teacher-forces 64 windows per pass under scope position.
+    eight, sixty_four = engines["decode N=8 cap 6"], engines["decode N=64 cap 6"]
+    assert eight["additional_config"]["vllm_alloc"] == {
+        "budget_file": str(shipped),
+        "scope": "budget",
+        "expert_cap": 6,
+    }
+    assert eight["streams"] == 8 and eight["decode_order"]
+    assert sixty_four["additional_config"]["vllm_alloc"]["scope"] == "position"
+    assert sixty_four["streams"] == 64 and "decode_order" not in sixty_four
+    assert [e["label"] for e in sixty_four["evals"]] == ["L+T shipped + cap 6 (decode N=64)"]
+
+
+def test_cap_rows_appear_in_their_regime_with_paired_intervals() -> None:
+    low = ["0.75", "0.5", "0.33"]
+    row = dict.fromkeys(low, 21.0)
+    results = {
+        "full model": {"1.0": 20.0},
+        **{f"uniform top-⌊bK⌋ @{b}": {"1.0": 23.0} for b in low},
+        "uniform same-B (token, topk)": dict.fromkeys(low, 22.0),
+        quality.cap_label(6, 64): row,
+    }
+    nll = {f"uniform top-⌊bK⌋ @{b}": {"1.0": [3.1, 3.2, 3.3, 3.0]} for b in low} | {
+        quality.cap_label(6, 64): {key: [3.0, 3.1, 3.2, 2.9] for key in low}
+    }
+    text = quality.regime_tables(results, nll)
+    block = text.split("**decode N = 64")[1]
+    assert "| L+T shipped + cap 6 | 21.000 (+5.00%)" in block
+    assert "L+T shipped + cap 6, paired: never worse with 95 % confidence" in block
+    assert "cap 6" not in text.split("**decode N = 64")[0], "N = 64 only"
