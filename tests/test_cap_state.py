@@ -9,23 +9,16 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from test_integration_unit import A, E, H, I, K, L
+from test_integration_unit import A, E, H, I, K, L, make_state
 
 from vllm_alloc import alloc_t_host, cap_host
 from vllm_alloc.budget import BudgetFileError, parse_budget_text, uniform_budget_file
 from vllm_alloc.integration.config import PluginConfig
-from vllm_alloc.integration.state import AllocState, LayerInfo
+from vllm_alloc.integration.state import AllocState
 
 
 def capped_state(scope: str = "budget", expert_cap: int | None = 2) -> AllocState:
-    state = AllocState()
-    config = PluginConfig(scope=scope, expert_cap=expert_cap)
-    for layer_id in (1, 3):
-        state.register_layer(
-            LayerInfo(f"model.layers.{layer_id}.mlp.experts", layer_id, E, K, H, I), config, "X"
-        )
-    state.finalize(max_tokens=32, device=torch.device("cpu"))
-    return state
+    return make_state(scope=scope, expert_cap=expert_cap)
 
 
 def caps(state: AllocState, n: int) -> list[int]:
@@ -140,3 +133,23 @@ def test_host_layer_calls_count_drops_and_distinct_experts_to_prometheus() -> No
     dropped = sample("vllm_alloc:cap_dropped_pairs_total", layer="1", budget="0.5")
     assert dropped - before == 4
     assert sample("vllm_alloc:distinct_experts_bucket", layer="3", le="1.0") >= 1
+
+
+def test_a_new_budget_file_brings_its_caps_in_place() -> None:
+    """The admin route's reconfigure restores the cap table from the new file, in the same buffer (as
+    the allocation table), and the expert_cap setting still wins over the file."""
+    state = make_state()
+    plan = state.plan
+    assert plan is not None and not plan.capping.any()
+    table = plan.cap_table
+    doc = json.loads(uniform_budget_file(state.fingerprint()).model_dump_json())
+    B = A // 2
+    next(a for a in doc["allocations"] if a["budget"] == B)["cap"] = [3, 5]
+    state.reconfigure({"budget_file": {"source": "caps.json", "text": json.dumps(doc)}}, apply=True)
+    assert plan.cap_table is table and plan.cap_table[B].tolist() == [3, 5]
+    assert plan.capping.tolist() == [b == B for b in range(A + 1)]
+    state.reconfigure({"budget_file": None}, apply=True)
+    assert not plan.capping.any() and (plan.cap_table == E).all()
+    overridden = make_state(expert_cap=0)
+    overridden.reconfigure({"budget_file": {"source": "caps.json", "text": json.dumps(doc)}}, apply=True)
+    assert overridden.plan is not None and not overridden.plan.capping.any()

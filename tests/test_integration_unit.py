@@ -18,9 +18,11 @@ L, E, K, H, I = 2, 8, 4, 64, 32
 A = L * K
 
 
-def make_state(scope: str = "budget", default_budget: float | None = None) -> AllocState:
+def make_state(
+    scope: str = "budget", default_budget: float | None = None, expert_cap: int | None = None
+) -> AllocState:
     state = AllocState()
-    config = PluginConfig(scope=scope, default_budget=default_budget)
+    config = PluginConfig(scope=scope, default_budget=default_budget, expert_cap=expert_cap)
     for layer_id in (3, 1):  # registered out of order: columns follow the layer index
         state.register_layer(
             LayerInfo(f"model.layers.{layer_id}.mlp.experts", layer_id, E, K, H, I), config, "X"

@@ -195,7 +195,7 @@ class AllocState:
         for column, info in enumerate(sorted(self.layers.values(), key=lambda i: i.layer_id)):
             info.column = column
         L, A = model.num_moe_layers, model.full_activations
-        cap_table = budget_file.cap_table(settings.expert_cap)
+        cap_table = budget_file.cap_table(settings.expert_cap)  # as reset_allocation restores it
         self.plan = Plan(
             budget_file=budget_file,
             source=settings.source,
@@ -481,9 +481,13 @@ class AllocState:
             plan.reallocating[int(B)] = on
 
     def reset_allocation(self) -> None:
-        """Restore the allocation table, Alloc-T flags and carried balance's θ from the budget file."""
+        """Restore the allocation table, Alloc-T flags, carried balance's θ and the distinct-expert caps
+        (the expert_cap setting over the file's) from the budget file."""
         if self.plan is not None:
             bf = self.plan.budget_file
+            cap_table = bf.cap_table((self.config or PluginConfig()).expert_cap)
+            self.plan.cap_table.copy_(cap_table)
+            self.plan.capping[:] = (cap_table < bf.model.num_experts).any(dim=1).numpy()
             self.plan.table.copy_(bf.allocation_table())
             self.plan.reallocating[:] = bf.reallocating()
             self.plan.carry_theta.copy_(bf.carry_table())
@@ -596,6 +600,12 @@ class AllocState:
                         new.carry_pool,
                         plan.carry_pool,
                     )
+            capping = (new.cap_table(settings.expert_cap) < plan.E).any()
+            if plan.table.device.type == "cuda" and capping and not plan.capping.any():
+                log.warning(
+                    "vllm-alloc: %s caps distinct experts; CUDA graphs captured before do not (design.md)",
+                    settings.source,
+                )
             self.config = config
             plan.budget_file, plan.source = new, settings.source
             plan.scope, plan.weights, plan.default_budget = (
