@@ -418,6 +418,46 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
     assert target(results[1], 1) != target(token, 1)  # under Alloc-T the batch shows (control)
 
 
+def decode_four_streams(
+    tmp_path: Path, model: Any, steps: int, plugin: dict[str, Any], name: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Four streams started together from one-token prompts, decoding `steps` tokens at b = 0.5 under
+    the plugin settings `plugin` (float32): (the prompts, the run)."""
+    starts = [{"prompt_token_ids": [t]} for t in (11, 23, 37, 41)]
+    decode, _ = drive(
+        tmp_path,
+        model,
+        [
+            {
+                "llm_kwargs": {"dtype": "float32"},
+                "additional_config": {"vllm_alloc": plugin},
+                "runs": [{"prompts": starts, "budgets": [0.5] * 4, "max_tokens": steps}],
+            }
+        ],
+        name=name,
+    )
+    real = decode[0]["runs"][0]
+    assert all(len(t) == steps for t in real["tokens"]), real["tokens"]
+    return starts, real
+
+
+def forced_prompts(starts: list[dict[str, Any]], real: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each stream's prompt and what it generated, less the last sampled token (never fed back)."""
+    return [
+        {"prompt_token_ids": s["prompt_token_ids"] + t[:-1]}
+        for s, t in zip(starts, real["tokens"], strict=True)
+    ]
+
+
+def forced_gap(forced_logprobs: list[list[float]], real: dict[str, Any]) -> float:
+    """Largest difference between teacher-forced prompt logprobs and the real decode's sampled ones."""
+    return max(
+        abs(a - b)
+        for ours, theirs in zip(forced_logprobs, real["logprobs"], strict=True)
+        for a, b in zip(ours, theirs[:-1], strict=True)
+    )
+
+
 def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny_model: Any) -> None:
     """The decode-regime quality measurement (benchmarks/quality.py) teacher-forces N sequences in one
     pass under scope `position`. Here that is checked against a real decode loop: N = 4 streams at
@@ -425,25 +465,8 @@ def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny
     group is the 4 streams' tokens. Teacher-forcing what they generated gives the same logprobs, float32
     rounding apart; one stream per pass (groups of one) does not, so the check can tell the groups."""
     model = tiny_model("qwen3_moe")
-    starts = [{"prompt_token_ids": [t]} for t in (11, 23, 37, 41)]
-    steps = 10
-    decode, _ = drive(
-        tmp_path,
-        model,
-        [
-            {
-                "llm_kwargs": {"dtype": "float32"},
-                "runs": [{"prompts": starts, "budgets": [0.5] * 4, "max_tokens": steps}],
-            }
-        ],
-        name="decode",
-    )
-    real = decode[0]["runs"][0]
-    # The last sampled token of each stream is never fed back, so the forced sequences stop before it.
-    forced = [
-        {"prompt_token_ids": s["prompt_token_ids"] + t[:-1]}
-        for s, t in zip(starts, real["tokens"], strict=True)
-    ]
+    starts, real = decode_four_streams(tmp_path, model, 10, {}, "decode")
+    forced = forced_prompts(starts, real)
     results, _ = drive(
         tmp_path,
         model,
@@ -460,17 +483,8 @@ def test_scope_position_teacher_forcing_matches_real_decode(tmp_path: Path, tiny
         name="forced",
     )
     together, *alone = results[0]["runs"]
-
-    def gap(forced_logprobs: list[list[float]]) -> float:
-        return max(
-            abs(a - b)
-            for ours, theirs in zip(forced_logprobs, real["logprobs"], strict=True)
-            for a, b in zip(ours, theirs[:-1], strict=True)
-        )
-
-    assert all(len(t) == steps for t in real["tokens"]), real["tokens"]
-    assert gap(together["prompt_logprobs"]) <= 1e-5
-    assert gap([run["prompt_logprobs"][0] for run in alone]) > 1e-3
+    assert forced_gap(together["prompt_logprobs"], real) <= 1e-5
+    assert forced_gap([run["prompt_logprobs"][0] for run in alone], real) > 1e-3
 
 
 def test_scope_stream_teacher_forcing_matches_a_carrying_decode(tmp_path: Path, tiny_model: Any) -> None:
@@ -620,26 +634,9 @@ def test_expert_cap_decode_and_its_teacher_forcing(tmp_path: Path, tiny_model: A
     scope `position` (one cap group per position), which gives the same logprobs, float32 rounding
     apart."""
     model = tiny_model("qwen3_moe")
-    starts = [{"prompt_token_ids": [t]} for t in (11, 23, 37, 41)]
     steps = 10
     cap = {"expert_cap": 2}
-    decode, _ = drive(
-        tmp_path,
-        model,
-        [
-            {
-                "llm_kwargs": {"dtype": "float32"},
-                "additional_config": {"vllm_alloc": cap},
-                "runs": [{"prompts": starts, "budgets": [0.5] * 4, "max_tokens": steps}],
-            }
-        ],
-        name="cap-decode",
-    )
-    real = decode[0]["runs"][0]
-    forced = [
-        {"prompt_token_ids": s["prompt_token_ids"] + t[:-1]}
-        for s, t in zip(starts, real["tokens"], strict=True)
-    ]
+    starts, real = decode_four_streams(tmp_path, model, steps, cap, "cap-decode")
     results, _ = drive(
         tmp_path,
         model,
@@ -647,19 +644,12 @@ def test_expert_cap_decode_and_its_teacher_forcing(tmp_path: Path, tiny_model: A
             {
                 "llm_kwargs": {"dtype": "float32"},
                 "additional_config": {"vllm_alloc": {"scope": "position", **cap}},
-                "runs": [{"prompts": forced, "budgets": [0.5] * 4, "max_tokens": 1}],
+                "runs": [{"prompts": forced_prompts(starts, real), "budgets": [0.5] * 4, "max_tokens": 1}],
             }
         ],
         name="cap-forced",
     )
-    together = results[0]["runs"][0]
-    assert all(len(t) == steps for t in real["tokens"]), real["tokens"]
-    gap = max(
-        abs(a - b)
-        for ours, theirs in zip(together["prompt_logprobs"], real["logprobs"], strict=True)
-        for a, b in zip(ours, theirs[:-1], strict=True)
-    )
-    assert gap <= 1e-5
+    assert forced_gap(results[0]["runs"][0]["prompt_logprobs"], real) <= 1e-5
     counters = real["counters"]
     B = A // 2
     for column in range(L):
