@@ -67,7 +67,7 @@ gpu-check:
 		'CUDA', torch.version.cuda, 'triton', triton.__version__)" | tee $(GPU_CHECK_OUT)/device.txt
 	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -rs -p no:cacheprovider tests/kernels
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_graph.py --out $(GPU_CHECK_OUT)/bench_graph.md
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_kernel.py --caps 8 16 --out $(GPU_CHECK_OUT)/bench_kernel.md
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_kernel.py --caps 0.5 0.25 --out $(GPU_CHECK_OUT)/bench_kernel.md
 
 bench-kernel: venv
 	$(BIN)/python benchmarks/bench_kernel.py

@@ -9,9 +9,10 @@ checked against `vllm_alloc.reference.moe_forward` before it is timed; a wrong k
 
 Pruning as Alloc-T produces it: each token keeps a prefix of its own top-K ranking by (random) router
 score, of length ceil(b·K) (`--keep ceil`, default) or floor(b·K) (`--keep floor`), at least 1. Kept
-experts keep their full-model weights (DESIGN.md §2, option `topk`). With `--caps C ...`, every b < 1
+experts keep their full-model weights (DESIGN.md §2, option `topk`). With `--caps ρ ...`, every b < 1
 also gets rows under the distinct-expert cap (`vllm_alloc.cap`, all T tokens one cap group, K_base = 1):
-the kernel then reads at most max(C, the tokens' top-1 experts) experts.
+the kernel then reads at most max(⌈ρ·D⌉, the tokens' top-1 experts) experts, D those the pruned
+routing touches.
 
     python benchmarks/bench_kernel.py --out BENCH_KERNEL.md
     python benchmarks/bench_kernel.py --models qwen3-30b-a3b --T 1 16 --budgets 1.0 0.5
@@ -82,17 +83,19 @@ def make_routing(
 
 
 def cap_routing(
-    ids: torch.Tensor, weights: torch.Tensor, C: int, E: int
+    ids: torch.Tensor, weights: torch.Tensor, share: float, E: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`make_routing`'s pruned routing under the distinct-expert cap C (one cap group of all T tokens).
-    Pruned slots must be a suffix of each row, as make_routing leaves them."""
-    from vllm_alloc.cap import cap_experts
+    """`make_routing`'s pruned routing under the distinct-expert cap at share ρ = `share` (one cap group
+    of all T tokens). Pruned slots must be a suffix of each row, as make_routing leaves them."""
+    from vllm_alloc.cap import SCALE, cap_experts
 
     T = ids.shape[0]
     kept = ids >= 0
     keys = torch.where(kept, weights, -1.0)  # the ranking: pruned slots last
     group = torch.zeros(T, dtype=torch.int64, device=ids.device)
-    capped = cap_experts(keys, ids.clamp(min=0), kept, group, torch.full_like(group, C), E, k_base=1).kept
+    capped = cap_experts(
+        keys, ids.clamp(min=0), kept, group, torch.full_like(group, round(share * SCALE)), E, 1
+    ).kept
     return torch.where(capped, ids, -1), torch.where(capped, weights, 0.0)
 
 
@@ -173,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", choices=["ceil", "floor"], default="ceil", help="kept: ceil/floor(b·K)")
     parser.add_argument(
-        "--caps", nargs="*", type=int, default=[], help="distinct-expert caps C: extra rows at every b < 1"
+        "--caps", nargs="*", type=float, default=[], help="distinct-expert cap shares ρ: rows at every b < 1"
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--warmup", type=int, default=10)
@@ -188,6 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for T in args.T:
         if T < 1:
             parser.error(f"--T: T={T} must be >= 1")
+    for rho in args.caps:
+        if not 0.001 <= rho < 1:
+            parser.error(f"--caps: ρ={rho} is outside [0.001, 1) (1 is no cap)")
     return args
 
 
@@ -213,8 +219,8 @@ def bench_model(
             ids, weights = make_routing(T, shape, b, args.keep)
             runs.append((b, f"{b}", ids, weights))
             if b < 1.0:
-                for C in args.caps:
-                    runs.append((b, f"{b} C={C}", *cap_routing(ids, weights, C, shape.E)))
+                for rho in args.caps:
+                    runs.append((b, f"{b} ρ={rho:g}", *cap_routing(ids, weights, rho, shape.E)))
         for b, label, ids, weights in runs:
             ours = functools.partial(fused_moe, x, w13, w2, ids, weights, config=config)
             error = check(ours(), x, w13, w2, ids, weights)

@@ -7,8 +7,9 @@ Configurations (DESIGN.md §5):
   (a) vLLM without the plugin (VLLM_ALLOC_DISABLE=1);
   (b) vLLM without the plugin, `hf_overrides={"num_experts_per_tok": K // 2}`: the uniform baseline;
   (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`);
-  (d) (with --expert-cap C) the plugin with the distinct-expert cap: the decode tokens at one budget below
-      1.0 share at most C experts per MoE layer and pass (`vllm_alloc.cap`), at the budgets --cap-budgets.
+  (d) (with --expert-cap ρ) the plugin with the distinct-expert cap: the decode tokens at one budget below
+      1.0 share at most ⌈ρ·D⌉ of the D experts they would touch per MoE layer and pass (`vllm_alloc.cap`),
+      at the budgets --cap-budgets.
 Each configuration is one engine in its own long-lived process (serve_lib.EngineWorker), all alive at
 once (the benchmark model and its KV cache are sized so three fit in memory), and only one measures at a
 time. Measurements are interleaved: in each round, for each batch size, every configuration (and every
@@ -85,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--expert-cap",
-        type=int,
-        help="add engine (d): the plugin with this expert_cap C (the distinct experts per layer and pass)",
+        type=float,
+        help="add engine (d): the plugin with this expert_cap ρ (the share of distinct experts kept)",
     )
     p.add_argument("--cap-budgets", default="0.5", help="comma-separated budgets b measured on engine (d)")
     p.add_argument("--quick", action="store_true", help="smoke test: small model, 1 round, few tokens")
@@ -101,8 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.configs = [c.strip() for c in args.configs.split(",")]
     args.cap_budgets = [float(x) for x in args.cap_budgets.split(",")]
     if args.expert_cap is not None:
-        if args.expert_cap < 1:
-            p.error(f"--expert-cap {args.expert_cap}: must be at least 1")
+        if not 0.001 <= args.expert_cap < 1:
+            p.error(f"--expert-cap {args.expert_cap}: must be in [0.001, 1) (1 is no cap)")
         args.configs.append("d")
     args.share_batches = [int(x) for x in args.share_batches.split(",")]
     return args
@@ -125,7 +126,7 @@ def config_names(
     configs: list[str],
     budgets: list[float],
     K: int,
-    cap: int | None = None,
+    cap: float | None = None,
     cap_budgets: tuple[float, ...] = (),
 ) -> list[tuple[str, str, float | None]]:
     """(label, engine, budget) of every measured configuration, (a) first: ratios are against it."""
@@ -137,7 +138,7 @@ def config_names(
     if "c" in configs:
         out += [(f"(c) b={b:g}", "c", b) for b in budgets]
     if "d" in configs and cap is not None:
-        out += [(f"(d) b={b:g} C={cap}", "d", b) for b in cap_budgets]
+        out += [(f"(d) b={b:g} ρ={cap:g}", "d", b) for b in cap_budgets]
     return out
 
 

@@ -47,9 +47,10 @@ windows per call under the serving scope `budget` (engine `decode N=… in order
 every row that does not carry, the engines `decode N=…` run scope `position` with N windows per
 `generate` call, all N prefilled in one step, so a group is the N tokens at one position (tests/e2e:
 equal to a real decode loop). Rows without
-Alloc-T (the uniforms, `(token)`) are the same in every regime. With `--expert-cap C`, the served
-configuration is also measured at N = 8 and 64 under the distinct-expert cap (`L+T shipped + cap C`,
-engines `decode N=… cap C`, run as that N's served row runs). `regime_tables` prints one table per
+Alloc-T (the uniforms, `(token)`) are the same in every regime. Where the file caps distinct experts
+(`vllm_alloc.cap`, decode groups of two or more tokens), its served rows at N = 8 and 64 are capped, and
+the same rows without its caps run too (`L+T shipped, no cap`, engines `decode N=… no cap`); with
+`--expert-cap ρ`, also under that share (`L+T shipped, cap ρ=…`). `regime_tables` prints one table per
 regime. Every engine keeps its engine core in-process, so every configuration sees the same batches.
 """
 
@@ -168,6 +169,9 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 if ev.get("carry"):
                     theta = llm.collective_rpc("vllm_alloc_carry_thresholds", args=(rows, CARRY_OFFSET))[0]
                 llm.collective_rpc("vllm_alloc_set_carry", args=(theta,))  # the file's pool and α
+                # Installed rows are the levers' ablations: no distinct-expert cap (the served rows,
+                # restored from the file, keep the file's caps).
+                llm.collective_rpc("vllm_alloc_set_cap", args=(dict.fromkeys(rows),))
             else:
                 llm.collective_rpc("vllm_alloc_reset_allocation")
         out[ev["label"]], per_seq[ev["label"]] = {}, {}
@@ -212,17 +216,29 @@ def rows_for(bf: Any, pick: str) -> dict[int, list[int]]:
     return rows
 
 
-def cap_label(C: int, n: int) -> str:
-    return f"L+T shipped + cap {C} (decode N={n})"
+CAP_ROW = "L+T shipped, "  # rows of the served configuration under another cap setting (`cap_label`)
 
 
-def plan(shipped: Path, scratch: Path, expert_cap: int | None = None) -> list[dict[str, Any]]:
+def cap_name(share: float) -> str:
+    return "no cap" if share >= 1.0 else f"cap ρ={share:g}"
+
+
+def cap_label(share: float, n: int) -> str:
+    """The served configuration at N = n with expert_cap = share over the file's caps (1: none)."""
+    return f"{CAP_ROW}{cap_name(share)} (decode N={n})"
+
+
+def plan(shipped: Path, scratch: Path, expert_cap: float | None = None) -> list[dict[str, Any]]:
     from vllm_alloc.budget import load_budget_file
 
     bf = load_budget_file(shipped)
     K = bf.model.top_k
     low = list(BUDGETS[1:])
     src = {p: rows_for(bf, p) for p in ("uniform", "chosen", "isolating", "operating-point")}
+    # Where the file caps distinct experts, its served rows at N = 8 and 64 are capped; the same rows
+    # without its caps (expert_cap 1) show what the caps cost. --expert-cap adds one more share.
+    shares = [1.0] if any(a.cap is not None for a in bf.allocations) else []
+    shares += [] if expert_cap is None else [expert_cap]
     small = scratch / "small-calib.json"
     kbase2 = scratch / "kbase2.json"
 
@@ -326,14 +342,14 @@ def plan(shipped: Path, scratch: Path, expert_cap: int | None = None) -> list[di
             )
             | {"streams": n}
         )
-        if expert_cap is not None:
-            # The distinct-expert cap on the served configuration: the n streams' decode tokens at one
-            # step share at most C experts per layer (one cap group: a position under scope `position`,
-            # the pass's decode tokens at one B in decode order).
+        for share in shares:
+            # The served configuration under another distinct-expert cap setting: the n streams' decode
+            # tokens at one step are one cap group (a position under scope `position`, the pass's decode
+            # tokens at one B in decode order).
             cfg = {"budget_file": str(shipped), "scope": "budget" if carries else "position"}
             engines.append(
-                plugin(f"decode N={n} cap {expert_cap}", cfg | {"expert_cap": expert_cap},
-                       [ev(cap_label(expert_cap, n), None)])
+                plugin(f"decode N={n} {cap_name(share)}", cfg | {"expert_cap": share},
+                       [ev(cap_label(share, n), None)])
                 | {"streams": n} | ({"decode_order": True} if carries else {})
             )  # fmt: skip
     if small.is_file():
@@ -489,7 +505,7 @@ def regime_tables(
         capped = sorted(
             label
             for label in results
-            if n and label.startswith("L+T shipped + cap ") and label.endswith(f"(decode N={n[1]})")
+            if n and label.startswith(CAP_ROW) and label.endswith(f"(decode N={n[1]})")
         )
         shown = [
             ("uniform top-⌊bK⌋ (vLLM config top-k)", uni),
@@ -643,16 +659,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated engine names to run (results merge into --out)")
     p.add_argument(
         "--expert-cap",
-        type=int,
-        help="also measure the served configuration under the distinct-expert cap C at N = 8 and 64",
+        type=float,
+        help="also measure the served configuration with expert_cap ρ (a share in [0.001, 1); over the "
+        "file's caps) at N = 8 and 64",
     )
     args = p.parse_args(argv)
 
     ids = split_ids("test", args.model)
     seqs = [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(min(args.seqs, len(ids) // SEQ_LEN))]
     args.scratch.mkdir(parents=True, exist_ok=True)
-    if args.expert_cap is not None and args.expert_cap < 1:
-        p.error(f"--expert-cap {args.expert_cap}: must be at least 1")
+    if args.expert_cap is not None and not 0.001 <= args.expert_cap < 1:
+        p.error(f"--expert-cap {args.expert_cap}: must be in [0.001, 1) (the file's caps: leave it out)")
     engines = plan(args.budget_file, args.scratch, args.expert_cap)
     previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
     if args.only:

@@ -63,6 +63,7 @@ INVALID: list[tuple[str, str | None, Any]] = [  # (kind, header, body's activati
 ]
 CORPUS = ["textwrap.py", "heapq.py", "functools.py", "argparse.py", "json/decoder.py", "string.py"]
 FULL, ROUTED = "vllm_alloc:full_activations_total", "vllm_alloc:routed_activations_total"
+DROPPED = "vllm_alloc:cap_dropped_pairs_total"  # pairs Alloc-T kept that the distinct-expert cap cut
 PromptFn = Callable[[random.Random, bool], str]  # (rng, long) -> prompt text
 Series = dict[tuple[str, str, str], float]  # {(sample name, layer, budget): value}
 
@@ -185,8 +186,14 @@ def counter_problems(got: Series, tokens_by_B: dict[int, int], bf: BudgetFile) -
     """What does not add up in `got` (the verification batch's counters), one line each.
 
     Every series is exact (`expected_counters`) except routed at a B that carries: there a request's
-    balance moves experts between layers and steps, so only the pool is exact as a bound.
+    balance moves experts between layers and steps, so only the pool is exact as a bound. Routed is
+    checked as what Alloc-T kept: the pairs that ran plus those the distinct-expert cap dropped.
     """
+    kept = {k: v for k, v in got.items() if k[0] != DROPPED}
+    for (name, layer, label), v in got.items():
+        if name == DROPPED:
+            kept[(ROUTED, layer, label)] = kept.get((ROUTED, layer, label), 0.0) + v
+    got = kept
     want = expected_counters(tokens_by_B, bf)
     carrying, A, K = bf.carrying(), bf.model.full_activations, bf.model.top_k
     loose = {budget_label(B / A): (B, t) for B, t in tokens_by_B.items() if carrying[B]}
@@ -209,7 +216,7 @@ def counter_problems(got: Series, tokens_by_B: dict[int, int], bf: BudgetFile) -
 
 
 def activations(metrics: Series) -> Series:
-    return {k: v for k, v in metrics.items() if k[0] in (FULL, ROUTED)}
+    return {k: v for k, v in metrics.items() if k[0] in (FULL, ROUTED, DROPPED)}
 
 
 def mismatches(got: dict[Any, float], want: dict[Any, float], relation: str = "==") -> list[str]:

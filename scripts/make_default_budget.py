@@ -31,6 +31,7 @@ SHIPPED = ROOT / "configs" / "default.json"
 SCRATCH = ROOT / "build" / "quality"
 BUDGETS = "0.33,0.5,0.75"
 EOS = "<|endoftext|>"
+NO_CAPS = ("--cap-streams", "none")
 
 
 def split_texts(split: str, model: Path = MODEL) -> list[tuple[str, str]]:
@@ -92,6 +93,7 @@ def profile(
     protocols: str = "isolating,operating-point",
     budgets: str = BUDGETS,
     k_base: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> None:
     cmd = [
         sys.executable,
@@ -117,6 +119,7 @@ def profile(
         "bfloat16",
         "--out",
         str(out),
+        *extra,
     ]
     print("+", " ".join(cmd), flush=True)
     start = time.monotonic()
@@ -144,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         "--large", action="store_true", help="also a 2x-calibration profile (isolating only, variant folder)"
     )
     parser.add_argument("--no-shipped", action="store_true", help="skip the shipped file (variants only)")
+    parser.add_argument(
+        "--caps-only",
+        action="store_true",
+        help="keep the shipped file's allocations and only (re)choose its distinct-expert caps",
+    )
     parser.add_argument("--scratch", type=Path, default=SCRATCH, help=f"variant folder (default {SCRATCH})")
     args = parser.parse_args(argv)
 
@@ -152,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration split: {n} tokens -> {calib} (profile uses the first {args.tokens})", flush=True)
     common = dict(tokens=args.tokens, seq_len=args.seq_len, heldout=args.heldout, model=args.model)
     if not args.no_shipped:
-        profile(calib, args.out, **common)
+        profile(calib, args.out, **common, extra=("--caps-only",) if args.caps_only else ())
     if args.variants:
         # Per-protocol allocations need no extra profile: the shipped file keeps each protocol's DP
         # vector per validated B as a candidate, and the benchmark installs those vectors directly.
-        small = {**common, "tokens": max(2 * args.seq_len, args.tokens // 8)}
+        # Lever files for the prefill rows: no distinct-expert caps (those act on decode only).
+        small = {**common, "tokens": max(2 * args.seq_len, args.tokens // 8), "extra": NO_CAPS}
         profile(calib, args.scratch / "small-calib.json", **small)
         # K_base = 2: the smallest budget is B = 2·L, i.e. b = 0.5 here, so 0.33 cannot be requested.
-        profile(calib, args.scratch / "kbase2.json", budgets="0.5,0.75", k_base=2, **common)
+        profile(calib, args.scratch / "kbase2.json", budgets="0.5,0.75", k_base=2, extra=NO_CAPS, **common)
     if args.large:
         # Twice the calibration tokens; isolating only, to fit a few minutes of CPU (the operating-point
         # candidate did not win at any B of the shipped profile).
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             heldout=args.heldout,
             model=args.model,
+            extra=NO_CAPS,
         )
     return 0
 

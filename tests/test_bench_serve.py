@@ -107,19 +107,19 @@ def test_quick_settings_and_parsing():
 
 
 def test_config_names_and_cap_lines_with_the_capped_engine():
-    names = bench_serve.config_names(["a", "b", "c", "d"], [1.0], K=8, cap=16, cap_budgets=(0.5,))
-    assert names[-1] == ("(d) b=0.5 C=16", "d", 0.5)
-    assert bench_serve.config_names(["a", "d"], [1.0], K=8) == [("(a) stock", "a", None)]  # no C, no (d)
+    names = bench_serve.config_names(["a", "b", "c", "d"], [1.0], K=8, cap=0.25, cap_budgets=(0.5,))
+    assert names[-1] == ("(d) b=0.5 ρ=0.25", "d", 0.5)
+    assert bench_serve.config_names(["a", "d"], [1.0], K=8) == [("(a) stock", "a", None)]  # no ρ, no (d)
     medians = {
         ("(c) b=1", 32): {"decode_tps": 100.0},
         ("(b) top-4", 32): {"decode_tps": 130.0},
-        ("(d) b=0.5 C=16", 32): {"decode_tps": 170.0},
+        ("(d) b=0.5 ρ=0.25", 32): {"decode_tps": 170.0},
         ("(c) b=1", 8): {"decode_tps": 100.0},
-        ("(d) b=0.5 C=16", 8): {"decode_tps": 150.0},
+        ("(d) b=0.5 ρ=0.25", 8): {"decode_tps": 150.0},
     }
-    lines = serve_lib.cap_lines(medians, [8, 32], "(d) b=0.5 C=16", "(c) b=1", "(b) top-4")
+    lines = serve_lib.cap_lines(medians, [8, 32], "(d) b=0.5 ρ=0.25", "(c) b=1", "(b) top-4")
     assert lines == [
-        "- batch 8: (d) b=0.5 C=16 decode = 1.50× of b=1.0",
-        "- batch 32: (d) b=0.5 C=16 decode = 1.70× of b=1.0 (target ≥ 1.6): met; 1.31× of (b) top-4 "
+        "- batch 8: (d) b=0.5 ρ=0.25 decode = 1.50× of b=1.0",
+        "- batch 32: (d) b=0.5 ρ=0.25 decode = 1.70× of b=1.0 (target ≥ 1.6): met; 1.31× of (b) top-4 "
         "(target > 1): met",
     ]

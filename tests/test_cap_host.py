@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_alloc_t import SETTINGS
 
 from vllm_alloc import alloc_t_host, cap_host
+from vllm_alloc.cap import SCALE
 from vllm_alloc.device_budget import Cap, Carry, layer_routing
 
 
@@ -32,8 +33,8 @@ def test_host_cap_equals_device_cap(seed: int, carry: bool, ties: bool) -> None:
     below = rng.integers(L * kb, A, 2) if L * kb < A else [A, A]
     budget = rng.choice([0, A, *below], T, p=[0.1, 0.05, 0.45, 0.4]).astype(np.int64)
     group = np.array([int(np.flatnonzero(budget == b)[0]) for b in budget], np.int64)  # scope budget
-    cap_table = np.full((A + 1, L), E, np.int64)
-    cap_table[:A] = rng.integers(1, K + 1, (A, L))  # C <= K: the cap bites
+    cap_table = np.full((A + 1, L), SCALE, np.int64)
+    cap_table[:A] = rng.choice([1, 250, 500, 750, SCALE], (A, L))  # shares ρ in thousandths, 1: no cap
     # Decode tokens at B < A are capped, one cap group per B (named by its first token, + 1).
     token_cap = np.where((budget > 0) & (budget < A) & (rng.random(T) < 0.9), group + 1, 0)
     skew = rng.random(E) ** 3  # some experts far more popular, as trained routers have

@@ -4,6 +4,7 @@ the budget file's caps and the expert_cap override, and the counters flushed to 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,12 @@ from vllm_alloc import alloc_t_host, cap_host
 from vllm_alloc.budget import BudgetFileError, parse_budget_text, uniform_budget_file
 from vllm_alloc.integration.config import PluginConfig
 from vllm_alloc.integration.state import AllocState
+from vllm_alloc.requests import CAP_SCALE as SCALE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def capped_state(scope: str = "budget", expert_cap: int | None = 2) -> AllocState:
+def capped_state(scope: str = "budget", expert_cap: float | None = 0.5) -> AllocState:
     return make_state(scope=scope, expert_cap=expert_cap)
 
 
@@ -45,18 +49,18 @@ def test_evaluation_scopes_cap_like_the_decode_they_stand_for() -> None:
     state = capped_state(scope="position")
     state.fill(["a", "b"], [0.5, 0.5], np.array([0, 3, 6]), np.array([0, 0]))
     assert caps(state, 6) == [1, 2, 3, 1, 2, 3]
-    # stream: one teacher-forced sequence, each token alone (a lone decode stream).
+    # stream: one teacher-forced sequence, each token alone (a lone decode stream), so never capped.
     state = capped_state(scope="stream")
     state.fill(["a"], [0.5], np.array([0, 3]), np.array([0]))
-    assert caps(state, 3) == [1, 2, 3]
+    assert not state.capped and caps(state, 3) == [0, 0, 0]
     # token: lone streams in decode order (one token per sequence per pass), each alone too.
     state = capped_state(scope="token")
     state.fill(["a", "b", "c"], [0.5] * 3, np.array([0, 1, 2, 3]), np.array([4, 4, 4]))
-    assert caps(state, 3) == [1, 2, 3]
+    assert not state.capped and caps(state, 3) == [0, 0, 0]
 
 
-def test_expert_cap_zero_and_no_cap() -> None:
-    for cap in (0, None):  # 0 turns a file's caps off; without a file and a setting there are none
+def test_expert_cap_one_and_no_cap() -> None:
+    for cap in (1.0, None):  # 1 turns a file's caps off; without a file and a setting there are none
         state = capped_state(expert_cap=cap)
         state.fill(["a", "b"], [0.5, 0.5], np.array([0, 1, 2]))
         assert state.plan is not None and not state.plan.capping.any() and not state.capped
@@ -71,36 +75,80 @@ def test_budget_file_caps_validate_and_fill_the_table() -> None:
     doc = json.loads(uniform_budget_file(fp).model_dump_json())
     B = A // 2
     row = next(a for a in doc["allocations"] if a["budget"] == B)
-    row["cap"] = [3, E]
+    row["cap"] = [0.25, 1]  # a JSON integer is a share too
     bf = parse_budget_text(json.dumps(doc), "caps.json")
     table = bf.cap_table()
-    assert table.shape == (A + 1, L) and table[B].tolist() == [3, E]
-    assert (table[torch.arange(A + 1) != B] == E).all(), "no cap elsewhere"
-    assert (bf.cap_table(override=5)[:A] == 5).all() and (bf.cap_table(override=5)[A] == E).all()
-    assert (bf.cap_table(override=0) == E).all() and (bf.cap_table(override=99)[:A] == E).all()
-    for bad, match in [([3], "one per layer"), ([0, 3], "C = 0 is outside the valid range \\[1, E = 8\\]")]:
+    assert table.shape == (A + 1, L) and table[B].tolist() == [250, SCALE]
+    assert (table[torch.arange(A + 1) != B] == SCALE).all(), "no cap elsewhere"
+    assert (bf.cap_table(override=0.5)[:A] == 500).all() and (bf.cap_table(override=0.5)[A] == SCALE).all()
+    assert (bf.cap_table(override=1.0) == SCALE).all()
+    for bad, match in [
+        ([0.5], "one per layer"),
+        ([0, 0.5], "ρ = 0.0 is outside the valid range \\[0.001, 1\\]"),
+        ([0.5, 1.5], "ρ = 1.5 is outside"),
+    ]:
         row["cap"] = bad
         with pytest.raises(BudgetFileError, match=match) as err:
             parse_budget_text(json.dumps(doc), "caps.json")
         assert "caps.json" in str(err.value) and f"allocations[{B - L}].cap" in str(err.value)
     row["cap"] = None
-    doc["allocations"][-1]["cap"] = [1, 1]
+    doc["allocations"][-1]["cap"] = [0.5, 0.5]
     with pytest.raises(BudgetFileError, match="never capped"):
         parse_budget_text(json.dumps(doc), "caps.json")
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_a_measured_cap_must_have_passed_its_tests() -> None:
+    """The loader checks the profiler's rule: a cap with tests ships only where its share passed at
+    every stream count the guard names (better than the baseline, keeping cap_keep of the gain)."""
+    doc = json.loads((ROOT / "configs" / "default.json").read_text())
+    doc["guard"].update(cap_streams=[8, 64], cap_keep=0.5)
+    row = doc["allocations"][8 - 4]
+    good = {"share": 0.5, "delta": -0.02, "low": -0.03, "high": -0.01, "kept": 0.6}
+    row["cap"], row["cap_tests"] = [0.5] * 4, [good | {"streams": 8}, good | {"streams": 64}]
+    assert parse_budget_text(json.dumps(doc), "ok.json").allocations[4].cap == [0.5] * 4
+    for tests in (
+        [good | {"streams": 8}],  # never measured at N = 64
+        [good | {"streams": 8}, good | {"streams": 64, "kept": 0.4}],  # keeps too little of the gain
+        [good | {"streams": 8}, good | {"streams": 64, "high": 0.001, "delta": 0.0}],  # not better
+    ):
+        row["cap_tests"] = tests
+        with pytest.raises(BudgetFileError, match="did not pass its cap tests") as err:
+            parse_budget_text(json.dumps(doc), "bad.json")
+        assert "allocations[4].cap" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "x", True])
 def test_expert_cap_setting_is_checked(bad: object) -> None:
-    with pytest.raises(ValueError, match=f"expert_cap={bad!r} is not valid; expected an integer >= 0"):
+    with pytest.raises(ValueError, match=r"expert_cap=.* expected a number in \[0.001, 1\]"):
         PluginConfig.from_additional_config({"vllm_alloc": {"expert_cap": bad}})
 
 
 def test_env_expert_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_ALLOC_EXPERT_CAP", "0.25")
+    assert PluginConfig.from_additional_config({}).expert_cap == 0.25
     monkeypatch.setenv("VLLM_ALLOC_EXPERT_CAP", "3")
-    assert PluginConfig.from_additional_config({}).expert_cap == 3
-    monkeypatch.setenv("VLLM_ALLOC_EXPERT_CAP", "x")
-    with pytest.raises(ValueError, match="VLLM_ALLOC_EXPERT_CAP='x' is not an integer"):
+    with pytest.raises(ValueError, match=r"VLLM_ALLOC_EXPERT_CAP=.*\[0.001, 1\]"):
         PluginConfig.from_additional_config({})
+
+
+def test_set_cap_caps_a_budget_live_and_refuses_bad_shares() -> None:
+    state = make_state()
+    plan = state.plan
+    assert plan is not None and not plan.capping.any()
+    B = A // 2
+    state.set_cap({B: [0.5, 0.25]})
+    assert plan.cap_table[B].tolist() == [500, 250] and plan.capping.tolist() == [
+        b == B for b in range(A + 1)
+    ]
+    state.set_cap({B: None})
+    assert not plan.capping.any() and (plan.cap_table == SCALE).all()
+    for bad, match in [
+        ({A: [0.5, 0.5]}, "B = A is never capped"),
+        ({B: [0.5]}, "2 shares in"),
+        ({B: [0, 1]}, "2 shares in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            state.set_cap(bad)  # type: ignore[arg-type]
 
 
 def sample(name: str, **labels: str) -> float:
@@ -108,12 +156,12 @@ def sample(name: str, **labels: str) -> float:
 
 
 def test_host_layer_calls_count_drops_and_distinct_experts_to_prometheus() -> None:
-    state = capped_state(expert_cap=1)
+    state = capped_state(expert_cap=0.001)
     plan = state.plan
     assert plan is not None and plan.host is not None
     # Four decode tokens at b = 0.5 (K_l = 2 each): Alloc-T keeps each token's experts 0 and 1 + t. Every
-    # token's top expert (its floor) is 0, and C = 1: the group keeps expert 0 only, and each token has no
-    # other allowed candidate, so it drops one pair.
+    # token's top expert (its floor) is 0, and ρ = 0.001 (C_g = 1 of the 5 wanted): the group keeps expert
+    # 0 only, and each token has no other allowed candidate, so it drops one pair.
     state.fill(["a", "b", "c", "d"], [0.5] * 4, np.array([0, 1, 2, 3, 4]))
     keys = np.array([[0.9, 0.5, 0.1, 0.0]] * 4, np.float32)
     ids = np.array([[0, 1 + t, 5, 6 + t % 2] for t in range(4)], np.int32)
@@ -144,12 +192,12 @@ def test_a_new_budget_file_brings_its_caps_in_place() -> None:
     table = plan.cap_table
     doc = json.loads(uniform_budget_file(state.fingerprint()).model_dump_json())
     B = A // 2
-    next(a for a in doc["allocations"] if a["budget"] == B)["cap"] = [3, 5]
+    next(a for a in doc["allocations"] if a["budget"] == B)["cap"] = [0.3, 0.5]
     state.reconfigure({"budget_file": {"source": "caps.json", "text": json.dumps(doc)}}, apply=True)
-    assert plan.cap_table is table and plan.cap_table[B].tolist() == [3, 5]
+    assert plan.cap_table is table and plan.cap_table[B].tolist() == [300, 500]
     assert plan.capping.tolist() == [b == B for b in range(A + 1)]
     state.reconfigure({"budget_file": None}, apply=True)
-    assert not plan.capping.any() and (plan.cap_table == E).all()
-    overridden = make_state(expert_cap=0)
+    assert not plan.capping.any() and (plan.cap_table == SCALE).all()
+    overridden = make_state(expert_cap=1.0)
     overridden.reconfigure({"budget_file": {"source": "caps.json", "text": json.dumps(doc)}}, apply=True)
     assert overridden.plan is not None and not overridden.plan.capping.any()

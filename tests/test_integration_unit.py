@@ -19,7 +19,7 @@ A = L * K
 
 
 def make_state(
-    scope: str = "budget", default_budget: float | None = None, expert_cap: int | None = None
+    scope: str = "budget", default_budget: float | None = None, expert_cap: float | None = None
 ) -> AllocState:
     state = AllocState()
     config = PluginConfig(scope=scope, default_budget=default_budget, expert_cap=expert_cap)

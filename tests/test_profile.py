@@ -509,9 +509,11 @@ def profiled(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathF
     model = scaled_checkpoint(tiny_model("qwen3_moe", num_layers=4), tmp / "model", SCALE)
     np.save(tmp / "calib.npy", sample_tokens(model, N_SEQ, SEQ_LEN))
     out = tmp / "configs" / "tiny.json"
-    # --all-budgets-up-to 0: validate only the requested B and multiples of L (4, 8, 12), to keep it short.
+    # --all-budgets-up-to 0: validate only the requested B and multiples of L (4, 8, 12), to keep it short;
+    # the distinct-expert cap at one share and 2 and 4 streams (in a child process, `_caps_command`).
     args = (
-        f"--tokens {N_SEQ * SEQ_LEN} --seq-len {SEQ_LEN} --budgets 0.5 --all-budgets-up-to 0 --dtype float32"
+        f"--tokens {N_SEQ * SEQ_LEN} --seq-len {SEQ_LEN} --budgets 0.5 --all-budgets-up-to 0 --dtype float32 "
+        "--cap-streams 2,4 --cap-shares 0.5"
     )
     cmd = [sys.executable, "-m", "vllm_alloc.cli", "profile", str(model), "--calib", str(tmp / "calib.npy")]
     cmd += [*args.split(), "--out", str(out)]
@@ -560,6 +562,13 @@ def test_profile_gives_the_scaled_layer_more_experts(profiled: dict) -> None:
             assert chosen.passes() and chosen.measured < alloc.candidates[0].measured
     assert bf.guard is not None and bf.guard.sequences == N_SEQ // 2 and bf.guard.resolution > 0
     assert "chosen" in profiled["stdout"] and "operating-point" in profiled["stdout"]  # the summary table
+    # The cap was chosen at the requested B only, from its tests (N = 2 first; N = 4 where 2 passed).
+    assert bf.guard.cap_streams == [2, 4] and bf.guard.cap_keep == 0.5
+    assert "choosing the distinct-expert caps" in profiled["stderr"]
+    tests = [(t.share, t.streams) for t in a.cap_tests]
+    assert tests in ([(0.5, 2)], [(0.5, 2), (0.5, 4)]), tests
+    assert (a.cap is not None) == (all(t.passes(0.5) for t in a.cap_tests) and len(tests) == 2)
+    assert all(not x.cap_tests and x.cap is None for x in bf.allocations if x is not a)
 
 
 @pytest.mark.e2e

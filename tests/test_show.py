@@ -87,9 +87,9 @@ def test_show_prints_caps_where_a_file_has_them() -> None:
         architecture="X", moe_layers=[1, 3], num_experts=8, top_k=2, hidden_size=64, intermediate_size=32
     )
     data = uniform_budget_file(model).model_dump(mode="json")
-    assert "cap C" not in summary(uniform_budget_file(model), [0.5])
-    data["allocations"][0]["cap"] = [3, 5]  # B = 2, b = 0.5
+    assert "cap ρ" not in summary(uniform_budget_file(model), [0.5])
+    data["allocations"][0]["cap"] = [0.5, 0.75]  # B = 2, b = 0.5
     text = summary(parse_budget_file(data), [0.5, 1.0])
-    assert "distinct-expert cap: the decode tokens at one B share at most C_l experts" in text
+    assert "distinct-expert cap: the decode tokens at one B (two or more in a pass) share at most" in text
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line[:4].strip() in ("0.5", "1")}
-    assert rows["0.5"][5] == "3,5" and rows["1"][5] == "off"
+    assert rows["0.5"][5] == "0.5,0.75" and rows["1"][5] == "off"

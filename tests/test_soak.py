@@ -115,6 +115,14 @@ def test_counter_problems_exact_unless_B_carries():
         off = dict(want)
         off[key] += 1
         assert soak.counter_problems(off, tokens, bf) == soak.mismatches(off, want)
+    # Pairs the distinct-expert cap dropped did not run but were kept by Alloc-T: routed + dropped is
+    # checked, so moving pairs from routed to dropped adds up, and dropped pairs on top do not.
+    cut = dict(want)
+    cut[(soak.ROUTED, layers[0], label_e)] -= 2
+    cut[(soak.DROPPED, layers[0], label_e)] = 2.0
+    assert soak.counter_problems(cut, tokens, bf) == []
+    cut[(soak.DROPPED, layers[0], label_e)] = 3.0
+    assert soak.counter_problems(cut, tokens, bf) != []
 
 
 def test_parse_metrics_and_checks():

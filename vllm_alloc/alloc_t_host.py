@@ -10,7 +10,9 @@ Results equal `reallocate`'s (the kept pairs and their weights exactly in mode "
 rounding in mode "kept", whose sums may associate differently): tests/test_alloc_t_host.py checks
 both on random inputs. `reallocate` stays the definition, and the path for devices (static shapes,
 compile, CUDA graphs). Compiled on first use and cached next to this file (numba `cache=True`); the
-CPU plan compiles it when the model loads (`warm_up`).
+CPU plan compiles it when the model loads (`warm_up`). numba keys the cache on this file alone: a change
+to `cap_host` or `carry` alone leaves the old code in `_layer_call`'s cache until this file changes (or
+its `__pycache__` is cleared). A fresh install writes new files, so only edits in place meet this.
 
 Import this module (and so numba) only after vLLM's worker has initialised: vLLM 0.32's CPU platform
 scans every loaded module's namespace at worker init (Triton kernel overrides) and crashes on

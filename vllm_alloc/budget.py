@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_alloc.alloc_l import solve, uniform
+from vllm_alloc.cap import SCALE
 from vllm_alloc.requests import BudgetError, parse_budget, range_text, shown
 
 # Where shipped budget files live (the repo's top-level configs/). Looked up at call time, so tests
@@ -38,6 +39,7 @@ FIX_PROFILE = "re-run `vllm-alloc profile` for this model"
 # floor(b·A) must not lose a whole activation to float error: 0.5·156 is exact, but e.g. (1/6)·156 is
 # 25.999999999999996. Budgets are user-given decimals, far coarser than this.
 _EPS = 1e-9
+CAP_MIN = 1 / SCALE  # the smallest share of experts a distinct-expert cap may leave (`vllm_alloc.cap`)
 UNIFORM = "uniform"  # the name of the uniform allocation's candidate, and `chosen` of unmeasured budgets
 
 
@@ -179,6 +181,24 @@ class Candidate(_Schema):
         )
 
 
+class CapTest(_Schema):
+    """One share ρ of the distinct-expert cap tried at a B by the profiler (`profile_protocols.choose_cap`):
+    N streams decoding together, as served, on the held-out sequences. Against uniform without Alloc-T
+    (the paired relative change of perplexity and its interval), and the share of the served (uncapped)
+    configuration's gain over that baseline the capped run keeps (1 = all of it; 0 = none)."""
+
+    share: float
+    streams: int = Field(ge=1)
+    delta: float
+    low: float
+    high: float
+    kept: float
+
+    def passes(self, keep: float) -> bool:
+        """Better than the baseline with confidence, keeping at least `keep` of the gain."""
+        return self.high < 0.0 and self.kept >= keep
+
+
 class Allocation(_Schema):
     budget: int  # B
     k: list[int]  # K(B), one entry per MoE layer
@@ -187,9 +207,11 @@ class Allocation(_Schema):
     # The carried balance at this B (`vllm_alloc.carry`): θ_l per MoE layer (null: +inf, the layer keeps
     # K_base and banks the rest); absent: lone decode tokens keep their top-K_l.
     carry: list[float | None] | None = None
-    # The distinct-expert cap at this B (`vllm_alloc.cap`): C_l per MoE layer, the experts the pass's
-    # decode tokens at B may share; absent: no cap.
-    cap: list[int] | None = None
+    # The distinct-expert cap at this B (`vllm_alloc.cap`): ρ_l per MoE layer, the share of the experts
+    # they would touch that the pass's decode tokens at B may share (in [0.001, 1], 1: no cap at that
+    # layer); absent: no cap.
+    cap: list[float] | None = None
+    cap_tests: list[CapTest] = []  # the shares the profiler tried at this B (absent: none tried)
     candidates: list[Candidate] = []
 
     @model_validator(mode="after")
@@ -227,6 +249,10 @@ class Guard(_Schema):
     regimes: list[Literal["prefill", "decode"]] = Field(min_length=1)
     target: float = Field(gt=0.0)  # the relative difference the split was sized to resolve (0.002)
     resolution: float = Field(ge=0.0)  # median half-width of the intervals that compare different runs
+    # The distinct-expert cap's rule (`profile_protocols.choose_cap`), where the profiler chose caps: the
+    # decode streams each share was measured at, and the least share of the gain a shipped cap keeps.
+    cap_streams: list[int] = []
+    cap_keep: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
@@ -372,15 +398,17 @@ class BudgetFile(_Schema):
             if a.carry is not None and a.budget == A:
                 _fail(f"allocations[{i}].carry", "B = A (b = 1.0) is the stock model and never carries")
             if a.cap is not None:
-                E = self.model.num_experts
                 if len(a.cap) != L:
                     what = f"has {len(a.cap)} values; it needs one per layer, L = {L}"
                     _fail(f"allocations[{i}].cap", what)
-                bad = [c for c in a.cap if isinstance(c, bool) or not 1 <= c <= E]
+                bad = [c for c in a.cap if not CAP_MIN <= c <= 1.0]
                 if bad:
-                    _fail(f"allocations[{i}].cap", f"C = {bad[0]!r} is outside the valid range [1, E = {E}]")
+                    what = f"ρ = {bad[0]!r} is outside the valid range [{CAP_MIN}, 1] (a share of experts)"
+                    _fail(f"allocations[{i}].cap", what)
                 if a.budget == A:
                     _fail(f"allocations[{i}].cap", "B = A (b = 1.0) is the stock model and is never capped")
+                if a.cap_tests:
+                    self._check_cap_tests(i, a)
             for j, c in enumerate(a.candidates):
                 field = f"allocations[{i}].candidates[{j}].allocation"
                 _check_k(field, c.allocation, a.budget, K, self.k_base, L)
@@ -470,17 +498,32 @@ class BudgetFile(_Schema):
                 )
         return table
 
-    def cap_table(self, override: int | None = None) -> torch.Tensor:
-        """int64 [A+1, L]: row B is C_l(B) where B is capped, E (no cap) elsewhere. `override` (the
-        expert_cap setting): C for every layer at every B below A instead, 0 for no cap anywhere."""
-        L, A, E = self.model.num_moe_layers, self.model.full_activations, self.model.num_experts
-        table = torch.full((A + 1, L), E, dtype=torch.int64)
+    def _check_cap_tests(self, i: int, a: Allocation) -> None:
+        """A measured cap ships only as the profiler's rule passed it: its share at every stream count."""
+        assert a.cap is not None
+        guard = self.guard
+        if guard is None or guard.cap_keep is None or not guard.cap_streams:
+            _fail(f"allocations[{i}].cap_tests", "cap tests need the guard's cap_streams and cap_keep")
+        assert guard is not None and guard.cap_keep is not None
+        share = a.cap[0]
+        tests = {t.streams: t for t in a.cap_tests if t.share == share}
+        failed = [n for n in guard.cap_streams if n not in tests or not tests[n].passes(guard.cap_keep)]
+        if len(set(a.cap)) != 1 or failed:
+            what = f"ρ = {a.cap} did not pass its cap tests at N = {failed or guard.cap_streams} streams"
+            _fail(f"allocations[{i}].cap", what, FIX_PROFILE)
+
+    def cap_table(self, override: float | None = None) -> torch.Tensor:
+        """int64 [A+1, L]: row B is ρ_l(B) in thousandths (`cap.SCALE`) where B is capped, SCALE (no cap)
+        elsewhere. `override` (the expert_cap setting): ρ for every layer at every B below A instead (1:
+        no cap anywhere)."""
+        L, A = self.model.num_moe_layers, self.model.full_activations
+        table = torch.full((A + 1, L), SCALE, dtype=torch.int64)
         if override is not None:
-            table[:A] = min(override, E) if override > 0 else E
+            table[:A] = round(override * SCALE)
             return table
         for a in self.allocations:
             if a.cap is not None:
-                table[a.budget] = torch.tensor(a.cap, dtype=torch.int64)
+                table[a.budget] = torch.tensor([round(c * SCALE) for c in a.cap], dtype=torch.int64)
         return table
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:

@@ -1,21 +1,28 @@
-"""The batch-level distinct-expert cap: the budgeted decode tokens of one pass share at most C experts.
+"""The batch-level distinct-expert cap: the budgeted decode tokens of one pass share fewer experts.
 
 Decode cost at large batch follows the distinct experts a MoE layer touches per pass (their weights are
 streamed either way), not the pairs. After Alloc-T has chosen each token's kept pairs, the cap picks, per
 cap group g (in serving: the pass's decode tokens at one absolute budget B), a set of allowed experts,
-and cuts each capped token's pairs to that set:
+and cuts each capped token's pairs to that set. The group's cap is a *share* ρ of what it would touch:
+
+  C_g = ⌈ρ · D_g⌉, D_g = the distinct experts the group's kept pairs are on (free experts not counted),
+
+so one ρ cuts 8 streams' experts and 64 streams' in the same proportion (a fixed C would cut deep into
+8 tokens' choices and lightly into 64's: BENCHMARKS.md, "Distinct-expert cap"). ρ is held in thousandths
+(`SCALE`), so C_g is integer arithmetic on every path; ρ = 1 (SCALE) is no cap. A group of one token is
+never capped: its distinct experts are its own pairs, which its budget already sets.
 
   * free experts: those that uncapped tokens of the pass (b = 1.0, prefill chunks, budgets without a cap)
-    keep. Their weights are read anyway, so capped tokens use them without counting against C.
+    keep. Their weights are read anyway, so capped tokens use them without counting against C_g.
   * the floor: every capped token's top-K_base experts are allowed (a token never drops below K_base).
-  * the rest of the group's C slots go to the experts its tokens want most: demand[g, e] = Σ of the ranking
+  * the rest of the group's C_g slots go to the experts its tokens want most: demand[g, e] = Σ of the ranking
     keys of the group's kept pairs on e (the batch's own routing scores); experts no kept pair of the
     group is on come last.
 
 Then each capped token keeps as many pairs as Alloc-T gave it, n_t, taken in its own ranking order from
 its top-K candidates whose expert is allowed (its floor first). So a token whose kept expert was cut
 takes its next allowed candidate instead: the pairs stay within the pool Alloc-T spent, and the group's
-distinct non-free experts are at most max(C, |its floor|). A token keeps fewer than n_t only where fewer
+distinct non-free experts are at most max(C_g, |its floor|). A token keeps fewer than n_t only where fewer
 than n_t of its candidates are allowed; those are the pairs the cap drops. Tokens never use an expert
 outside their own top-K.
 
@@ -32,7 +39,16 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["CapResult", "cap_experts", "distinct_experts"]
+from vllm_alloc.requests import CAP_SCALE
+
+__all__ = ["SCALE", "CapResult", "cap_experts", "distinct_experts", "group_cap"]
+
+SCALE = CAP_SCALE  # ρ is held in thousandths: q = round(ρ · SCALE) in [1, SCALE]; SCALE = no cap
+
+
+def group_cap(q: int, wanted: int) -> int:
+    """C_g = ⌈ρ · D_g⌉ with ρ = q / SCALE, in integers (what both paths compute)."""
+    return (q * wanted + SCALE - 1) // SCALE
 
 
 class CapResult(NamedTuple):
@@ -46,7 +62,7 @@ def cap_experts(
     topk_ids: torch.Tensor,
     kept: torch.Tensor,
     cap_group: torch.Tensor,
-    c_tok: torch.Tensor,
+    q_tok: torch.Tensor,
     num_experts: int,
     k_base: int = 1,
 ) -> CapResult:
@@ -59,8 +75,8 @@ def cap_experts(
             for a token with any pair (padding rows keep nothing).
         cap_group: [T] int in [0, T), the cap group of each token (as Alloc-T's groups: not checked on
             device, an id outside [0, T) is an index error).
-        c_tok: [T] int, C of the token's group (a group's C is the smallest of its tokens'); C >= E means
-            the token is not capped.
+        q_tok: [T] int, the share ρ of the token's budget in thousandths (a group's is the smallest of its
+            tokens'); SCALE or more means the token is not capped.
         num_experts: E.
         k_base: the floor K_base (>= 1; values above K mean K).
     """
@@ -70,7 +86,7 @@ def cap_experts(
             f"{tuple(kept.shape)} must share one [T, K] shape"
         )
     T, K = rank_keys.shape
-    for name, t in (("cap_group", cap_group), ("c_tok", c_tok)):
+    for name, t in (("cap_group", cap_group), ("q_tok", q_tok)):
         if t.shape != (T,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}: must be 1-D [T] = {(T,)}")
     if isinstance(k_base, bool) or not isinstance(k_base, int) or k_base < 1:
@@ -79,10 +95,13 @@ def cap_experts(
     G = T + 1  # groups [0, T) and a sentinel row T for uncapped tokens: static shapes
     ids = topk_ids.long()
     n_tok = kept.sum(dim=1)  # [T] what Alloc-T gave each token
-    capped = (c_tok < E) & (n_tok > 0)  # [T]
+    capped = (q_tok < SCALE) & (n_tok > 0)  # [T]
     group = torch.where(capped, cap_group.long(), T)
-    cap = torch.full((G,), E, dtype=torch.int64, device=dev)
-    cap.scatter_reduce_(0, group, c_tok.long(), reduce="amin")
+    members = torch.zeros(G, dtype=torch.int64, device=dev).scatter_add_(0, group, capped.long())
+    capped = capped & (members[group] > 1)  # a group of one token is not capped
+    group = torch.where(capped, group, T)
+    share = torch.full((G,), SCALE, dtype=torch.int64, device=dev)
+    share.scatter_reduce_(0, group, q_tok.long(), reduce="amin")
 
     # Free experts: kept by the pass's uncapped tokens.
     free = torch.zeros(E, dtype=torch.int64, device=dev)
@@ -111,6 +130,8 @@ def cap_experts(
     key = torch.where(free_e, -torch.inf, key)
     by_key = torch.sort(key, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(by_key).scatter_(1, by_key, torch.arange(E, device=dev).expand(G, E))
+    wanted = ((wants.view(G, E) > 0) & ~free_e).sum(dim=1)  # D_g
+    cap = torch.where(share < SCALE, (share * wanted + SCALE - 1) // SCALE, E)  # group_cap
     limit = torch.maximum(cap, floor_e.sum(dim=1))  # [G]
     allowed = (free_e | (rank < limit[:, None])).reshape(-1)  # [G·E]
 

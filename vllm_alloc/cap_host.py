@@ -16,15 +16,17 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from vllm_alloc.cap import SCALE
+
 __all__ = ["NO_CAP", "Cap", "apply"]
 
 
 class Cap(NamedTuple):
     """The cap's arrays for host layer calls: token_cap [T] int64 (a capped token's cap group + 1, else
-    0; an empty array when no token is), table [A + 1, L] int64 (C_l(B); E or more = no cap), E (0: no
-    cap and no count, `NO_CAP`), and the counters added to when counting: dropped [L, A + 1] (pairs the
-    cap dropped, per layer and B) and distinct [L, E + 1] (layer calls by the distinct experts their
-    kept pairs touch)."""
+    0; an empty array when no token is), table [A + 1, L] int64 (the share ρ_l(B) in thousandths;
+    `cap.SCALE` = no cap), E (0: no cap and no count, `NO_CAP`), and the counters added to when
+    counting: dropped [L, A + 1] (pairs the cap dropped, per layer and B) and distinct [L, E + 1] (layer
+    calls by the distinct experts their kept pairs touch)."""
 
     token_cap: np.ndarray
     table: np.ndarray
@@ -55,12 +57,19 @@ def apply(
     T, K = order.shape
     G = T + 1
     group = np.full(T, T, np.int64)  # sentinel T: not capped
-    group_cap = np.full(G, E, np.int64)
+    share = np.full(G, SCALE, np.int64)
+    members = np.zeros(G, np.int64)
+    for t in range(token_cap.shape[0]):
+        if token_cap[t] > 0 and keep[t] > 0 and cap[token_budget[t]] < SCALE:
+            group[t] = token_cap[t] - 1
+            members[group[t]] += 1
     any_capped = False
     for t in range(token_cap.shape[0]):
-        if token_cap[t] > 0 and keep[t] > 0 and cap[token_budget[t]] < E:
-            group[t] = token_cap[t] - 1
-            group_cap[group[t]] = min(group_cap[group[t]], cap[token_budget[t]])
+        g = group[t]
+        if g < T and members[g] < 2:
+            group[t] = T  # a group of one token is not capped
+        elif g < T:
+            share[g] = min(share[g], cap[token_budget[t]])
             any_capped = True
     if any_capped:
         free = np.zeros(E, np.bool_)
@@ -84,23 +93,27 @@ def apply(
         neg_key = np.empty(E, np.float64)
         lowest = np.finfo(np.float64).min
         for g in range(T):
-            if group_cap[g] >= E:
+            if share[g] >= SCALE:
                 continue
             n_floor = 0
+            wanted = 0
             for e in range(E):  # the key of cap.py, negated for an ascending stable sort
                 if free[e]:
                     neg_key[e] = np.inf
                 elif floor[g, e]:
                     neg_key[e] = -np.inf
                     n_floor += 1
+                    wanted += 1
                 elif wants[g, e]:
                     neg_key[e] = -demand[g, e]
+                    wanted += 1
                 else:
                     neg_key[e] = -lowest
             by_key = np.argsort(neg_key, kind="mergesort")
             for e in range(E):
                 allowed[g, e] = free[e]
-            for r in range(min(max(group_cap[g], n_floor), E)):
+            limit = (share[g] * wanted + SCALE - 1) // SCALE  # cap.group_cap
+            for r in range(min(max(limit, n_floor), E)):
                 allowed[g, by_key[r]] = True
         row = np.empty(K, np.int64)
         placed = np.empty(K, np.bool_)

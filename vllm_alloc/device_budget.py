@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from vllm_alloc import alloc_t
-from vllm_alloc.cap import cap_experts, distinct_experts
+from vllm_alloc.cap import SCALE, cap_experts, distinct_experts
 from vllm_alloc.carry import carry_counts
 
 
@@ -47,9 +47,10 @@ class Carry(NamedTuple):
 
 class Cap(NamedTuple):
     """The distinct-expert cap's device buffers (`cap.py`): token_cap [N] int64 (a capped token's cap
-    group + 1, 0 = not capped), table [A + 1, L] int64 (C_l(B); E or more = no cap), E, and the counters:
-    dropped [L, A + 1] (pairs the cap dropped, per layer and B), distinct [L, E + 1] (layer calls by the
-    distinct experts their kept pairs touch; padding-only calls count nothing)."""
+    group + 1, 0 = not capped), table [A + 1, L] int64 (the share ρ_l(B) in thousandths; `cap.SCALE` =
+    no cap), E, and the counters: dropped [L, A + 1] (pairs the cap dropped, per layer and B), distinct
+    [L, E + 1] (layer calls by the distinct experts their kept pairs touch; padding-only calls count
+    nothing)."""
 
     token_cap: torch.Tensor
     table: torch.Tensor
@@ -119,10 +120,10 @@ def layer_routing(
         E = cap.num_experts
         if cap.on:
             token_cap = cap.token_cap[:T]
-            c_tok = torch.where(token_cap > 0, cap.table[budget, column], E)
+            q_tok = torch.where(token_cap > 0, cap.table[budget, column], SCALE)
             before = kept.sum(dim=1)
             capped = cap_experts(
-                rank_keys, topk_ids, kept, (token_cap - 1).clamp(min=0), c_tok, E, k_base=k_base
+                rank_keys, topk_ids, kept, (token_cap - 1).clamp(min=0), q_tok, E, k_base=k_base
             )
             kept, distinct = capped.kept, capped.distinct
             kept_w, kept_ids = alloc_t.kept_routing(kept, topk_weights, topk_ids, weights)

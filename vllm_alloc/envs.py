@@ -12,15 +12,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vllm_alloc.requests import parse_budget
+from vllm_alloc.requests import CAP_SCALE, parse_budget
 
 
-def _budget_or_none(name: str) -> Callable[[], float | None]:
+def _budget_or_none(name: str, lo: float | None = None) -> Callable[[], float | None]:
     def read() -> float | None:
         raw = os.environ.get(name)
         if raw is None or raw == "":
             return None
-        return parse_budget(raw, source=name)  # the one budget validator; its error names the variable
+        # The one budget validator (a cap's share reads as a budget in [lo, 1]); its error names the name.
+        return parse_budget(raw, min_budget=lo, source=name)
 
     return read
 
@@ -73,9 +74,10 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "Weights of kept experts, `topk`, `kept` or `raw`. Unset: the budget file's choice.",
     ),
     "VLLM_ALLOC_EXPERT_CAP": (
-        _int_or_none("VLLM_ALLOC_EXPERT_CAP", 0),
-        "For experiments: C, the distinct experts the decode tokens at one budget below 1.0 may use per "
-        "pass in every MoE layer (0: no cap). Unset: the budget file's caps.",
+        _budget_or_none("VLLM_ALLOC_EXPERT_CAP", 1 / CAP_SCALE),
+        "For experiments: ρ in [0.001, 1], the share of the experts they would touch that the decode "
+        "tokens at one budget below 1.0 may use per pass in every MoE layer (1: no cap). Unset: the "
+        "budget file's caps.",
     ),
     "VLLM_ALLOC_BUDGET_ALIASES": (
         _str_or_none("VLLM_ALLOC_BUDGET_ALIASES"),

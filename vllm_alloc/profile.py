@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -126,12 +127,7 @@ class VllmEvaluator:
         self._budgets = uniform_budget_file(model, k_base=k_base)  # only for absolute_budget()
 
     def request_budget(self, B: int) -> float:
-        """A b with floor(b·A) == B: the middle of B's interval, so float rounding cannot slip a step."""
-        A = self.model.full_activations
-        b = 1.0 if B == A else (B + 0.5) / A
-        if self._budgets.absolute_budget(b) != B:
-            raise RuntimeError(f"b = {b} maps to B = {self._budgets.absolute_budget(b)}, not {B}")
-        return b
+        return request_budget(self._budgets, B)
 
     def __call__(self, ks: Sequence[int], split: str) -> float:
         nll = self._run(ks, True, "request", split)
@@ -186,6 +182,130 @@ class VllmEvaluator:
         return [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, sequences, strict=True)]
 
 
+def request_budget(budget_file: BudgetFile, B: int) -> float:
+    """A b with floor(b·A) == B: the middle of B's interval, so float rounding cannot slip a step."""
+    A = budget_file.model.full_activations
+    b = 1.0 if B == A else (B + 0.5) / A
+    if budget_file.absolute_budget(b) != B:
+        raise RuntimeError(f"b = {b} maps to B = {budget_file.absolute_budget(b)}, not {B}")
+    return b
+
+
+class CapEvaluator:
+    """The distinct-expert cap's measurements (`profile_protocols.choose_cap`), in an engine serving the
+    budget file being capped: `self(B, share, N)` -> the mean NLL of each held-out sequence, the file's
+    configuration at B (its K(B), Alloc-T, carried balance) with N streams decoding together as served.
+    Where B carries and N <= carry_group, N sequences per call run in decode order under scope `budget`
+    (each pass: one token of each of the N streams, one Alloc-T and cap group); elsewhere N sequences
+    per call prefill in one pass under scope `position` (a group: the N streams' tokens at one
+    position, equal to N decode streams: tests/e2e). `baseline(B)`: uniform K_l without Alloc-T."""
+
+    def __init__(self, llm: Any, calib: CalibrationData, budget_file: BudgetFile) -> None:
+        self.llm, self.calib, self.bf = llm, calib, budget_file
+        self.L = budget_file.model.num_moe_layers
+
+    def baseline(self, B: int) -> list[float]:
+        from vllm_alloc.alloc_l import uniform
+
+        ks = uniform(self.L, self.bf.model.top_k, B, k_min=self.bf.k_base)
+        self.llm.collective_rpc("vllm_alloc_set_allocation", args=({B: ks}, {B: False}))
+        self.llm.collective_rpc("vllm_alloc_set_carry", args=({B: None},))
+        self.llm.collective_rpc("vllm_alloc_set_cap", args=({B: None},))
+        try:
+            return self._run(B, "token", len(self.calib.heldout), in_order=False)
+        finally:
+            self.llm.collective_rpc("vllm_alloc_reset_allocation")
+
+    def __call__(self, B: int, share: float | None, streams: int) -> list[float]:
+        self.llm.collective_rpc("vllm_alloc_reset_allocation")
+        self.llm.collective_rpc(
+            "vllm_alloc_set_cap", args=({B: None if share is None else [share] * self.L},)
+        )
+        in_order = self.bf.carrying()[B] and streams <= self.bf.carry_group
+        try:
+            return self._run(B, "budget" if in_order else "position", streams, in_order)
+        finally:
+            self.llm.collective_rpc("vllm_alloc_reset_allocation")
+
+    def _run(self, B: int, scope: str, streams: int, in_order: bool) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.llm.collective_rpc("vllm_alloc_set_scope", args=(scope,))
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": request_budget(self.bf, B)}
+        )
+        seqs = self.calib.heldout
+        nll: list[float] = []
+        with decode_order(self.llm, in_order):
+            for i in range(0, len(seqs), streams):
+                call = [TokensPrompt(prompt_token_ids=ids) for ids in seqs[i : i + streams]]
+                outputs = self.llm.generate(call, params, use_tqdm=False)
+                nll += [
+                    nll_sum(o.prompt_logprobs, ids)
+                    for o, ids in zip(outputs, seqs[i : i + streams], strict=True)
+                ]
+        return [v / (len(ids) - 1) for v, ids in zip(nll, seqs, strict=True)]
+
+
+def add_caps(
+    budget_file: BudgetFile,
+    evaluator: CapEvaluator | Any,
+    budgets: Sequence[int],
+    *,
+    streams: Sequence[int] = pp.CAP_STREAMS,
+    shares: Sequence[float] = pp.CAP_SHARES,
+    keep: float = pp.CAP_KEEP,
+    progress: bool = True,
+) -> BudgetFile:
+    """The budget file with a distinct-expert cap chosen at each B of `budgets` (below A) by
+    `profile_protocols.choose_cap`, measured through `evaluator` (`CapEvaluator`'s interface); every
+    other B keeps no cap. Caps already in the file are replaced."""
+    from tqdm import tqdm
+
+    guard = budget_file.guard
+    if guard is None:
+        raise ProfileError("the budget file has no guard (nothing was validated), so no cap can be chosen")
+    L, A = budget_file.model.num_moe_layers, budget_file.model.full_activations
+    lo = L * budget_file.k_base
+    data = budget_file.model_dump(mode="json")
+    for a in data["allocations"]:
+        a["cap"], a["cap_tests"] = None, []
+    capped = sorted({B for B in budgets if B < A})
+    # Runs at most: per B the baseline, and the served configuration and every share at each N (the
+    # search stops at the first share that fails, so the bar may end early).
+    most = len(capped) * (1 + len(streams) * (1 + len(set(shares))))
+    bar = tqdm(total=most, unit="run", desc="cap", disable=not progress, dynamic_ncols=True)
+
+    def measured(B: int, share: float | None, n: int) -> Sequence[float]:
+        values = evaluator(B, share, n)
+        bar.update(1)
+        bar.set_postfix(B=B, share="none" if share is None else share, N=n)
+        return values
+
+    try:
+        for B in capped:
+            baseline = evaluator.baseline(B)
+            bar.update(1)
+            cap, tests = pp.choose_cap(B, L, measured, baseline, streams, shares, keep, guard.confidence)
+            data["allocations"][B - lo].update(cap=cap, cap_tests=tests)
+    finally:
+        bar.close()
+    data["guard"].update(cap_streams=sorted(streams), cap_keep=keep)
+    chosen = {B: data["allocations"][B - lo]["cap"] for B in capped}
+    data["notes"] = data["notes"].split(" Distinct-expert caps:")[0] + (
+        f" Distinct-expert caps: at B = {capped}, shares ρ = {sorted(shares, reverse=True)} were tried "
+        f"largest first, the file's configuration decoding N = {sorted(streams)} streams together as "
+        f"served, on the held-out sequences; a share ships where at every N it is better than uniform "
+        f"without Alloc-T with {guard.confidence:.0%} confidence and keeps at least {keep:.0%} of the "
+        f"uncapped configuration's gain over it (the smallest such share before the first that fails). "
+        f"Chosen: "
+        + ", ".join(f"B = {B}: {'none' if c is None else f'ρ = {c[0]:g}'}" for B, c in chosen.items())
+        + "."
+    )
+    return parse_budget_file(data)
+
+
 @contextlib.contextmanager
 def decode_order(llm: Any, on: bool = True) -> Iterator[None]:
     """Within the block, the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) prefills every prompt
@@ -213,22 +333,29 @@ def decode_order(llm: Any, on: bool = True) -> Iterator[None]:
         config.long_prefill_token_threshold = before
 
 
-def start_llm(model: str, seq_len: int, dtype: str, max_num_seqs: int) -> Any:
+def start_llm(
+    model: str, seq_len: int, dtype: str, max_num_seqs: int, budget_file: Path | None = None
+) -> Any:
+    """The profiler's engine; with `budget_file`, one serving that file for the cap's measurements
+    (`CapEvaluator`), whose steps hold max_num_seqs whole sequences (scope `position`'s N streams)."""
     # The engine core in this process: `generate` queues every sequence before the first step, so every
     # configuration's prefill steps hold the same sequences (scope `budget`'s pools are those steps).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
+    plugin: dict[str, Any] = {"scope": "request"}
+    if budget_file is not None:
+        plugin["budget_file"] = str(budget_file)
     return LLM(
         model=str(model),
         dtype=dtype,  # type: ignore[arg-type]  # the CLI passes vLLM's own choices through
         max_model_len=seq_len + 1,  # the prompt plus the one token vLLM insists on generating
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max(seq_len + 1, 2048),
+        max_num_batched_tokens=max(seq_len + 1, 2048, max_num_seqs * (seq_len + 1) if budget_file else 0),
         gpu_memory_utilization=0.3 if _on_cpu() else 0.85,
         enforce_eager=True,  # each configuration runs once; compiling or graph capture would not pay
         enable_prefix_caching=False,
-        additional_config={"vllm_alloc": {"scope": "request"}},
+        additional_config={"vllm_alloc": plugin},
     )
 
 
@@ -519,6 +646,30 @@ def add_parser(subparsers: Any) -> None:
         default=CARRY_OFFSET,
         help=f"θ keeps K_l - K_base - this many extras per token on average (default {CARRY_OFFSET})",
     )
+    p.add_argument(
+        "--cap-streams",
+        default=",".join(map(str, pp.CAP_STREAMS)),
+        help="decode streams N the distinct-expert cap is measured at, at each requested budget (default "
+        f"{','.join(map(str, pp.CAP_STREAMS))}; 'none': choose no cap)",
+    )
+    p.add_argument(
+        "--cap-shares",
+        default=",".join(map(str, pp.CAP_SHARES)),
+        help=f"cap shares ρ to try, largest first (default {','.join(map(str, pp.CAP_SHARES))})",
+    )
+    p.add_argument(
+        "--cap-keep",
+        type=float,
+        default=pp.CAP_KEEP,
+        help="least share of the uncapped configuration's gain over uniform without Alloc-T that a cap "
+        f"keeps (default {pp.CAP_KEEP})",
+    )
+    p.add_argument(
+        "--caps-only",
+        action="store_true",
+        help="keep the allocations of the existing --out file (profiled with the same calibration "
+        "flags) and only choose its distinct-expert caps",
+    )
     p.add_argument("--dtype", default="auto", help="vLLM dtype (default auto)")
     p.add_argument(
         "--max-num-seqs",
@@ -533,7 +684,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     name = "vllm-alloc profile"
-    llm = None
+    llm, written = None, "not written"
     try:
         budgets = parse_budgets(args.budgets)
         protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -551,6 +702,9 @@ def run(args: argparse.Namespace) -> int:
             raise ProfileError(f"--carry-alpha {args.carry_alpha} is outside the valid range [0, inf)")
         if not (math.isfinite(args.carry_offset) and 0 <= args.carry_offset < 1):
             raise ProfileError(f"--carry-offset {args.carry_offset} is outside the valid range [0, 1)")
+        cap_streams, cap_shares = parse_cap_options(args.cap_streams, args.cap_shares, args.cap_keep)
+        if args.caps_only and not cap_streams:
+            raise ProfileError("--caps-only with --cap-streams none has nothing to do")
         config = read_moe_config(args.model)
         from transformers import AutoTokenizer
 
@@ -569,8 +723,120 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         start = time.monotonic()
-        # Decode-order validation (`decode_order`) runs every held-out sequence at once: a pass per position.
-        llm = start_llm(args.model, calib.seq_len, args.dtype, max(args.max_num_seqs, len(calib.heldout)))
+        runs = 0
+        if args.caps_only:
+            budget_file = _file_to_cap(args.out, calib)
+            try:
+                requested = [budget_file.absolute_budget(b) for b in budgets]
+            except ValueError as exc:
+                raise ProfileError(f"--budgets: {exc}") from None
+            llm = start_llm(args.model, calib.seq_len, args.dtype, max(cap_streams), budget_file=args.out)
+            budget_file = add_caps(
+                budget_file,
+                CapEvaluator(llm, calib, budget_file),
+                requested,
+                streams=cap_streams,
+                shares=cap_shares,
+                keep=args.cap_keep,
+                progress=not args.no_progress,
+            )
+            write_atomically(budget_file, args.out)
+        else:
+            budget_file, runs, llm = _profile(args, config, calib, budgets, protocols)
+            shutdown_llm(llm)
+            llm, written = None, "written without distinct-expert caps"
+            if cap_streams:
+                # A second engine cannot start in this process once the first loaded numba (vLLM's CPU
+                # worker start-up trips over its modules), so the caps are chosen in a child process.
+                print(f"{name}: choosing the distinct-expert caps in a new engine", file=sys.stderr)
+                code = subprocess.run(_caps_command(args), check=False).returncode
+                if code:
+                    raise ProfileError(f"choosing the caps failed (exit {code}); {args.out} has none")
+                budget_file = load_budget_file(args.out)
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; {args.out} was {written}", file=sys.stderr)
+        return 130
+    except (ProfileError, CalibrationError, BudgetFileError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if llm is not None:
+            shutdown_llm(llm)
+    print(
+        f"{name}: {runs} evaluations in {time.monotonic() - start:.0f} s; wrote {args.out}", file=sys.stderr
+    )
+    from vllm_alloc.show import summary
+
+    print(summary(budget_file, budgets))
+    warning = resolution_warning(budget_file)
+    if warning:
+        print(f"{name}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _caps_command(args: argparse.Namespace) -> list[str]:
+    """`vllm-alloc profile ... --caps-only` with this run's model, calibration and cap flags."""
+    cmd = [sys.executable, "-m", "vllm_alloc.cli", "profile", str(args.model), "--caps-only"]
+    if args.calib is not None:
+        cmd += ["--calib", str(args.calib)]
+    for flag in (
+        "tokens",
+        "seq_len",
+        "heldout",
+        "budgets",
+        "cap_streams",
+        "cap_shares",
+        "cap_keep",
+        "dtype",
+        "out",
+    ):
+        cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return cmd + (["--no-progress"] if args.no_progress else [])
+
+
+def parse_cap_options(streams: str, shares: str, keep: float) -> tuple[list[int], list[float]]:
+    """--cap-streams, --cap-shares and --cap-keep, checked (ProfileError names the value and range)."""
+    if streams.strip().lower() == "none":
+        return [], []
+    try:
+        ns = [int(x) for x in streams.split(",") if x.strip()]
+        rhos = [float(x) for x in shares.split(",") if x.strip()]
+    except ValueError:
+        raise ProfileError(f"--cap-streams {streams!r} / --cap-shares {shares!r}: not numbers") from None
+    if not ns or any(n < 2 for n in ns):
+        raise ProfileError(f"--cap-streams {streams!r}: each N must be an integer >= 2, or 'none'")
+    if not rhos or any(not 0.001 <= r < 1 for r in rhos):
+        raise ProfileError(f"--cap-shares {shares!r}: each ρ must be in [0.001, 1)")
+    if not 0.0 <= keep <= 1.0:
+        raise ProfileError(f"--cap-keep {keep} is outside the valid range [0, 1]")
+    return ns, rhos
+
+
+def _file_to_cap(path: Path, calib: CalibrationData) -> BudgetFile:
+    """--caps-only: the existing file, refused unless its guard ran on this calibration's held-out split."""
+    budget_file = load_budget_file(path)
+    guard = budget_file.guard
+    if guard is None or (guard.sequences, guard.seq_len) != (len(calib.heldout), calib.seq_len):
+        have = None if guard is None else f"{guard.sequences} × {guard.seq_len}"
+        raise ProfileError(
+            f"--caps-only: {path} was validated on {have} held-out sequences (count × tokens), these "
+            f"calibration flags give {len(calib.heldout)} × {calib.seq_len}; pass the flags it was "
+            "profiled with"
+        )
+    return budget_file
+
+
+def _profile(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    calib: CalibrationData,
+    budgets: list[float],
+    protocols: list[str],
+) -> tuple[BudgetFile, int, Any]:
+    """The protocols and the guard in one engine, writing args.out: (the file, model runs, the engine)."""
+    # Decode-order validation (`decode_order`) runs every held-out sequence at once: a pass per position.
+    llm = start_llm(args.model, calib.seq_len, args.dtype, max(args.max_num_seqs, len(calib.heldout)))
+    try:
         model = fingerprint(config, llm.collective_rpc("vllm_alloc_counters")[0])
         evaluator = VllmEvaluator(llm, calib, model, args.k_base, args.carry_offset)
         # The carried balance is validated on the CPU host path only so far (the device path's carry is
@@ -600,22 +866,7 @@ def run(args: argparse.Namespace) -> int:
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")
-    except KeyboardInterrupt:
-        print(f"\n{name}: interrupted; {args.out} was not written", file=sys.stderr)
-        return 130
-    except (ProfileError, CalibrationError, BudgetFileError) as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if llm is not None:
-            shutdown_llm(llm)
-    print(
-        f"{name}: {runs} evaluations in {time.monotonic() - start:.0f} s; wrote {args.out}", file=sys.stderr
-    )
-    from vllm_alloc.show import summary
-
-    print(summary(budget_file, budgets))
-    warning = resolution_warning(budget_file)
-    if warning:
-        print(f"{name}: warning: {warning}", file=sys.stderr)
-    return 0
+    except BaseException:
+        shutdown_llm(llm)
+        raise
+    return budget_file, runs, llm

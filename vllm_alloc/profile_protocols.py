@@ -52,14 +52,20 @@ import numpy as np
 from vllm_alloc.alloc_l import solve, uniform
 
 __all__ = [
+    "CAP_KEEP",
+    "CAP_SHARES",
+    "CAP_STREAMS",
     "CARRY",
     "PROTOCOLS",
     "REGIMES",
+    "CapValidate",
     "Evaluate",
     "Memo",
     "ProfileResult",
     "Validate",
     "Validations",
+    "cap_test",
+    "choose_cap",
     "isolating_configs",
     "isolating_sensitivity",
     "operating_point_configs",
@@ -315,6 +321,80 @@ def half_widths(allocations: Iterable[dict[str, Any]]) -> list[float]:
         for t in c.get("tests", [])
         if not t["low"] == t["high"] == 0.0
     ]
+
+
+# The distinct-expert cap (`vllm_alloc.cap`), chosen per requested B in the decode regime (`choose_cap`):
+# the shares tried, largest first; the decode streams each is measured at (N streams decoding together,
+# as served); and the least share of the served configuration's gain over uniform without Alloc-T that
+# a capped B keeps (BENCHMARKS.md: one hand-picked C lost to vLLM's top-k at N = 8).
+CAP_SHARES: tuple[float, ...] = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3)
+CAP_STREAMS: tuple[int, ...] = (8, 64)
+CAP_KEEP = 0.5
+# (B, share or None for no cap, N streams) -> the mean NLL of each held-out sequence, the file's own
+# configuration at B decoding N streams together as served.
+CapValidate = Callable[[int, float | None, int], Sequence[float]]
+
+
+def cap_test(
+    capped: Sequence[float] | np.ndarray,
+    served: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
+    confidence: float = CONFIDENCE,
+) -> dict[str, float]:
+    """The capped run against the baseline (`paired_test`), and `kept`: the share of the served
+    (uncapped) run's gain over the baseline, in mean NLL, that the capped run keeps (0 where the served
+    run gains nothing: a cap has nothing to keep there)."""
+    base = float(np.mean(baseline))
+    gain = base - float(np.mean(served))
+    kept = (base - float(np.mean(capped))) / gain if gain > 0 else 0.0
+    return {**paired_test(capped, baseline, confidence), "kept": kept}
+
+
+def choose_cap(
+    B: int,
+    L: int,
+    validate: CapValidate,
+    baseline: Sequence[float] | np.ndarray,
+    streams: Sequence[int] = CAP_STREAMS,
+    shares: Sequence[float] = CAP_SHARES,
+    keep: float = CAP_KEEP,
+    confidence: float = CONFIDENCE,
+) -> tuple[list[float] | None, list[dict[str, Any]]]:
+    """The cap of B: (ρ for every layer, or None for no cap; the tests run).
+
+    Shares are tried from the largest down, each at every stream count N (smallest first); a share
+    passes where at every N the capped run is better than `baseline` (uniform without Alloc-T at B,
+    the same in every regime) with confidence, and keeps at least `keep` of the served configuration's
+    gain over it. The search stops at the first share that fails (cutting more does not give quality
+    back), and the smallest share that passed ships. The served configuration is the file's at B,
+    carrying and Alloc-T as they ship."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep = {keep} is outside the valid range [0, 1]")
+    bad = [r for r in shares if not 0.001 <= r < 1.0]
+    if bad or not shares or not streams or any(n < 2 for n in streams):
+        raise ValueError(
+            f"shares {list(shares)} must be in [0.001, 1) and streams {list(streams)} at least 2 (a lone "
+            "stream is never capped)"
+        )
+    served = {n: validate(B, None, n) for n in sorted(streams)}
+    tests: list[dict[str, Any]] = []
+    chosen: float | None = None
+    for share in sorted(set(shares), reverse=True):
+        passed = True
+        for n in sorted(streams):
+            test = {
+                "share": share,
+                "streams": n,
+                **cap_test(validate(B, share, n), served[n], baseline, confidence),
+            }
+            tests.append(test)
+            if not (test["high"] < 0.0 and test["kept"] >= keep):
+                passed = False
+                break
+        if not passed:
+            break
+        chosen = share
+    return ([chosen] * L if chosen is not None else None), tests
 
 
 @dataclass

@@ -21,6 +21,10 @@ MIN_BUDGET_SLACK = 1e-12
 """A b this far below the model's minimum still counts as the minimum: k_base/K is a float, and a
 caller that passes `min_budget` itself (or its 6-decimal print) must not be refused for rounding."""
 
+CAP_SCALE = 1000
+"""The distinct-expert cap's share ρ is held in thousandths (`vllm_alloc.cap`); 1/CAP_SCALE is the
+smallest share, and the settings and budget files read a share as a budget in [1/CAP_SCALE, 1]."""
+
 
 class BudgetError(ValueError):
     """An invalid activation budget; the message names the value and the valid range."""

@@ -22,6 +22,7 @@ from vllm_alloc.budget import (
     BudgetFile,
     BudgetFileError,
     Candidate,
+    CapTest,
     PairedTest,
     load_budget_file,
 )
@@ -31,7 +32,7 @@ from vllm_alloc.requests import BudgetError, parse_budget
 DEFAULT_BUDGETS = (0.33, 0.5, 0.75, 1.0)
 
 
-def _vec(ks: Sequence[int]) -> str:
+def _vec(ks: Sequence[int] | Sequence[float]) -> str:
     return ",".join(map(str, ks))
 
 
@@ -45,6 +46,10 @@ def _interval(t: PairedTest | None) -> str:
         return "—"
     if t.same:
         return "same run"
+    return _span(t)
+
+
+def _span(t: PairedTest | CapTest) -> str:
     return f"{t.delta:+.2%} [{t.low:+.2%}, {t.high:+.2%}]"
 
 
@@ -100,10 +105,11 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
     capping = any(a.cap is not None for a in bf.allocations)
     if capping:
         lines.append(
-            "distinct-expert cap: the decode tokens at one B share at most C_l experts per layer and pass "
-            "(beyond the experts other tokens of the pass use, and their own top-K_base)"
+            "distinct-expert cap: the decode tokens at one B (two or more in a pass) share at most ⌈ρ_l·D⌉ "
+            "experts per layer and pass, D the experts they would touch (beyond those other tokens of "
+            "the pass use, and their own top-K_base)"
         )
-    head = ["b", "B", "K(B)", "Alloc-T", "carry θ", *(["cap C"] if capping else [])]
+    head = ["b", "B", "K(B)", "Alloc-T", "carry θ", *(["cap ρ"] if capping else [])]
     table = [[*head, "chosen", "vs uniform: prefill", "decode (N = 1)"]]
     for b in budgets:
         a = _allocation(bf, b)
@@ -163,6 +169,23 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
                 ]
             )
         lines += ["", f"b = {b:g} (B = {a.budget}): held-out candidates", *_table(rows, {3, 4})]
+        if a.cap_tests:
+            keep = bf.guard.cap_keep if bf.guard is not None else None
+            caps = [["cap ρ", "streams", "vs uniform (no Alloc-T)", "gain kept"]]
+            caps += [
+                [
+                    f"{t.share:g}",
+                    str(t.streams),
+                    _span(t),
+                    f"{t.kept:.0%}" + (" *" if keep is not None and t.passes(keep) else ""),
+                ]
+                for t in a.cap_tests
+            ]
+            shipped = "none" if a.cap is None else _vec(a.cap)
+            title = (
+                f"b = {b:g} (B = {a.budget}): distinct-expert cap, N streams decoding (shipped ρ: {shipped})"
+            )
+            lines += ["", title, *_table(caps, {1, 3})]
     lines.append(
         "(* = chosen; ppl = held-out perplexity, lower is better; intervals: change in perplexity against "
         "the baseline, paired over the held-out sequences; a candidate ships only with every interval "

@@ -628,14 +628,15 @@ def test_carry_group_streams_decode_as_if_alone(tmp_path: Path, tiny_model: Any)
 
 
 def test_expert_cap_decode_and_its_teacher_forcing(tmp_path: Path, tiny_model: Any) -> None:
-    """The distinct-expert cap (expert_cap = 2) on four streams decoding together at b = 0.5: each step's
-    four decode tokens share at most 2 experts beyond their floors per layer, so pairs are dropped and
+    """The distinct-expert cap (expert_cap = 0.25) on four streams decoding together at b = 0.5: each
+    step's four decode tokens (8 pairs) share at most ⌈0.25 · 8⌉ = 2 experts beyond their floors per
+    layer, so pairs are dropped and
     every pass touches few experts. The decode-regime quality measurement teacher-forces N sequences under
     scope `position` (one cap group per position), which gives the same logprobs, float32 rounding
     apart."""
     model = tiny_model("qwen3_moe")
     steps = 10
-    cap = {"expert_cap": 2}
+    cap = {"expert_cap": 0.25}
     starts, real = decode_four_streams(tmp_path, model, steps, cap, "cap-decode")
     results, _ = drive(
         tmp_path,
@@ -660,7 +661,7 @@ def test_expert_cap_decode_and_its_teacher_forcing(tmp_path: Path, tiny_model: A
         tokens = counters["full"][column][B] / K
         assert used + dropped == tokens * (B // L)
         # Every budget pass is in the histogram; the decode passes (4 tokens, floors of K_base = 1 each,
-        # C = 2) touch at most 4 experts, the prefill pass (one 1-token prompt each) too.
+        # C_g <= 2) touch at most 4 experts, the prefill pass (one 1-token prompt each) too.
         distinct = counters["distinct"][column]
         assert sum(distinct) == steps and sum(distinct[5:]) == 0, distinct
 

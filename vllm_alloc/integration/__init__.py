@@ -40,6 +40,8 @@ def _add_worker_method(worker_base: type) -> None:
     vllm_alloc_set_carry(theta, alpha=None, pool=None, group=None)  carry the balance at B with θ,
                                      {B: [θ_l, ...] or None}; α, the pool ("layer" or "request"), and
                                      the most decode tokens of a group that carry
+    vllm_alloc_set_cap(shares)       cap the distinct experts of decode tokens at B, {B: [ρ_l, ...] or
+                                     None} (profiling)
     vllm_alloc_record_scores(on)     start / stop recording router scores (carry calibration)
     vllm_alloc_carry_thresholds(rows, offset)  θ per layer for {B: K(B)} from the recorded scores
     vllm_alloc_reconfigure(change, apply)  check / take a new budget file or default budget (admin route);
@@ -56,6 +58,7 @@ def _add_worker_method(worker_base: type) -> None:
         "vllm_alloc_set_carry": lambda self, theta, alpha=None, pool=None, group=None: STATE.set_carry(
             theta, alpha, pool, group
         ),
+        "vllm_alloc_set_cap": lambda self, shares: STATE.set_cap(shares),
         "vllm_alloc_record_scores": lambda self, on: STATE.record_scores(on),
         "vllm_alloc_carry_thresholds": lambda self, rows, offset: STATE.carry_thresholds(rows, offset),
         "vllm_alloc_reconfigure": lambda self, change, apply: _reconfigure(STATE, change, apply),

@@ -21,9 +21,10 @@ Keys of the `vllm_alloc` object:
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
   budget_aliases  budgets served as model names: [0.75, 0.5] serves NAME@0.75 and NAME@0.5 beside NAME
                   (NAME: the first served model name), each running at its budget (`vllm_alloc.server`)
-  expert_cap      for experiments: C, the distinct experts the decode tokens at one budget below 1.0
-                  may use per pass in every MoE layer (`vllm_alloc.cap`); 0: no cap. Default: the budget
-                  file's caps (none unless the profiler chose them)
+  expert_cap      for experiments: ρ in [0.001, 1], the share of the experts they would touch that the
+                  decode tokens at one budget below 1.0 may use per pass in every MoE layer
+                  (`vllm_alloc.cap`); 1: no cap. Default: the budget file's caps (where the profiler
+                  chose them)
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
 torch, is imported only when settings are resolved.
@@ -36,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs
-from vllm_alloc.requests import parse_budget
+from vllm_alloc.requests import CAP_SCALE, parse_budget
 
 if TYPE_CHECKING:
     from vllm_alloc.budget import BudgetFile, ModelFingerprint
@@ -66,7 +67,7 @@ class Settings:
     default_budget: float  # b of requests that name none
     min_budget: float | None  # the smallest valid b (k_base / K); None: the model's K is unknown, (0, 1]
     aliases: tuple[float, ...] = ()  # budgets served as model names NAME@b (`alias_names`)
-    expert_cap: int | None = None  # C for every layer and budget below 1.0 (0: none); None: the file's
+    expert_cap: float | None = None  # ρ for every layer and budget below 1.0 (1: none); None: the file's
 
 
 def plugin_section(additional_config: Any) -> dict[str, Any]:
@@ -98,7 +99,7 @@ class PluginConfig:
     scope: str | None = None
     weights: str | None = None
     budget_aliases: tuple[float, ...] = ()
-    expert_cap: int | None = None
+    expert_cap: float | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PluginConfig:
@@ -109,6 +110,7 @@ class PluginConfig:
             return section[key] if key in section else getattr(envs, _ENV[key])
 
         default = setting("default_budget")
+        cap, cap_key = setting("expert_cap"), f"{CONFIG_KEY} expert_cap"  # a share reads as a budget
         config = cls(
             budget_file=setting("budget_file"),
             default_budget=None
@@ -117,7 +119,7 @@ class PluginConfig:
             scope=setting("scope"),
             weights=setting("weights"),
             budget_aliases=parse_aliases(setting("budget_aliases"), f"{CONFIG_KEY} budget_aliases"),
-            expert_cap=setting("expert_cap"),
+            expert_cap=None if cap is None else parse_budget(cap, min_budget=1 / CAP_SCALE, source=cap_key),
         )
         config.check()
         return config
@@ -132,12 +134,8 @@ class PluginConfig:
             raise ValueError(f"{CONFIG_KEY} scope={self.scope!r} is not valid; expected one of {SCOPES}")
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
-        cap = self.expert_cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
-            raise ValueError(
-                f"{CONFIG_KEY} expert_cap={cap!r} is not valid; expected an integer >= 0 (the distinct "
-                "experts per MoE layer and pass for the decode tokens at one budget; 0: no cap)"
-            )
+        if self.expert_cap is not None:
+            parse_budget(self.expert_cap, min_budget=1 / CAP_SCALE, source=f"{CONFIG_KEY} expert_cap")
 
     def changed(
         self, current: BudgetFile | None, change: dict[str, Any]

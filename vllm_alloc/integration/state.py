@@ -27,6 +27,7 @@ from vllm_alloc.budget import BudgetFile, ModelFingerprint
 from vllm_alloc.carry import CARRY_POOLS
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
+from vllm_alloc.requests import CAP_SCALE as SCALE
 from vllm_alloc.requests import BudgetError, parse_budget
 
 
@@ -70,9 +71,9 @@ class Plan:
     carry_group: int  # decode tokens carry where at most this many share a group
     balance: torch.Tensor  # [S + 1, L] int64
     token_slot: torch.Tensor  # [N] int64
-    # The distinct-expert cap (`vllm_alloc.cap`): C_l(B) (E where B is not capped), which B are capped
-    # (host), each token's cap group + 1 (0 = not capped), and its counters: pairs dropped [L, A + 1] and
-    # layer calls by distinct experts touched [L, E + 1].
+    # The distinct-expert cap (`vllm_alloc.cap`): the share ρ_l(B) in thousandths (SCALE where B is not
+    # capped), which B are capped (host), each token's cap group + 1 (0 = not capped), and its counters:
+    # pairs dropped [L, A + 1] and layer calls by distinct experts touched [L, E + 1].
     cap_table: torch.Tensor  # [A + 1, L] int64
     capping: np.ndarray  # [A + 1] bool, host
     token_cap: torch.Tensor  # [N] int64
@@ -217,7 +218,7 @@ class AllocState:
             balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
             token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             cap_table=cap_table.to(device),
-            capping=(cap_table < model.num_experts).any(dim=1).numpy(),
+            capping=(cap_table < SCALE).any(dim=1).numpy(),
             token_cap=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             cap_dropped=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             distinct=torch.zeros(L, model.num_experts + 1, dtype=torch.float64, device=device),
@@ -390,21 +391,20 @@ class AllocState:
         capped B, and all of them at one B share the pass's experts: one group per B. Evaluation scopes
         teacher-force decode: under `position` a group is the tokens at one budget and position (the
         decode tokens of N streams at one step); under `stream` and `token` (no interaction among tokens,
-        and the quality benchmark's lone streams in decode order) every token is alone."""
+        and the quality benchmark's lone streams in decode order) every token is alone, and a group of
+        one token is never capped."""
         plan = self.plan
         assert plan is not None
-        if not plan.capping.any():
+        if not plan.capping.any() or plan.scope in ("stream", "token"):
             return None
         on = plan.capping[budgets]
-        if plan.scope not in ("position", "stream"):
+        if plan.scope != "position":
             on &= counts == 1
         tok_on = np.repeat(on, counts)
         if not tok_on.any():
             return None
         if plan.scope == "position":
             groups = token_group
-        elif plan.scope in ("stream", "token"):
-            groups = np.arange(token_group.shape[0], dtype=np.int64)
         else:  # named by the first capped decode token at its B (ids stay below T)
             _, first, inverse = np.unique(
                 np.where(tok_on, token_budget, -1), return_index=True, return_inverse=True
@@ -487,7 +487,7 @@ class AllocState:
             bf = self.plan.budget_file
             cap_table = bf.cap_table((self.config or PluginConfig()).expert_cap)
             self.plan.cap_table.copy_(cap_table)
-            self.plan.capping[:] = (cap_table < bf.model.num_experts).any(dim=1).numpy()
+            self.plan.capping[:] = (cap_table < SCALE).any(dim=1).numpy()
             self.plan.table.copy_(bf.allocation_table())
             self.plan.reallocating[:] = bf.reallocating()
             self.plan.carry_theta.copy_(bf.carry_table())
@@ -535,6 +535,22 @@ class AllocState:
             plan.carrying[int(B)] = row is not None
             if row is not None:
                 plan.carry_theta[int(B)].copy_(torch.tensor(row, dtype=plan.carry_theta.dtype))
+
+    def set_cap(self, shares: dict[int, list[float] | None]) -> None:
+        """Where `shares` names B, cap the distinct experts of its decode tokens at these shares ρ_l (None:
+        no cap at B), as a budget file's `cap` would (the profiler measures caps this way, eager). CUDA
+        graphs captured while no B was capped do not compute it (docs/design.md, GPU path)."""
+        plan = self._need_plan()
+        L = plan.budget_file.model.num_moe_layers
+        for B, row in shares.items():
+            if not 0 < int(B) < plan.A:
+                raise ValueError(f"B={B} is out of range; expected [1, {plan.A - 1}] (B = A is never capped)")
+            if row is not None and (len(row) != L or any(not 1 / SCALE <= float(v) <= 1 for v in row)):
+                raise ValueError(f"cap {row} for B={B} is invalid; expected {L} shares in [{1 / SCALE}, 1]")
+        for B, row in shares.items():
+            q = [SCALE] * L if row is None else [round(float(v) * SCALE) for v in row]
+            plan.cap_table[int(B)].copy_(torch.tensor(q, dtype=plan.cap_table.dtype))
+            plan.capping[int(B)] = min(q) < SCALE
 
     def _set_pool(self, pool: str) -> None:
         """Take the balance's pool; a change zeroes every balance (a per-layer balance is not a bank)."""
@@ -600,7 +616,7 @@ class AllocState:
                         new.carry_pool,
                         plan.carry_pool,
                     )
-            capping = (new.cap_table(settings.expert_cap) < plan.E).any()
+            capping = (new.cap_table(settings.expert_cap) < SCALE).any()
             if plan.table.device.type == "cuda" and capping and not plan.capping.any():
                 log.warning(
                     "vllm-alloc: %s caps distinct experts; CUDA graphs captured before do not (design.md)",
