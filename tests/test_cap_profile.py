@@ -122,3 +122,26 @@ def test_cap_options_are_checked() -> None:
     ]:
         with pytest.raises(ProfileError, match=match):
             parse_cap_options(*args)
+
+
+def test_the_cap_stage_runs_as_caps_only_with_the_same_flags(tmp_path) -> None:
+    """After the guard, the caps are chosen by `vllm-alloc profile ... --caps-only` in a child process,
+    with this run's calibration and cap flags; --caps-only refuses a file validated on other sequences."""
+    import argparse
+
+    from vllm_alloc import profile as profile_mod
+
+    args = argparse.Namespace(
+        model="m", calib="c.npy", tokens=4096, seq_len=64, heldout=0.5, budgets="0.5", cap_streams="2,4",
+        cap_shares="0.5", cap_keep=0.5, dtype="float32", out=tmp_path / "f.json", no_progress=True,
+    )  # fmt: skip
+    cmd = profile_mod._caps_command(args)
+    assert cmd[1:6] == ["-m", "vllm_alloc.cli", "profile", "m", "--caps-only"]
+    flags = dict(zip(cmd[6::2], cmd[7::2], strict=False))
+    assert flags["--calib"] == "c.npy" and flags["--cap-streams"] == "2,4" and flags["--seq-len"] == "64"
+    assert flags["--out"] == str(tmp_path / "f.json") and cmd[-1] == "--no-progress"
+    w = [8.0, 1.0, 1.0, 1.0]
+    profile_to_file(additive(w), paired(w), fingerprint(), calibration(), [0.5], args.out, progress=False)
+    assert profile_mod._file_to_cap(args.out, calibration()).guard is not None
+    with pytest.raises(ProfileError, match=r"validated on 48 × 8 held-out sequences .* give 40 × 8"):
+        profile_mod._file_to_cap(args.out, calibration(n_heldout=40))
