@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--seqs 256] [--model models/default] [--budget-file configs/default.json]
                                  [--png docs/quality.png] [--out build/quality/results.json]
-                                 [--only ENGINES] [--expert-cap C]
+                                 [--only ENGINES] [--expert-cap ρ]
 
 Everything is measured by the served model (vLLM offline, prompt logprobs, prefix caching off), on the
 same fixed 256-token windows of the manifest's test split for every configuration (the split no

@@ -34,7 +34,7 @@ def test_host_cap_equals_device_cap(seed: int, carry: bool, ties: bool) -> None:
     budget = rng.choice([0, A, *below], T, p=[0.1, 0.05, 0.45, 0.4]).astype(np.int64)
     group = np.array([int(np.flatnonzero(budget == b)[0]) for b in budget], np.int64)  # scope budget
     cap_table = np.full((A + 1, L), SCALE, np.int64)
-    cap_table[:A] = rng.choice([1, 250, 500, 750, SCALE], (A, L))  # shares ρ in thousandths, 1: no cap
+    cap_table[:A] = rng.choice([1, 250, 500, 750, SCALE], (A, L))  # shares ρ in thousandths (SCALE: no cap)
     # Decode tokens at B < A are capped, one cap group per B (named by its first token, + 1).
     token_cap = np.where((budget > 0) & (budget < A) & (rng.random(T) < 0.9), group + 1, 0)
     skew = rng.random(E) ** 3  # some experts far more popular, as trained routers have

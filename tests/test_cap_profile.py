@@ -114,11 +114,13 @@ def test_add_caps_writes_caps_the_loader_accepts(tmp_path) -> None:
 def test_cap_options_are_checked() -> None:
     assert parse_cap_options("8,64", "0.75,0.5", 0.5) == ([8, 64], [0.75, 0.5])
     assert parse_cap_options("none", "0.5", 0.5) == ([], [])
+    assert parse_cap_options("64,8,8", "0.5", 0.5)[0] == [8, 64]
     for args, match in [
         (("1", "0.5", 0.5), "--cap-streams '1'"),
         (("8", "1.0", 0.5), "--cap-shares '1.0'"),
         (("8", "0.5", 2.0), "--cap-keep 2.0"),
-        (("x", "0.5", 0.5), "not numbers"),
+        (("x", "0.5", 0.5), "expected integers N >= 2"),
+        (("8", "0.9996", 0.5), "--cap-shares '0.9996'"),  # rounds to 1: no cap
     ]:
         with pytest.raises(ProfileError, match=match):
             parse_cap_options(*args)
@@ -136,10 +138,13 @@ def test_the_cap_stage_runs_as_caps_only_with_the_same_flags(tmp_path) -> None:
         cap_shares="0.5", cap_keep=0.5, dtype="float32", out=tmp_path / "f.json", no_progress=True,
     )  # fmt: skip
     cmd = profile_mod._caps_command(args)
-    assert cmd[1:6] == ["-m", "vllm_alloc.cli", "profile", "m", "--caps-only"]
-    flags = dict(zip(cmd[6::2], cmd[7::2], strict=False))
-    assert flags["--calib"] == "c.npy" and flags["--cap-streams"] == "2,4" and flags["--seq-len"] == "64"
-    assert flags["--out"] == str(tmp_path / "f.json") and cmd[-1] == "--no-progress"
+    assert cmd[1:6] == ["-m", "vllm_alloc.cli", "profile", "m", "--caps-only"] and cmd[-1] == "--no-progress"
+    flags = dict(zip(cmd[6:-1:2], cmd[7:-1:2], strict=True))
+    assert flags == {
+        "--calib": "c.npy", "--tokens": "4096", "--seq-len": "64", "--heldout": "0.5", "--budgets": "0.5",
+        "--cap-streams": "2,4", "--cap-shares": "0.5", "--cap-keep": "0.5", "--dtype": "float32",
+        "--out": str(tmp_path / "f.json"),
+    }  # fmt: skip
     w = [8.0, 1.0, 1.0, 1.0]
     profile_to_file(additive(w), paired(w), fingerprint(), calibration(), [0.5], args.out, progress=False)
     assert profile_mod._file_to_cap(args.out, calibration()).guard is not None

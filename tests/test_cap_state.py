@@ -115,11 +115,25 @@ def test_a_measured_cap_must_have_passed_its_tests() -> None:
         with pytest.raises(BudgetFileError, match="did not pass its cap tests") as err:
             parse_budget_text(json.dumps(doc), "bad.json")
         assert "allocations[4].cap" in str(err.value)
+    # A test record itself is checked: a share that caps, two or more streams, an ordered interval.
+    for bad, match in [
+        ({"streams": 1}, "streams"),
+        ({"share": 1.0}, "share"),
+        ({"delta": 0.5}, "does not contain delta = 0.5"),
+    ]:
+        row["cap_tests"] = [good | {"streams": 8}, good | {"streams": 64} | bad]
+        with pytest.raises(BudgetFileError, match=match):
+            parse_budget_text(json.dumps(doc), "bad.json")
+    row["cap"], row["cap_tests"] = [0.5, 0.5, 0.5, 0.6], [good | {"streams": 8}, good | {"streams": 64}]
+    with pytest.raises(BudgetFileError, match="the profiler tests one share for every layer"):
+        parse_budget_text(json.dumps(doc), "bad.json")
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "x", True])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "x", True, 0.0004])
 def test_expert_cap_setting_is_checked(bad: object) -> None:
-    with pytest.raises(ValueError, match=r"expert_cap=.* expected a number in \[0.001, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"expert_cap=.* expected a share of experts in \[0.001, 1\] \(1: no cap\)"
+    ):
         PluginConfig.from_additional_config({"vllm_alloc": {"expert_cap": bad}})
 
 

@@ -187,12 +187,18 @@ class CapTest(_Schema):
     (the paired relative change of perplexity and its interval), and the share of the served (uncapped)
     configuration's gain over that baseline the capped run keeps (1 = all of it; 0 = none)."""
 
-    share: float
-    streams: int = Field(ge=1)
+    share: float = Field(ge=CAP_MIN, lt=1.0)
+    streams: int = Field(ge=2)  # a lone stream is never capped
     delta: float
     low: float
     high: float
     kept: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CapTest:
+        if not self.low <= self.delta <= self.high:
+            _fail("delta", f"the interval [{self.low}, {self.high}] does not contain delta = {self.delta}")
+        return self
 
     def passes(self, keep: float) -> bool:
         """Better than the baseline with confidence, keeping at least `keep` of the gain."""
@@ -251,7 +257,7 @@ class Guard(_Schema):
     resolution: float = Field(ge=0.0)  # median half-width of the intervals that compare different runs
     # The distinct-expert cap's rule (`profile_protocols.choose_cap`), where the profiler chose caps: the
     # decode streams each share was measured at, and the least share of the gain a shipped cap keeps.
-    cap_streams: list[int] = []
+    cap_streams: list[typing.Annotated[int, Field(ge=2)]] = []
     cap_keep: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
@@ -505,11 +511,13 @@ class BudgetFile(_Schema):
         if guard is None or guard.cap_keep is None or not guard.cap_streams:
             _fail(f"allocations[{i}].cap_tests", "cap tests need the guard's cap_streams and cap_keep")
         assert guard is not None and guard.cap_keep is not None
+        if len(set(a.cap)) != 1:
+            _fail(f"allocations[{i}].cap", f"ρ = {a.cap}: the profiler tests one share for every layer")
         share = a.cap[0]
         tests = {t.streams: t for t in a.cap_tests if t.share == share}
         failed = [n for n in guard.cap_streams if n not in tests or not tests[n].passes(guard.cap_keep)]
-        if len(set(a.cap)) != 1 or failed:
-            what = f"ρ = {a.cap} did not pass its cap tests at N = {failed or guard.cap_streams} streams"
+        if failed:
+            what = f"ρ = {share:g} did not pass its cap tests at N = {failed} streams"
             _fail(f"allocations[{i}].cap", what, FIX_PROFILE)
 
     def cap_table(self, override: float | None = None) -> torch.Tensor:

@@ -51,9 +51,10 @@ def apply(
     kb: int,
     dropped: np.ndarray,
 ) -> int:
-    """Cap the tokens with token_cap[t] > 0 (group token_cap[t] − 1, C = cap[token_budget[t]] < E), in
-    place in `order` and `keep`; add each token's dropped pairs to dropped[token_budget[t]]; return the
-    distinct experts of all T tokens' kept pairs. cap: this layer's column of the cap table ([A + 1])."""
+    """Cap the tokens with token_cap[t] > 0 (group token_cap[t] − 1, share q = cap[token_budget[t]] <
+    SCALE, at least two such tokens in the group), in place in `order` and `keep`; add each token's
+    dropped pairs to dropped[token_budget[t]]; return the distinct experts of all T tokens' kept pairs.
+    cap: this layer's column of the cap table ([A + 1], thousandths)."""
     T, K = order.shape
     G = T + 1
     group = np.full(T, T, np.int64)  # sentinel T: not capped

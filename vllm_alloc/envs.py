@@ -12,16 +12,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vllm_alloc.requests import CAP_SCALE, parse_budget
+from vllm_alloc.requests import parse_budget, parse_cap_share
 
 
-def _budget_or_none(name: str, lo: float | None = None) -> Callable[[], float | None]:
+def _budget_or_none(name: str, parse: Callable[..., float] = parse_budget) -> Callable[[], float | None]:
     def read() -> float | None:
         raw = os.environ.get(name)
         if raw is None or raw == "":
             return None
-        # The one budget validator (a cap's share reads as a budget in [lo, 1]); its error names the name.
-        return parse_budget(raw, min_budget=lo, source=name)
+        return parse(raw, source=name)  # the one budget (or share) validator; its error names the variable
 
     return read
 
@@ -74,7 +73,7 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "Weights of kept experts, `topk`, `kept` or `raw`. Unset: the budget file's choice.",
     ),
     "VLLM_ALLOC_EXPERT_CAP": (
-        _budget_or_none("VLLM_ALLOC_EXPERT_CAP", 1 / CAP_SCALE),
+        _budget_or_none("VLLM_ALLOC_EXPERT_CAP", parse_cap_share),
         "For experiments: ρ in [0.001, 1], the share of the experts they would touch that the decode "
         "tokens at one budget below 1.0 may use per pass in every MoE layer (1: no cap). Unset: the "
         "budget file's caps.",

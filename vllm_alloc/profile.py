@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from vllm_alloc.budget import (
 )
 from vllm_alloc.calibration import CalibrationData, CalibrationError, load_calibration, nll_sum
 from vllm_alloc.carry import CARRY_POOLS
-from vllm_alloc.requests import BudgetError, parse_budget
+from vllm_alloc.requests import CAP_SCALE, BudgetError, parse_budget
 
 METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split, vLLM prompt logprobs"
 # The scope each guard regime is served under: prefill steps pool a budget's tokens; a lone decode
@@ -198,11 +199,14 @@ class CapEvaluator:
     Where B carries and N <= carry_group, N sequences per call run in decode order under scope `budget`
     (each pass: one token of each of the N streams, one Alloc-T and cap group); elsewhere N sequences
     per call prefill in one pass under scope `position` (a group: the N streams' tokens at one
-    position, equal to N decode streams: tests/e2e). `baseline(B)`: uniform K_l without Alloc-T."""
+    position, equal to N decode streams: tests/e2e). The held-out sequences are cut into calls of equal
+    size, at most N each (360 sequences at N = 64: 6 calls of 60). `baseline(B)`: uniform K_l without
+    Alloc-T. `runs` counts the measurements."""
 
     def __init__(self, llm: Any, calib: CalibrationData, budget_file: BudgetFile) -> None:
         self.llm, self.calib, self.bf = llm, calib, budget_file
         self.L = budget_file.model.num_moe_layers
+        self.runs = 0
 
     def baseline(self, B: int) -> list[float]:
         from vllm_alloc.alloc_l import uniform
@@ -236,15 +240,19 @@ class CapEvaluator:
             max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": request_budget(self.bf, B)}
         )
         seqs = self.calib.heldout
+        if len(seqs) < streams:
+            raise ProfileError(
+                f"--cap-streams {streams}: only {len(seqs)} held-out sequences; N must be at most that"
+            )
+        calls = -(-len(seqs) // streams)
+        bounds = [len(seqs) * i // calls for i in range(calls + 1)]  # equal calls of at most N
         nll: list[float] = []
         with decode_order(self.llm, in_order):
-            for i in range(0, len(seqs), streams):
-                call = [TokensPrompt(prompt_token_ids=ids) for ids in seqs[i : i + streams]]
+            for lo, hi in itertools.pairwise(bounds):
+                call = [TokensPrompt(prompt_token_ids=ids) for ids in seqs[lo:hi]]
                 outputs = self.llm.generate(call, params, use_tqdm=False)
-                nll += [
-                    nll_sum(o.prompt_logprobs, ids)
-                    for o, ids in zip(outputs, seqs[i : i + streams], strict=True)
-                ]
+                nll += [nll_sum(o.prompt_logprobs, ids) for o, ids in zip(outputs, seqs[lo:hi], strict=True)]
+        self.runs += 1
         return [v / (len(ids) - 1) for v, ids in zip(nll, seqs, strict=True)]
 
 
@@ -684,7 +692,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     name = "vllm-alloc profile"
-    llm, written = None, "not written"
+    llm = None
+    stamp = _stamp(args.out)  # what --out was before this run, to say what an interrupt left
     try:
         budgets = parse_budgets(args.budgets)
         protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
@@ -723,7 +732,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         start = time.monotonic()
-        runs = 0
+        runs, what = 0, "evaluations"
         if args.caps_only:
             budget_file = _file_to_cap(args.out, calib)
             try:
@@ -731,9 +740,10 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise ProfileError(f"--budgets: {exc}") from None
             llm = start_llm(args.model, calib.seq_len, args.dtype, max(cap_streams), budget_file=args.out)
+            evaluator = CapEvaluator(llm, calib, budget_file)
             budget_file = add_caps(
                 budget_file,
-                CapEvaluator(llm, calib, budget_file),
+                evaluator,
                 requested,
                 streams=cap_streams,
                 shares=cap_shares,
@@ -741,20 +751,24 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
             write_atomically(budget_file, args.out)
+            runs, what = evaluator.runs, "cap measurements"
         else:
             budget_file, runs, llm = _profile(args, config, calib, budgets, protocols)
             shutdown_llm(llm)
-            llm, written = None, "written without distinct-expert caps"
+            llm = None
             if cap_streams:
                 # A second engine cannot start in this process once the first loaded numba (vLLM's CPU
                 # worker start-up trips over its modules), so the caps are chosen in a child process.
+                _release_device_memory()
                 print(f"{name}: choosing the distinct-expert caps in a new engine", file=sys.stderr)
                 code = subprocess.run(_caps_command(args), check=False).returncode
                 if code:
                     raise ProfileError(f"choosing the caps failed (exit {code}); {args.out} has none")
                 budget_file = load_budget_file(args.out)
+                what = "evaluations, then the caps"
     except KeyboardInterrupt:
-        print(f"\n{name}: interrupted; {args.out} was {written}", file=sys.stderr)
+        left = "left as it was" if _stamp(args.out) == stamp else "written without distinct-expert caps"
+        print(f"\n{name}: interrupted; {args.out} was {left}", file=sys.stderr)
         return 130
     except (ProfileError, CalibrationError, BudgetFileError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
@@ -762,9 +776,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if llm is not None:
             shutdown_llm(llm)
-    print(
-        f"{name}: {runs} evaluations in {time.monotonic() - start:.0f} s; wrote {args.out}", file=sys.stderr
-    )
+    print(f"{name}: {runs} {what} in {time.monotonic() - start:.0f} s; wrote {args.out}", file=sys.stderr)
     from vllm_alloc.show import summary
 
     print(summary(budget_file, budgets))
@@ -772,6 +784,27 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(f"{name}: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a file, None where there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _release_device_memory() -> None:
+    """Return the first engine's cached GPU memory before the cap stage's engine (a child process)
+    asks for its share of the device. Untested on a GPU so far (docs/profiling.md)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _caps_command(args: argparse.Namespace) -> list[str]:
@@ -802,10 +835,14 @@ def parse_cap_options(streams: str, shares: str, keep: float) -> tuple[list[int]
         ns = [int(x) for x in streams.split(",") if x.strip()]
         rhos = [float(x) for x in shares.split(",") if x.strip()]
     except ValueError:
-        raise ProfileError(f"--cap-streams {streams!r} / --cap-shares {shares!r}: not numbers") from None
+        raise ProfileError(
+            f"--cap-streams {streams!r} / --cap-shares {shares!r}: expected integers N >= 2 (or 'none') / "
+            "shares ρ in [0.001, 1)"
+        ) from None
+    ns = sorted(set(ns))
     if not ns or any(n < 2 for n in ns):
         raise ProfileError(f"--cap-streams {streams!r}: each N must be an integer >= 2, or 'none'")
-    if not rhos or any(not 0.001 <= r < 1 for r in rhos):
+    if not rhos or any(not 0.001 <= r < 1 or round(r * CAP_SCALE) >= CAP_SCALE for r in rhos):
         raise ProfileError(f"--cap-shares {shares!r}: each ρ must be in [0.001, 1)")
     if not 0.0 <= keep <= 1.0:
         raise ProfileError(f"--cap-keep {keep} is outside the valid range [0, 1]")
@@ -813,7 +850,8 @@ def parse_cap_options(streams: str, shares: str, keep: float) -> tuple[list[int]
 
 
 def _file_to_cap(path: Path, calib: CalibrationData) -> BudgetFile:
-    """--caps-only: the existing file, refused unless its guard ran on this calibration's held-out split."""
+    """--caps-only: the existing file, refused unless its guard ran on as many held-out sequences of this
+    length as this calibration gives (their content is not recorded in the file, so not checked)."""
     budget_file = load_budget_file(path)
     guard = budget_file.guard
     if guard is None or (guard.sequences, guard.seq_len) != (len(calib.heldout), calib.seq_len):

@@ -99,6 +99,19 @@ def parse_budget(raw: Any, *, min_budget: float | None = None, source: str = "ac
     return value
 
 
+def parse_cap_share(raw: Any, *, source: str = "expert_cap") -> float:
+    """A distinct-expert cap's share ρ (`vllm_alloc.cap`), read as a number in [1/CAP_SCALE, 1] (1: no
+    cap; ρ is held in thousandths, so a share that rounds to 1 is no cap too); BudgetError if invalid."""
+    expected = f"a share of experts in [{1 / CAP_SCALE:g}, 1] (1: no cap)"
+    try:
+        value = parse_budget(raw, source=source)
+    except BudgetError as exc:
+        raise BudgetError(str(exc).split("; expected ")[0] + f"; expected {expected}") from None
+    if round(value * CAP_SCALE) < 1:
+        raise BudgetError(f"{source}={value:g} is out of range; expected {expected}")
+    return value
+
+
 def budget_from_extra_args(extra_args: dict[str, Any] | None) -> Any:
     """The raw budget a request carries, or None when it names none."""
     if not extra_args:

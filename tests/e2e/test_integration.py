@@ -629,8 +629,8 @@ def test_carry_group_streams_decode_as_if_alone(tmp_path: Path, tiny_model: Any)
 
 def test_expert_cap_decode_and_its_teacher_forcing(tmp_path: Path, tiny_model: Any) -> None:
     """The distinct-expert cap (expert_cap = 0.25) on four streams decoding together at b = 0.5: each
-    step's four decode tokens (8 pairs) share at most ⌈0.25 · 8⌉ = 2 experts beyond their floors per
-    layer, so pairs are dropped and
+    step's four decode tokens (8 pairs, so at most 8 distinct experts) share at most ⌈0.25 · 8⌉ = 2
+    experts beyond their floors per layer, so pairs are dropped and
     every pass touches few experts. The decode-regime quality measurement teacher-forces N sequences under
     scope `position` (one cap group per position), which gives the same logprobs, float32 rounding
     apart."""

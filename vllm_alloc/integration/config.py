@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs
-from vllm_alloc.requests import CAP_SCALE, parse_budget
+from vllm_alloc.requests import parse_budget, parse_cap_share
 
 if TYPE_CHECKING:
     from vllm_alloc.budget import BudgetFile, ModelFingerprint
@@ -110,7 +110,7 @@ class PluginConfig:
             return section[key] if key in section else getattr(envs, _ENV[key])
 
         default = setting("default_budget")
-        cap, cap_key = setting("expert_cap"), f"{CONFIG_KEY} expert_cap"  # a share reads as a budget
+        cap, cap_key = setting("expert_cap"), f"{CONFIG_KEY} expert_cap"
         config = cls(
             budget_file=setting("budget_file"),
             default_budget=None
@@ -119,7 +119,7 @@ class PluginConfig:
             scope=setting("scope"),
             weights=setting("weights"),
             budget_aliases=parse_aliases(setting("budget_aliases"), f"{CONFIG_KEY} budget_aliases"),
-            expert_cap=None if cap is None else parse_budget(cap, min_budget=1 / CAP_SCALE, source=cap_key),
+            expert_cap=None if cap is None else parse_cap_share(cap, source=cap_key),
         )
         config.check()
         return config
@@ -135,7 +135,7 @@ class PluginConfig:
         if self.weights is not None and self.weights not in WEIGHTS:
             raise ValueError(f"{CONFIG_KEY} weights={self.weights!r} is not valid; expected one of {WEIGHTS}")
         if self.expert_cap is not None:
-            parse_budget(self.expert_cap, min_budget=1 / CAP_SCALE, source=f"{CONFIG_KEY} expert_cap")
+            parse_cap_share(self.expert_cap, source=f"{CONFIG_KEY} expert_cap")
 
     def changed(
         self, current: BudgetFile | None, change: dict[str, Any]
