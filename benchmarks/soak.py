@@ -11,7 +11,8 @@ Starts the server (port chosen free, loopback only, log in a temp file), then:
      exactly, with tokens = prompt − cached + completion − 1; routed = K_l(B) · tokens exactly where B
      does not carry. Where B carries (decode streams keep one balance over their layers and steps), a
      layer may spend more or less than K_l, so the check is the pool: Σ_layers routed ≤ B · tokens, and
-     each layer within [k_base, K] · tokens.
+     each layer within [k_base, K] · tokens. Routed counts what Alloc-T kept: the pairs that ran plus
+     those the distinct-expert cap dropped (`vllm_alloc:cap_dropped_pairs_total`).
 Over the whole run, routed ≤ full for every series and full ≥ K · tokens of the completed requests
 (disconnected requests computed an unknown number of tokens on top).
 
@@ -93,6 +94,7 @@ class Stats:
     examples: list[str] = field(default_factory=list)  # the first errors, verbatim
     deaths: int = 0
     verified_tokens: int = 0  # tokens of the verification batch, checked exactly
+    cap_dropped: float = 0.0  # pairs the distinct-expert cap dropped in the verification batch
     counter_problems: list[str] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -246,6 +248,7 @@ def table(stats: Stats) -> str:
     rows += [(f"error ({kind})", n) for kind, n in sorted(stats.errors.items())] or [("errors", 0)]
     rows += [
         ("verification tokens", stats.verified_tokens),
+        ("pairs the cap dropped, net of replacements (verification)", f"{stats.cap_dropped:g}"),
         ("server deaths", stats.deaths),
         ("wall time (s)", f"{stats.wall_s:.0f}"),
     ]
@@ -435,6 +438,7 @@ class Soak:
                     break
                 await asyncio.sleep(0.25)
             problems += counter_problems(got, tokens, self.bf) + routed_over_full(now)
+            self.stats.cap_dropped = sum(v for k, v in got.items() if k[0] == DROPPED)
             lower = {k: v for k, v in expected_counters(run_tokens + tokens, self.bf).items() if k[0] == FULL}
             problems += mismatches({k: now.get(k, 0.0) for k in lower}, lower, ">=")
         finally:
