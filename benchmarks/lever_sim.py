@@ -33,6 +33,13 @@ With --group N (N streams decoding together, one group per step: the decode regi
   group bank N α                    the carried balance of the group as a whole: a step spends the
                                     extras above θ_l·exp(−α·β/N) within N·(K_l − K_base) + β, and
                                     banks the rest in β (≥ 0, so the group never exceeds its pool)
+With --group N --cap-shares ρ,... (the distinct-expert cap, `vllm_alloc.cap`, after Alloc-T N; no free
+experts here): each step's group keeps its floors and the ⌈ρ·D⌉ experts its kept pairs want most, and
+each token keeps as many pairs as Alloc-T gave it, taken
+  cap ρ, own top-K                  from its own top-K candidates on allowed experts (the served rule)
+  cap ρ, any expert                 from every allowed expert, by its own router probability (XShare's
+                                    way: a cut pair may move to an expert outside the token's top-K),
+                                    weighted like a top-K expert (its probability over the top-K sum)
 
 It exists to choose the lever's form and defaults before it is wired into serving; the served numbers
 come from `make bench-quality` (BENCHMARKS.md), which measures vLLM.
@@ -51,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, split_ids  # noqa: E402  (after sys.path)
 
+from vllm_alloc.cap import SCALE, group_cap  # noqa: E402
 from vllm_alloc.carry import carry_counts, threshold_for  # noqa: E402
 
 SEQ_LEN = 256
@@ -67,6 +75,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--group", type=int, help="N streams per decode group: the N-stream rows only")
     ap.add_argument("--decode-loop", action="store_true", help="the decode-loop rows only (one bank)")
+    ap.add_argument(
+        "--cap-shares", help="with --group: distinct-expert cap rows at these shares ρ, e.g. 0.75,0.5"
+    )
     ap.add_argument(
         "--one-bank-sweep",
         metavar="α:offset,...",
@@ -108,7 +119,12 @@ def main() -> None:
             state["record"][self.layer].append((w.detach().clone(), idx.clone()))
         if state["rule"] is not None:
             shape = (state["streams"], -1, K)
-            w = state["rule"](self.layer, w.view(shape), idx.view(shape)).reshape(-1, K)
+            state["logits"] = logits.view(state["streams"], -1, logits.shape[-1])
+            out = state["rule"](self.layer, w.view(shape), idx.view(shape))
+            if isinstance(out, tuple):  # a rule that may move pairs to other experts
+                w, idx = out[0].reshape(-1, K), out[1].reshape(-1, K).to(idx.dtype)
+            else:
+                w = out.reshape(-1, K)
         return logits, w, idx
 
     stock_experts = qwen3.Qwen3MoeExperts.forward
@@ -221,6 +237,49 @@ def main() -> None:
 
         return rule
 
+    def capped(share: float, anywhere: bool) -> object:
+        """Alloc-T N, then the distinct-expert cap at share ρ per step and group (module docstring)."""
+        alloc_t = grouped(None)
+        G = args.group
+
+        def rule(l: int, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kept_w = alloc_t(l, w, idx)  # type: ignore[operator]
+            n = (kept_w > 0).sum(-1)  # [streams, S]: Alloc-T's counts (a prefix of each ranking)
+            probs = torch.softmax(state["logits"].float(), -1)
+            # Every expert's weight on the scale of the top-K weights (`w` may be renormalised).
+            scale = w[..., :1] / probs.gather(-1, idx[..., :1].long()).clamp(min=1e-30)
+            probs = probs * scale
+            out_w, out_idx = torch.zeros_like(w), idx.clone()
+            streams, S, _ = w.shape
+            for s in range(S):
+                for g0 in range(0, streams, G):
+                    rows = range(g0, g0 + G)
+                    demand: dict[int, float] = {}
+                    for t in rows:
+                        for j in range(int(n[t, s])):
+                            e = int(idx[t, s, j])
+                            demand[e] = demand.get(e, 0.0) + float(w[t, s, j])
+                    floor = {int(idx[t, s, 0]) for t in rows}
+                    limit = max(group_cap(round(share * SCALE), len(demand)), len(floor))
+                    rest = sorted((e for e in demand if e not in floor), key=lambda e: -demand[e])
+                    allowed = floor | set(rest[: limit - len(floor)])
+                    for t in rows:
+                        top = [int(e) for e in idx[t, s]]
+                        if anywhere:  # the floor, then allowed experts by this token's probability
+                            others = sorted(allowed - {top[0]}, key=lambda e, t=t: -float(probs[t, s, e]))
+                            pick = [top[0], *others][: int(n[t, s])]
+                        else:
+                            pick = [e for j, e in enumerate(top) if j == 0 or e in allowed][: int(n[t, s])]
+                        for j, e in enumerate(pick):
+                            out_idx[t, s, j] = e
+                            out_w[t, s, j] = probs[t, s, e]
+                        unused = [e for e in top if e not in pick][: K - len(pick)]
+                        for j, e in enumerate(unused):  # pruned slots: distinct experts at weight 0
+                            out_idx[t, s, len(pick) + j] = e
+            return out_w, out_idx
+
+        return rule
+
     def decode_nll(data: torch.Tensor, make_rule: object) -> torch.Tensor:
         """Mean NLL per window, decoding each window token by token (KV cache, teacher-forced); a fresh
         rule per batch of streams (`make_rule(streams)`), so its state starts empty per request."""
@@ -296,6 +355,9 @@ def main() -> None:
         rows[f"Alloc-T N={args.group}"] = nll(test, grouped(None))
         rows[f"group bank N={args.group} α={args.alpha}"] = nll(test, grouped(args.alpha))
         rows[f"group bank N={args.group} α=0"] = nll(test, grouped(0.0))
+        for share in [float(x) for x in (args.cap_shares or "").split(",") if x]:
+            rows[f"cap ρ={share:g}, own top-K"] = nll(test, capped(share, False))
+            rows[f"cap ρ={share:g}, any expert"] = nll(test, capped(share, True))
     report(args, k_l, K, len(test), full, rows)
 
 
