@@ -131,6 +131,12 @@ class Sensitivity(_Schema):
         return self
 
 
+def _check_interval(delta: float, low: float, high: float) -> None:
+    """A recorded test's interval must contain its estimate (PairedTest, CapTest)."""
+    if not low <= delta <= high:
+        _fail("delta", f"the interval [{low}, {high}] does not contain delta = {delta}")
+
+
 class PairedTest(_Schema):
     """A candidate against a baseline on the same held-out sequences, in one regime: the relative change
     of perplexity (−0.01 = 1 % lower) and its confidence interval (`Guard.confidence`), from per-sequence
@@ -144,8 +150,7 @@ class PairedTest(_Schema):
 
     @model_validator(mode="after")
     def _ordered(self) -> PairedTest:
-        if not self.low <= self.delta <= self.high:
-            _fail("delta", f"the interval [{self.low}, {self.high}] does not contain delta = {self.delta}")
+        _check_interval(self.delta, self.low, self.high)
         return self
 
     @property
@@ -196,8 +201,7 @@ class CapTest(_Schema):
 
     @model_validator(mode="after")
     def _ordered(self) -> CapTest:
-        if not self.low <= self.delta <= self.high:
-            _fail("delta", f"the interval [{self.low}, {self.high}] does not contain delta = {self.delta}")
+        _check_interval(self.delta, self.low, self.high)
         return self
 
     def passes(self, keep: float) -> bool:
