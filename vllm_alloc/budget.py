@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_alloc.alloc_l import solve, uniform
-from vllm_alloc.cap import SCALE
+from vllm_alloc.cap import SCALE, share_units
 from vllm_alloc.requests import BudgetError, parse_budget, range_text, shown
 
 # Where shipped budget files live (the repo's top-level configs/). Looked up at call time, so tests
@@ -531,11 +531,11 @@ class BudgetFile(_Schema):
         L, A = self.model.num_moe_layers, self.model.full_activations
         table = torch.full((A + 1, L), SCALE, dtype=torch.int64)
         if override is not None:
-            table[:A] = round(override * SCALE)
+            table[:A] = share_units(override)
             return table
         for a in self.allocations:
             if a.cap is not None:
-                table[a.budget] = torch.tensor([round(c * SCALE) for c in a.cap], dtype=torch.int64)
+                table[a.budget] = torch.tensor([share_units(c) for c in a.cap], dtype=torch.int64)
         return table
 
     def validate_against(self, fp: ModelFingerprint, path: str | None = None) -> None:

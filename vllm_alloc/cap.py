@@ -41,9 +41,27 @@ import torch
 
 from vllm_alloc.requests import CAP_SCALE
 
-__all__ = ["SCALE", "CapResult", "cap_experts", "distinct_experts", "group_cap"]
+__all__ = [
+    "SCALE",
+    "CapResult",
+    "cap_experts",
+    "capped_budgets",
+    "distinct_experts",
+    "group_cap",
+    "share_units",
+]
 
 SCALE = CAP_SCALE  # ρ is held in thousandths: q = round(ρ · SCALE) in [1, SCALE]; SCALE = no cap
+
+
+def share_units(share: float) -> int:
+    """ρ as the cap tables hold it: q = round(ρ · SCALE) thousandths (SCALE = no cap)."""
+    return round(float(share) * SCALE)
+
+
+def capped_budgets(table: torch.Tensor) -> torch.Tensor:
+    """[A + 1] bool: the budgets B that a cap table [A + 1, L] (thousandths) caps at some layer."""
+    return (table < SCALE).any(dim=1)
 
 
 def group_cap(q: int, wanted: int) -> int:

@@ -121,13 +121,13 @@ def layer_routing(
         if cap.on:
             token_cap = cap.token_cap[:T]
             q_tok = torch.where(token_cap > 0, cap.table[budget, column], SCALE)
-            before = kept.sum(dim=1)
+            pairs = kept.sum(dim=1)  # what Alloc-T (and the carried balance) gave each token
             capped = cap_experts(
                 rank_keys, topk_ids, kept, (token_cap - 1).clamp(min=0), q_tok, E, k_base=k_base
             )
             kept, distinct = capped.kept, capped.distinct
             kept_w, kept_ids = alloc_t.kept_routing(kept, topk_weights, topk_ids, weights)
-            cap.dropped[column].index_add_(0, budget, (before - kept.sum(dim=1)).to(cap.dropped.dtype))
+            cap.dropped[column].index_add_(0, budget, (pairs - kept.sum(dim=1)).to(cap.dropped.dtype))
         else:
             distinct = distinct_experts(topk_ids, kept, E)
         # A padding-only call (graph warm-up, dummy runs) touches no expert and counts nothing.

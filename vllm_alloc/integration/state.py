@@ -24,10 +24,10 @@ import torch
 
 from vllm_alloc import device_budget, envs
 from vllm_alloc.budget import BudgetFile, ModelFingerprint
+from vllm_alloc.cap import SCALE, capped_budgets, share_units
 from vllm_alloc.carry import CARRY_POOLS
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
-from vllm_alloc.requests import CAP_SCALE as SCALE
 from vllm_alloc.requests import BudgetError, parse_budget
 
 
@@ -218,7 +218,7 @@ class AllocState:
             balance=torch.zeros(2 * max_requests + 1, L, dtype=torch.int64, device=device),
             token_slot=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             cap_table=cap_table.to(device),
-            capping=(cap_table < SCALE).any(dim=1).numpy(),
+            capping=capped_budgets(cap_table).numpy(),
             token_cap=torch.zeros(max_tokens, dtype=torch.int64, device=device),
             cap_dropped=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             distinct=torch.zeros(L, model.num_experts + 1, dtype=torch.float64, device=device),
@@ -487,7 +487,7 @@ class AllocState:
             bf = self.plan.budget_file
             cap_table = bf.cap_table((self.config or PluginConfig()).expert_cap)
             self.plan.cap_table.copy_(cap_table)
-            self.plan.capping[:] = (cap_table < SCALE).any(dim=1).numpy()
+            self.plan.capping[:] = capped_budgets(cap_table).numpy()
             self.plan.table.copy_(bf.allocation_table())
             self.plan.reallocating[:] = bf.reallocating()
             self.plan.carry_theta.copy_(bf.carry_table())
@@ -548,7 +548,7 @@ class AllocState:
             if row is not None and (len(row) != L or any(not 1 / SCALE <= float(v) <= 1 for v in row)):
                 raise ValueError(f"cap {row} for B={B} is invalid; expected {L} shares in [{1 / SCALE}, 1]")
         for B, row in shares.items():
-            q = [SCALE] * L if row is None else [round(float(v) * SCALE) for v in row]
+            q = [SCALE] * L if row is None else [share_units(v) for v in row]
             plan.cap_table[int(B)].copy_(torch.tensor(q, dtype=plan.cap_table.dtype))
             plan.capping[int(B)] = min(q) < SCALE
 
@@ -616,7 +616,7 @@ class AllocState:
                         new.carry_pool,
                         plan.carry_pool,
                     )
-            capping = (new.cap_table(settings.expert_cap) < SCALE).any()
+            capping = capped_budgets(new.cap_table(settings.expert_cap)).any()
             if plan.table.device.type == "cuda" and capping and not plan.capping.any():
                 log.warning(
                     "vllm-alloc: %s caps distinct experts; CUDA graphs captured before do not (design.md)",
