@@ -7,9 +7,10 @@ Configurations (DESIGN.md §5):
   (a) vLLM without the plugin (VLLM_ALLOC_DISABLE=1);
   (b) vLLM without the plugin, `hf_overrides={"num_experts_per_tok": K // 2}`: the uniform baseline;
   (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`);
-  (d) (with --expert-cap ρ) the plugin with the distinct-expert cap: the decode tokens at one budget below
-      1.0 share at most ⌈ρ·D⌉ of the D experts they would touch per MoE layer and pass (`vllm_alloc.cap`),
-      at the budgets --cap-budgets.
+  (d) (with --expert-cap ρ[,ρ...]) the plugin with the distinct-expert cap: the decode tokens at one budget
+      below 1.0 share at most ⌈ρ·D⌉ of the D experts they would touch per MoE layer and pass
+      (`vllm_alloc.cap`), at the budgets --cap-budgets. One engine serves every ρ: it is set between
+      measurements (`vllm_alloc_set_cap`), as the profiler does.
 Each configuration is one engine in its own long-lived process (serve_lib.EngineWorker), all alive at
 once (the benchmark model and its KV cache are sized so three fit in memory), and only one measures at a
 time. Measurements are interleaved: in each round, for each batch size, every configuration (and every
@@ -26,6 +27,10 @@ vocab 1024 (~0.8 GB bf16 of expert weights).
 Alloc-T's share of MoE-layer time is measured inside engine (c) after the rounds: one batch per N in
 --share-batches at b = 0.5 and at b = 1.0, with the plugin's MoE-layer calls timed per call
 (serve_lib._Engine.alloc_t_share); its prefill pass gives T = N·P, its decode passes T = N.
+
+With (d), a cap profile follows: one batch of --profile-batch requests at b = 1.0 and 0.5 on (c) and at
+b = 0.5 and each ρ on (d), with the MoE-layer calls timed and the distinct experts each decode call touches
+read from the plugin's counter: where decode time goes, and what the cap takes out of it (--png plots it).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_lib
@@ -72,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's torch.compile)")
     p.add_argument("--configs", default="a,b,c", help="which of the configurations a, b, c to run")
-    p.add_argument("--no-share", action="store_true", help="skip the Alloc-T share measurement")
+    p.add_argument(
+        "--no-share", action="store_true", help="skip the Alloc-T share measurement and the cap profile"
+    )
     p.add_argument(
         "--share-batches",
         default="1,2,4,8,16,32",
@@ -86,9 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--expert-cap",
-        type=float,
-        help="add engine (d): the plugin with this expert_cap ρ (the share of distinct experts kept)",
+        help="add engine (d): the plugin with the distinct-expert cap, at each of these comma-separated "
+        "shares ρ (the share of distinct experts kept)",
     )
+    p.add_argument(
+        "--profile-batch",
+        type=int,
+        help="batch size of the cap profile (default: 32 if measured, else the largest batch size)",
+    )
+    p.add_argument("--png", help="with (d): plot the cap profile to this file")
     p.add_argument("--cap-budgets", default="0.5", help="comma-separated budgets b measured on engine (d)")
     p.add_argument("--quick", action="store_true", help="smoke test: small model, 1 round, few tokens")
     args = p.parse_args(argv)
@@ -101,10 +114,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.budgets = [float(x) for x in args.budgets.split(",")]
     args.configs = [c.strip() for c in args.configs.split(",")]
     args.cap_budgets = [float(x) for x in args.cap_budgets.split(",")]
+    args.expert_caps = []
     if args.expert_cap is not None:
-        if not 0.001 <= args.expert_cap < 1:
-            p.error(f"--expert-cap {args.expert_cap}: must be in [0.001, 1) (1 is no cap)")
+        try:
+            args.expert_caps = [float(x) for x in args.expert_cap.split(",")]
+        except ValueError:
+            p.error(f"--expert-cap {args.expert_cap!r}: expected comma-separated shares in [0.001, 1)")
+        for cap in args.expert_caps:
+            if not 0.001 <= cap < 1:
+                p.error(f"--expert-cap {cap:g}: must be in [0.001, 1) (1 is no cap)")
         args.configs.append("d")
+    if args.profile_batch is None:
+        args.profile_batch = 32 if 32 in args.batch_sizes else max(args.batch_sizes)
+    elif args.profile_batch not in args.batch_sizes:
+        p.error(f"--profile-batch {args.profile_batch}: must be one of --batch-sizes {args.batch_sizes}")
     args.share_batches = [int(x) for x in args.share_batches.split(",")]
     return args
 
@@ -122,24 +145,39 @@ def model_shape(model: Path) -> dict[str, int]:
     }
 
 
+class Config(NamedTuple):
+    """One measured configuration: its report label, the engine that runs it, the request budget b
+    (None: no budget sent), and the cap's share ρ set on engine (d) before it runs."""
+
+    label: str
+    engine: str
+    budget: float | None
+    cap: float | None = None
+
+
 def config_names(
     configs: list[str],
     budgets: list[float],
     K: int,
-    cap: float | None = None,
+    caps: tuple[float, ...] = (),
     cap_budgets: tuple[float, ...] = (),
-) -> list[tuple[str, str, float | None]]:
-    """(label, engine, budget) of every measured configuration, (a) first: ratios are against it."""
-    out: list[tuple[str, str, float | None]] = []
+) -> list[Config]:
+    """Every measured configuration, (a) first: ratios are against it."""
+    out: list[Config] = []
     if "a" in configs:
-        out.append(("(a) stock", "a", None))
+        out.append(Config("(a) stock", "a", None))
     if "b" in configs:
-        out.append((f"(b) top-{K // 2}", "b", None))
+        out.append(Config(f"(b) top-{K // 2}", "b", None))
     if "c" in configs:
-        out += [(f"(c) b={b:g}", "c", b) for b in budgets]
-    if "d" in configs and cap is not None:
-        out += [(f"(d) b={b:g} ρ={cap:g}", "d", b) for b in cap_budgets]
+        out += [Config(f"(c) b={b:g}", "c", b) for b in budgets]
+    if "d" in configs:
+        out += [Config(f"(d) b={b:g} ρ={cap:g}", "d", b, cap) for cap in caps for b in cap_budgets]
     return out
+
+
+def profile_configs(measured: list[Config]) -> list[Config]:
+    """What the cap profile measures: the plugin uncapped at b = 1.0 and 0.5 (c), and every (d)."""
+    return [m for m in measured if (m.engine == "c" and m.budget in (1.0, 0.5)) or m.engine == "d"]
 
 
 def machine_info(model: Path, shape: dict[str, int]) -> str:
@@ -183,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     shape = model_shape(model)
     K = shape["K"]
-    measured = config_names(args.configs, args.budgets, K, args.expert_cap, tuple(args.cap_budgets))
+    measured = config_names(args.configs, args.budgets, K, tuple(args.expert_caps), tuple(args.cap_budgets))
     N_max = max(args.batch_sizes)
     spec = {
         "model": str(model),
@@ -199,13 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         "a": {**spec, "plugin": False},
         "b": {**spec, "plugin": False, "hf_overrides": {"num_experts_per_tok": K // 2}},
         "c": {**spec, "plugin": True, "budget_file": args.budget_file},
-        "d": {**spec, "plugin": True, "budget_file": args.budget_file, "expert_cap": args.expert_cap},
+        "d": {
+            **spec,
+            "plugin": True,
+            "budget_file": args.budget_file,
+            "expert_cap": args.expert_caps[0] if args.expert_caps else None,
+        },
     }
     wanted = [e for e in ("a", "b", "c", "d") if e in args.configs]
     print(f"model {model} ({shape}); engines {wanted}; rounds {args.rounds}", flush=True)
 
     workers: dict[str, serve_lib.EngineWorker] = {}
     share: list[dict[str, Any]] = []
+    profiled: list[tuple[Config, serve_lib.Share]] = []
+    cap_now = [engines["d"]["expert_cap"]]  # the share engine (d) serves now
     samples: list[tuple[tuple[str, int], dict[str, float]]] = []
     try:
         for e in wanted:  # one at a time: start-up compiles, and the two cores are shared
@@ -225,18 +270,26 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": seed,
             }
 
+        def worker(cfg: Config) -> serve_lib.EngineWorker:
+            """cfg's engine, serving cfg's cap share where it is (d)."""
+            if cfg.engine == "d" and cfg.cap != cap_now[0]:
+                workers["d"].call("set_cap", cfg.cap)
+                cap_now[0] = cfg.cap
+            return workers[cfg.engine]
+
         # Warm-up: every engine, batch size and budget once (first-call costs, compiled shapes); a few
         # decode steps are enough, prefill is what costs on a CPU.
-        for _label, e, budget in measured:
+        for cfg in measured:
             for bs in args.batch_sizes:
-                workers[e].measure(request(bs, budget, seed=10**6 + bs, max_tokens=3))
+                worker(cfg).measure(request(bs, cfg.budget, seed=10**6 + bs, max_tokens=3))
         print("warm-up done", flush=True)
 
         for r in range(args.rounds):
             for bs in args.batch_sizes:
                 order = measured[r % len(measured) :] + measured[: r % len(measured)]  # rotate per round
-                for label, e, budget in order:
-                    s = serve_lib.summarize(workers[e].measure(request(bs, budget, seed=1000 * r + bs)))
+                for cfg in order:
+                    label = cfg.label
+                    s = serve_lib.summarize(worker(cfg).measure(request(bs, cfg.budget, seed=1000 * r + bs)))
                     samples.append(((label, bs), s))
                     print(
                         f"round {r} N={bs:>3} {label:<12} "
@@ -250,14 +303,20 @@ def main(argv: list[str] | None = None) -> int:
                 share += serve_lib.share_rows(half, full, bs, args.prompt_len)
             share.sort(key=lambda r: (r["T"], r["pass"]))
             print("Alloc-T share measured", flush=True)
+        if not args.no_share and "d" in workers:
+            for i, cfg in enumerate(profile_configs(measured)):
+                req = request(args.profile_batch, cfg.budget, seed=9000 + i)
+                profiled.append((cfg, worker(cfg).call("alloc_t_share", req)))
+            print("cap profile measured", flush=True)
     finally:
         for w in workers.values():
             w.stop()
 
     medians = serve_lib.median_by_key(samples)
-    labels = [m[0] for m in measured]
-    full = next((lab for lab, e, b in measured if e == "c" and b == 1.0), None)
-    half = next((lab for lab, e, b in measured if e == "c" and b == 0.5), None)
+    labels = [m.label for m in measured]
+    full = next((m.label for m in measured if m.engine == "c" and m.budget == 1.0), None)
+    half = next((m.label for m in measured if m.engine == "c" and m.budget == 0.5), None)
+    uniform = next((m.label for m in measured if m.engine == "b"), None)
     threads = f"{args.threads} OpenMP thread(s) per engine" if args.threads else "vLLM's thread binding"
     report = [
         "### Serving: medians over rounds",
@@ -273,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if labels[0].startswith("(a)"):
         report += ["Targets (decode tok/s, DESIGN.md §5):", ""]
         report += serve_lib.target_lines(medians, args.batch_sizes, labels[0], full, half)
-        uniform = next((lab for lab, e, _ in measured if e == "b"), None)
-        for capped in (lab for lab, e, b in measured if e == "d" and b == 0.5):
+        for capped in (m.label for m in measured if m.engine == "d" and m.budget == 0.5):
             report += serve_lib.cap_lines(medians, args.batch_sizes, capped, full, uniform)
         report.append("")
     if share:
@@ -290,6 +348,37 @@ def main(argv: list[str] | None = None) -> int:
             serve_lib.share_table(share),
             "",
         ]
+    profile = [
+        row
+        for cfg, layer in profiled
+        if (
+            row := serve_lib.profile_row(
+                cfg.label,
+                cfg.cap,
+                layer,
+                "stock" if cfg.budget == 1.0 else "budget",
+                args.profile_batch,
+                medians[(cfg.label, args.profile_batch)]["decode_tps"],
+            )
+        )
+    ]
+    if profile:
+        full_tps = None if full is None else medians[(full, args.profile_batch)]["decode_tps"]
+        report += [
+            f"### Cap profile: decode at batch {args.profile_batch} (E={shape['E']}, K={K})",
+            "",
+            f"One batch of {args.profile_batch} requests per configuration, MoE-layer calls timed inside the "
+            "engine; distinct experts: those a decode call's kept pairs are on (the plugin's counter; on "
+            "the stock path, the stock ids'). MoE layer µs: median over the decode calls (T = "
+            f"{args.profile_batch}); decode tok/s and × b=1.0: medians over the rounds above.",
+            "",
+            serve_lib.cap_profile_table(profile, shape["E"], full_tps),
+            "",
+        ]
+        if args.png and full_tps is not None:
+            uniform_tps = None if uniform is None else medians[(uniform, args.profile_batch)]["decode_tps"]
+            title = f"Cap profile, decode at batch {args.profile_batch}, b = 0.5 ({model.name})"
+            serve_lib.cap_profile_png(profile, full_tps, uniform_tps, Path(args.png), title)
     text = "\n".join(report)
     print("\n" + text)
     if args.out:
@@ -300,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             by_config.setdefault(label, {})[bs] = values
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps({"machine": machine_info(model, shape), "medians": by_config}, indent=1)
+            json.dumps(
+                {"machine": machine_info(model, shape), "medians": by_config, "cap_profile": profile},
+                indent=1,
+            )
         )
     return 0
 

@@ -12,6 +12,7 @@ Nothing here imports vLLM or torch at module level: the parent process never loa
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -151,6 +152,84 @@ def cap_lines(
     return out
 
 
+def profile_row(
+    label: str, share: float | None, layer: Share, path: str, batch: int, decode_tps: float
+) -> dict[str, Any] | None:
+    """One row of `cap_profile_table` from an `alloc_t_share` result: the decode passes (T = batch) of
+    `path`; None where the batch had no such call."""
+    if batch not in layer[path]:
+        return None
+    _, layer_us, calls, distinct = layer[path][batch]
+    return {
+        "config": label,
+        "share": share,
+        "distinct": distinct,
+        "layer_us": layer_us,
+        "calls": calls,
+        "decode_tps": decode_tps,
+    }
+
+
+def cap_profile_table(rows: Sequence[dict[str, Any]], num_experts: int, full_tps: float | None) -> str:
+    """Markdown table of where decode time goes under the cap: per configuration, the distinct experts a
+    decode MoE-layer call touches, the call's time, and decode tok/s (medians over the rounds)."""
+    lines = [
+        f"| config | ρ | distinct experts per MoE-layer call (of {num_experts}) | MoE layer µs | µs per "
+        "distinct expert | decode tok/s | × b=1.0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = "—" if r["share"] is None else f"{r['share']:g}"
+        per = r["layer_us"] / r["distinct"] if r["distinct"] > 0 else math.nan
+        times = "—" if full_tps is None else f"{r['decode_tps'] / full_tps:.2f}"
+        lines.append(
+            f"| {r['config']} | {share} | {r['distinct']:.1f} | {r['layer_us']:.0f} | {per:.1f} | "
+            f"{_fmt(r['decode_tps'])} | {times} |"
+        )
+    return "\n".join(lines)
+
+
+def cap_profile_png(
+    rows: Sequence[dict[str, Any]], full_tps: float, uniform_tps: float | None, png: Path, title: str
+) -> None:
+    """Two panels: MoE-layer µs against the distinct experts a decode call touches (one point per
+    configuration), and decode speed × b=1.0 against the cap's share ρ, with #17's 1.6× target and the
+    uniform top-⌊bK⌋ baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        left.scatter(r["distinct"], r["layer_us"], color="tab:blue")
+        left.annotate(r["config"], (r["distinct"], r["layer_us"]), fontsize=7, xytext=(4, 2),
+                      textcoords="offset points")  # fmt: skip
+    left.set_xlabel("distinct experts per decode MoE-layer call")
+    left.set_ylabel("MoE-layer call, µs (median)")
+    left.set_xlim(0, 1.2 * max(r["distinct"] for r in rows))  # room for the labels
+    left.set_ylim(0, 1.1 * max(r["layer_us"] for r in rows))
+    left.grid(alpha=0.3)
+    capped = sorted((r for r in rows if r["share"] is not None), key=lambda r: r["share"])
+    uncapped = [r for r in rows if r["share"] is None and r["config"] != rows[0]["config"]]
+    xs = [r["share"] for r in capped] + [1.0 for _ in uncapped[:1]]
+    ys = [r["decode_tps"] / full_tps for r in capped] + [r["decode_tps"] / full_tps for r in uncapped[:1]]
+    right.plot(xs, ys, "o-", label="b = 0.5 with the cap (ρ = 1: no cap)")
+    right.axhline(1.6, color="tab:red", ls="--", lw=1, label="target at batch 32: 1.6× of b = 1.0")
+    if uniform_tps is not None:
+        right.axhline(uniform_tps / full_tps, color="tab:gray", ls=":", lw=1, label="vLLM top-⌊bK⌋")
+    right.set_xlabel("cap share ρ (distinct experts kept)")
+    right.set_ylabel("decode tok/s × b = 1.0")
+    right.invert_xaxis()
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def share_table(rows: Sequence[dict[str, float]]) -> str:
     """Markdown table of Alloc-T's share of MoE-layer time per T (target ≤ 5%)."""
     lines = [
@@ -175,12 +254,18 @@ def share_rows(half: Share, full: Share, batch: int, prompt_len: int) -> list[di
     rows: list[dict[str, Any]] = []
     for T, phase in ((batch * prompt_len, "prefill"), (batch, "decode")):
         if T in half["budget"] and T in full["stock"]:
-            alloc_us, layer_us, _ = half["budget"][T]
+            alloc_us, layer_us = half["budget"][T][:2]
             stock_us = full["stock"][T][1]
             rows.append(
                 {"T": T, "pass": phase, "alloc_us": alloc_us, "layer_us": layer_us, "stock_us": stock_us}
             )
     return rows
+
+
+def _mean_known(values: Sequence[float]) -> float:
+    """Mean of the values that are not NaN; NaN if none is."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(known) if known else math.nan
 
 
 def _fmt(x: float) -> str:
@@ -301,16 +386,22 @@ class _Engine:
         """Run `measure(req)` with the plugin's MoE-layer calls timed inside the engine.
 
         Returns, per path ("budget": a pass with pruned pairs; "stock": an all-b = 1.0 pass) and per T (tokens
-        in the layer call), [median Alloc-T µs, median layer µs, calls]. Alloc-T = the ranking keys plus the
-        host reallocation and its activation count (`layer.rank_keys`, `cpu.host_routing`); layer = the
-        whole routed-expert call of the op (`layer._budget_path` / `layer._stock_path`): Alloc-T, then the
-        experts.
+        in the layer call), [median Alloc-T µs, median layer µs, calls, mean distinct experts]. Alloc-T = the
+        ranking keys plus the host reallocation and its activation count (`layer.rank_keys`,
+        `cpu.host_routing`); layer = the whole routed-expert call (`layer._budget_path`: Alloc-T, the cap,
+        then the experts on the kept pairs; or the runner's `stock_experts` in an all-b = 1.0 pass); distinct
+        experts = those the call's pairs are on (the plugin's distinct-expert counter on the budget path,
+        the stock ids' on the stock path), read outside the timed span.
         Timers cost ~1 µs a call; they wrap the plugin's functions for this one measurement only.
         """
-        from vllm_alloc.integration import cpu, layer
+        import torch
 
-        calls: dict[str, dict[int, list[tuple[float, float]]]] = {"budget": {}, "stock": {}}
+        from vllm_alloc.integration import cpu, layer
+        from vllm_alloc.integration.state import STATE
+
+        calls: dict[str, dict[int, list[tuple[float, float, float]]]] = {"budget": {}, "stock": {}}
         inner = [0.0]
+        in_budget = [False]  # the budget path calls stock_experts on the kept pairs: not a stock call
 
         def timed_part(fn: Any) -> Any:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -322,21 +413,43 @@ class _Engine:
 
             return wrapper
 
-        def timed_layer(fn: Any, path: str) -> Any:
+        def timed_budget(fn: Any) -> Any:
             def wrapper(runner: Any, x: Any, *args: Any) -> Any:
-                inner[0] = 0.0
+                assert STATE.plan is not None
+                before = STATE.plan.distinct.clone()
+                inner[0], in_budget[0] = 0.0, True
                 t0 = time.perf_counter()
-                out = fn(runner, x, *args)
-                calls[path].setdefault(int(x.shape[0]), []).append((inner[0], time.perf_counter() - t0))
+                try:
+                    out = fn(runner, x, *args)
+                finally:
+                    in_budget[0] = False
+                elapsed = time.perf_counter() - t0
+                counted = (STATE.plan.distinct - before).nonzero()  # [(column, D)]: one entry per call
+                distinct = float(counted[0, 1]) if counted.shape[0] else math.nan  # not counting
+                calls["budget"].setdefault(int(x.shape[0]), []).append((inner[0], elapsed, distinct))
                 return out
 
             return wrapper
 
+        def timed_stock(fn: Any) -> Any:
+            def wrapper(runner: Any, x: Any, topk_weights: Any, topk_ids: Any, *args: Any, **kw: Any) -> Any:
+                if in_budget[0]:
+                    return fn(runner, x, topk_weights, topk_ids, *args, **kw)
+                t0 = time.perf_counter()
+                out = fn(runner, x, topk_weights, topk_ids, *args, **kw)
+                elapsed = time.perf_counter() - t0
+                distinct = float(torch.unique(topk_ids).numel())
+                calls["stock"].setdefault(int(x.shape[0]), []).append((0.0, elapsed, distinct))
+                return out
+
+            return wrapper
+
+        runner_cls = type(next(iter(layer._RUNNERS.values())))
         originals = [
             (layer, "rank_keys", timed_part(layer.rank_keys)),
             (cpu, "host_routing", timed_part(cpu.host_routing)),
-            (layer, "_budget_path", timed_layer(layer._budget_path, "budget")),
-            (layer, "_stock_path", timed_layer(layer._stock_path, "stock")),
+            (layer, "_budget_path", timed_budget(layer._budget_path)),
+            (runner_cls, "stock_experts", timed_stock(runner_cls.stock_experts)),
         ]
         saved = [(owner, name, getattr(owner, name)) for owner, name, _ in originals]
         try:
@@ -349,14 +462,22 @@ class _Engine:
         return {
             path: {
                 T: [
-                    1e6 * statistics.median(a for a, _ in samples),
-                    1e6 * statistics.median(t for _, t in samples),
+                    1e6 * statistics.median(a for a, _, _ in samples),
+                    1e6 * statistics.median(t for _, t, _ in samples),
                     float(len(samples)),
+                    _mean_known([d for _, _, d in samples]),
                 ]
                 for T, samples in sorted(by_T.items())
             }
             for path, by_T in calls.items()
         }
+
+    def set_cap(self, share: float) -> None:
+        """Cap every budget below A at the share ρ in every MoE layer, as `expert_cap` ρ would (between
+        measurements; the plugin's `vllm_alloc_set_cap`)."""
+        counters = self.llm.collective_rpc("vllm_alloc_counters")[0]
+        layers, A = len(counters["layers"]), int(counters["A"])
+        self.llm.collective_rpc("vllm_alloc_set_cap", args=({B: [share] * layers for B in range(1, A)},))
 
     def measure(self, req: dict[str, Any]) -> tuple[float, list[list[float]], int]:
         import random

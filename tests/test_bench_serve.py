@@ -91,13 +91,14 @@ def test_share_rows_and_table_mark_the_5_percent_target():
 
 def test_config_names_put_stock_first():
     names = bench_serve.config_names(["a", "b", "c"], [1.0, 0.75, 0.5], K=8)
-    assert names == [
+    assert [n[:3] for n in names] == [
         ("(a) stock", "a", None),
         ("(b) top-4", "b", None),
         ("(c) b=1", "c", 1.0),
         ("(c) b=0.75", "c", 0.75),
         ("(c) b=0.5", "c", 0.5),
     ]
+    assert all(n.cap is None for n in names)
 
 
 def test_quick_settings_and_parsing():
@@ -107,9 +108,12 @@ def test_quick_settings_and_parsing():
 
 
 def test_config_names_and_cap_lines_with_the_capped_engine():
-    names = bench_serve.config_names(["a", "b", "c", "d"], [1.0], K=8, cap=0.25, cap_budgets=(0.5,))
-    assert names[-1] == ("(d) b=0.5 ρ=0.25", "d", 0.5)
-    assert bench_serve.config_names(["a", "d"], [1.0], K=8) == [("(a) stock", "a", None)]  # no ρ, no (d)
+    names = bench_serve.config_names(["a", "b", "c", "d"], [1.0], K=8, caps=(0.5, 0.25), cap_budgets=(0.5,))
+    assert names[-2:] == [
+        bench_serve.Config("(d) b=0.5 ρ=0.5", "d", 0.5, 0.5),
+        bench_serve.Config("(d) b=0.5 ρ=0.25", "d", 0.5, 0.25),
+    ]
+    assert bench_serve.config_names(["a", "d"], [1.0], K=8) == [("(a) stock", "a", None, None)]  # no ρ
     medians = {
         ("(c) b=1", 32): {"decode_tps": 100.0},
         ("(b) top-4", 32): {"decode_tps": 130.0},
@@ -123,3 +127,62 @@ def test_config_names_and_cap_lines_with_the_capped_engine():
         "- batch 32: (d) b=0.5 ρ=0.25 decode = 1.70× of b=1.0 (target ≥ 1.6): met; 1.31× of (b) top-4 "
         "(target > 1): met",
     ]
+
+
+def test_expert_cap_takes_several_shares_and_names_a_bad_one(capsys: pytest.CaptureFixture[str]):
+    args = bench_serve.parse_args(["--batch-sizes", "8,32,64", "--expert-cap", "0.9,0.5"])
+    assert args.expert_caps == [0.9, 0.5] and args.configs[-1] == "d" and args.profile_batch == 32
+    assert bench_serve.parse_args(["--batch-sizes", "8,16"]).profile_batch == 16  # no 32: the largest
+    for argv, message in (
+        (["--expert-cap", "0.9,1.0"], "--expert-cap 1: must be in [0.001, 1)"),
+        (["--expert-cap", "0.5,x"], "expected comma-separated shares"),
+        (["--batch-sizes", "8,32", "--profile-batch", "16"], "--profile-batch 16: must be one of"),
+    ):
+        with pytest.raises(SystemExit):
+            bench_serve.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_profile_configs_are_the_uncapped_plugin_and_every_cap():
+    names = bench_serve.config_names(
+        ["a", "b", "c", "d"], [1.0, 0.75, 0.5], K=8, caps=(0.9, 0.5), cap_budgets=(0.5,)
+    )
+    assert [c.label for c in bench_serve.profile_configs(names)] == [
+        "(c) b=1",
+        "(c) b=0.5",
+        "(d) b=0.5 ρ=0.9",
+        "(d) b=0.5 ρ=0.5",
+    ]
+
+
+def test_cap_profile_rows_table_and_plot(tmp_path: Path):
+    # alloc_t_share results at batch 32: [Alloc-T µs, layer µs, calls, mean distinct experts] per T.
+    full = {"budget": {}, "stock": {32: [0.0, 640.0, 124.0, 64.0], 1024: [0.0, 9000.0, 4.0, 64.0]}}
+    half = {"budget": {32: [20.0, 560.0, 124.0, 56.0]}, "stock": {}}
+    capped = {"budget": {32: [25.0, 290.0, 124.0, 28.0]}, "stock": {}}
+    rows = [
+        serve_lib.profile_row("(c) b=1", None, full, "stock", 32, 400.0),
+        serve_lib.profile_row("(c) b=0.5", None, half, "budget", 32, 460.0),
+        serve_lib.profile_row("(d) b=0.5 ρ=0.5", 0.5, capped, "budget", 32, 800.0),
+    ]
+    assert serve_lib.profile_row("(c) b=0.5", None, half, "budget", 8, 1.0) is None  # no T = 8 call
+    assert rows[2] == {
+        "config": "(d) b=0.5 ρ=0.5",
+        "share": 0.5,
+        "distinct": 28.0,
+        "layer_us": 290.0,
+        "calls": 124.0,
+        "decode_tps": 800.0,
+    }
+    lines = serve_lib.cap_profile_table([r for r in rows if r], 64, full_tps=400.0).splitlines()
+    assert "(of 64)" in lines[0] and len(lines) == 2 + 3
+    assert lines[2] == "| (c) b=1 | — | 64.0 | 640 | 10.0 | 400 | 1.00 |"
+    assert lines[4] == "| (d) b=0.5 ρ=0.5 | 0.5 | 28.0 | 290 | 10.4 | 800 | 2.00 |"
+    png = tmp_path / "profile.png"
+    serve_lib.cap_profile_png([r for r in rows if r], 400.0, 430.0, png, "test")
+    assert png.stat().st_size > 10_000
+
+
+def test_mean_of_known_distinct_counts():
+    assert serve_lib._mean_known([4.0, math.nan, 6.0]) == 5.0
+    assert math.isnan(serve_lib._mean_known([math.nan]))
