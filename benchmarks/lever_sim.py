@@ -40,6 +40,8 @@ each token keeps as many pairs as Alloc-T gave it, taken
   cap ρ, any expert                 from every allowed expert, by its own router probability (XShare's
                                     way: a cut pair may move to an expert outside the token's top-K),
                                     weighted like a top-K expert (its probability over the top-K sum)
+With --cap-layers as well, per-layer sensitivity (what a per-layer share could save):
+  cap ρ at layer l only             the served rule in layer l, Alloc-T N alone in every other layer
 
 It exists to choose the lever's form and defaults before it is wired into serving; the served numbers
 come from `make bench-quality` (BENCHMARKS.md), which measures vLLM.
@@ -77,6 +79,11 @@ def main() -> None:
     ap.add_argument("--decode-loop", action="store_true", help="the decode-loop rows only (one bank)")
     ap.add_argument(
         "--cap-shares", help="with --group: distinct-expert cap rows at these shares ρ, e.g. 0.75,0.5"
+    )
+    ap.add_argument(
+        "--cap-layers",
+        action="store_true",
+        help="with --cap-shares: also each share in one layer at a time (the others uncapped)",
     )
     ap.add_argument(
         "--one-bank-sweep",
@@ -280,6 +287,14 @@ def main() -> None:
 
         return rule
 
+    def in_one_layer(layer: int, rule: object, elsewhere: object) -> object:
+        """`rule` in one layer, `elsewhere` in the others."""
+
+        def pick(l: int, w: torch.Tensor, idx: torch.Tensor) -> object:
+            return (rule if l == layer else elsewhere)(l, w, idx)  # type: ignore[operator]
+
+        return pick
+
     def decode_nll(data: torch.Tensor, make_rule: object) -> torch.Tensor:
         """Mean NLL per window, decoding each window token by token (KV cache, teacher-forced); a fresh
         rule per batch of streams (`make_rule(streams)`), so its state starts empty per request."""
@@ -358,6 +373,10 @@ def main() -> None:
         for share in [float(x) for x in (args.cap_shares or "").split(",") if x]:
             rows[f"cap ρ={share:g}, own top-K"] = nll(test, capped(share, False))
             rows[f"cap ρ={share:g}, any expert"] = nll(test, capped(share, True))
+            for layer in range(L) if args.cap_layers else ():
+                rows[f"cap ρ={share:g} at layer {layer} only"] = nll(
+                    test, in_one_layer(layer, capped(share, False), grouped(None))
+                )
     report(args, k_l, K, len(test), full, rows)
 
 
