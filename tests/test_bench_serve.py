@@ -1,7 +1,9 @@
-"""The pure helpers of benchmarks/bench_serve.py (statistics, ratios, tables); no vLLM engine starts."""
+"""benchmarks/bench_serve.py: its pure helpers (statistics, ratios, tables, the cap profile), and one e2e run of
+the quick benchmark (engines (c) and (d))."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -186,3 +188,29 @@ def test_cap_profile_rows_table_and_plot(tmp_path: Path):
 def test_mean_of_known_distinct_counts():
     assert serve_lib._mean_known([4.0, math.nan, 6.0]) == 5.0
     assert math.isnan(serve_lib._mean_known([math.nan]))
+
+
+@pytest.mark.e2e
+def test_quick_run_serves_every_share_and_profiles_it(tmp_path: Path):
+    """bench_serve end to end on the quick model (engines (c) and (d), one round, eager): every ρ is served
+    by the one engine (d), and the profile's distinct experts fall with ρ and below the uncapped runs."""
+    pytest.importorskip("vllm")
+    out, report = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--quick", "--eager", "--configs", "c", "--expert-cap", "0.5,0.25", "--json", str(out)]
+    assert bench_serve.main([*argv, "--out", str(report), "--png", str(tmp_path / "p.png")]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["medians"]) == {
+        "(c) b=1",
+        "(c) b=0.75",
+        "(c) b=0.5",
+        "(d) b=0.5 ρ=0.5",
+        "(d) b=0.5 ρ=0.25",
+    }
+    profile = {row["config"]: row for row in result["cap_profile"]}
+    assert list(profile) == ["(c) b=1", "(c) b=0.5", "(d) b=0.5 ρ=0.5", "(d) b=0.5 ρ=0.25"]
+    distinct = [row["distinct"] for row in profile.values()]
+    assert distinct == sorted(distinct, reverse=True) and distinct[-1] < distinct[1], distinct
+    assert all(row["calls"] > 0 and row["layer_us"] > 0 for row in profile.values())
+    text = report.read_text()
+    assert "### Alloc-T share of MoE-layer time" in text and "| 4 | decode |" in text  # the stock path timed
+    assert "### Cap profile: decode at batch 4" in text and (tmp_path / "p.png").stat().st_size > 10_000
