@@ -411,6 +411,14 @@ def run_all(
 
 
 # -- report -------------------------------------------------------------------------------------------------
+# The rows every table compares against, and the engine (`plan`) that measures each.
+TABLE_NEEDS = {
+    "full model": "stock",
+    **{f"uniform top-⌊bK⌋ @{b}": f"stock top-⌊{b}·K⌋" for b in BUDGETS[1:]},
+    "uniform same-B (token, topk)": "token/topk",
+}
+
+
 def uniform_row(results: dict[str, dict[str, float]]) -> dict[str, float]:
     row = {"1.0": results["full model"]["1.0"]}
     for b in BUDGETS[1:]:
@@ -694,8 +702,17 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    rows, text = table(results)
     print(f"\n{len(seqs)} test windows × {SEQ_LEN} tokens; {time.monotonic() - t0:.0f} s\n")
+    missing = [label for label, engine in TABLE_NEEDS.items() if label not in results]
+    if missing:  # an --only run without the baselines: its rows are saved, the tables need the rest
+        for label, ppl in ran.items():
+            print(f"  {label}: " + ", ".join(f"b={b} ppl {v:.3f}" for b, v in ppl.items()))
+        print(
+            f"\nresults written to {args.out}; the tables need rows {missing}: run engines "
+            f"{sorted({TABLE_NEEDS[m] for m in missing})} with --only into the same --out"
+        )
+        return 0
+    rows, text = table(results)
     print(text)
     from vllm_alloc.budget import load_budget_file
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402  (after sys.path)
@@ -64,3 +66,20 @@ def test_cap_rows_appear_in_their_regime_with_paired_intervals() -> None:
     assert "| L+T shipped, cap ρ=0.5 | 21.000 (+5.00%)" in block
     assert "L+T shipped, cap ρ=0.5, paired: never worse with 95 % confidence" in block
     assert "cap ρ" not in text.split("**decode N = 64")[0], "N = 64 only"
+
+
+def test_an_only_run_without_baselines_saves_its_rows_and_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--only` with one engine and no earlier results: the rows are written and printed, and the tables
+    (which compare against the baselines) are skipped with the engines to run, not a KeyError."""
+    row = {"L+T shipped, cap ρ=0.75 (decode N=8)": {"0.5": 21.657}}
+    monkeypatch.setattr(quality, "split_ids", lambda split, model: list(range(4 * quality.SEQ_LEN)))
+    monkeypatch.setattr(quality, "run_all", lambda *a: (row, {next(iter(row)): {"0.5": [3.0]}}))
+    out = tmp_path / "results.json"
+    argv = ["--expert-cap", "0.75", "--scratch", str(tmp_path), "--out", str(out)]
+    assert quality.main([*argv, "--only", "decode N=8 cap ρ=0.75"]) == 0
+    assert json.loads(out.read_text())["results"] == row
+    text = capsys.readouterr().out
+    assert "L+T shipped, cap ρ=0.75 (decode N=8): b=0.5 ppl 21.657" in text
+    assert "the tables need rows ['full model', " in text and "'token/topk'" in text and "'stock'" in text
