@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         if (
             row := serve_lib.profile_row(
                 cfg.label,
+                cfg.budget,
                 cfg.cap,
                 layer,
-                "stock" if cfg.budget == 1.0 else "budget",
                 args.profile_batch,
                 medians[(cfg.label, args.profile_batch)]["decode_tps"],
             )

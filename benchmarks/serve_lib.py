@@ -153,15 +153,18 @@ def cap_lines(
 
 
 def profile_row(
-    label: str, share: float | None, layer: Share, path: str, batch: int, decode_tps: float
+    label: str, budget: float, share: float | None, layer: Share, batch: int, decode_tps: float
 ) -> dict[str, Any] | None:
-    """One row of `cap_profile_table` from an `alloc_t_share` result: the decode passes (T = batch) of
-    `path`; None where the batch had no such call."""
+    """One row of `cap_profile_table` from an `alloc_t_share` result at budget b: its decode passes
+    (T = batch), on the stock path at b = 1.0, else the budget path; None where the batch had no such
+    call."""
+    path = "stock" if budget == 1.0 else "budget"
     if batch not in layer[path]:
         return None
     _, layer_us, calls, distinct = layer[path][batch]
     return {
         "config": label,
+        "budget": budget,
         "share": share,
         "distinct": distinct,
         "layer_us": layer_us,
@@ -193,8 +196,8 @@ def cap_profile_png(
     rows: Sequence[dict[str, Any]], full_tps: float, uniform_tps: float | None, png: Path, title: str
 ) -> None:
     """Two panels: MoE-layer µs against the distinct experts a decode call touches (one point per
-    configuration), and decode speed × b=1.0 against the cap's share ρ, with #17's 1.6× target and the
-    uniform top-⌊bK⌋ baseline."""
+    configuration), and decode speed × b=1.0 at b = 0.5 against the cap's share ρ (1: the uncapped row),
+    with #17's 1.6× target and the uniform top-⌊bK⌋ baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,10 +213,10 @@ def cap_profile_png(
     left.set_xlim(0, 1.2 * max(r["distinct"] for r in rows))  # room for the labels
     left.set_ylim(0, 1.1 * max(r["layer_us"] for r in rows))
     left.grid(alpha=0.3)
-    capped = sorted((r for r in rows if r["share"] is not None), key=lambda r: r["share"])
-    uncapped = [r for r in rows if r["share"] is None and r["config"] != rows[0]["config"]]
-    xs = [r["share"] for r in capped] + [1.0 for _ in uncapped[:1]]
-    ys = [r["decode_tps"] / full_tps for r in capped] + [r["decode_tps"] / full_tps for r in uncapped[:1]]
+    half = [r for r in rows if r["budget"] == 0.5]
+    by_share = sorted(half, key=lambda r: 1.0 if r["share"] is None else r["share"])
+    xs = [1.0 if r["share"] is None else r["share"] for r in by_share]
+    ys = [r["decode_tps"] / full_tps for r in by_share]
     right.plot(xs, ys, "o-", label="b = 0.5 with the cap (ρ = 1: no cap)")
     right.axhline(1.6, color="tab:red", ls="--", lw=1, label="target at batch 32: 1.6× of b = 1.0")
     if uniform_tps is not None:

@@ -1,5 +1,5 @@
-"""benchmarks/bench_serve.py: its pure helpers (statistics, ratios, tables, the cap profile), and one e2e run of
-the quick benchmark (engines (c) and (d))."""
+"""benchmarks/bench_serve.py: its pure helpers (statistics, ratios, tables, the cap profile), and one e2e
+run of the quick benchmark (engines (c) and (d))."""
 
 from __future__ import annotations
 
@@ -163,13 +163,14 @@ def test_cap_profile_rows_table_and_plot(tmp_path: Path):
     half = {"budget": {32: [20.0, 560.0, 124.0, 56.0]}, "stock": {}}
     capped = {"budget": {32: [25.0, 290.0, 124.0, 28.0]}, "stock": {}}
     rows = [
-        serve_lib.profile_row("(c) b=1", None, full, "stock", 32, 400.0),
-        serve_lib.profile_row("(c) b=0.5", None, half, "budget", 32, 460.0),
-        serve_lib.profile_row("(d) b=0.5 ρ=0.5", 0.5, capped, "budget", 32, 800.0),
+        serve_lib.profile_row("(c) b=1", 1.0, None, full, 32, 400.0),
+        serve_lib.profile_row("(c) b=0.5", 0.5, None, half, 32, 460.0),
+        serve_lib.profile_row("(d) b=0.5 ρ=0.5", 0.5, 0.5, capped, 32, 800.0),
     ]
-    assert serve_lib.profile_row("(c) b=0.5", None, half, "budget", 8, 1.0) is None  # no T = 8 call
+    assert serve_lib.profile_row("(c) b=0.5", 0.5, None, half, 8, 1.0) is None  # no T = 8 call
     assert rows[2] == {
         "config": "(d) b=0.5 ρ=0.5",
+        "budget": 0.5,
         "share": 0.5,
         "distinct": 28.0,
         "layer_us": 290.0,
