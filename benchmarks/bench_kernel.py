@@ -87,14 +87,14 @@ def cap_routing(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`make_routing`'s pruned routing under the distinct-expert cap at share ρ = `share` (one cap group
     of all T tokens). Pruned slots must be a suffix of each row, as make_routing leaves them."""
-    from vllm_alloc.cap import SCALE, cap_experts
+    from vllm_alloc.cap import cap_experts, share_units
 
     T = ids.shape[0]
     kept = ids >= 0
     keys = torch.where(kept, weights, -1.0)  # the ranking: pruned slots last
     group = torch.zeros(T, dtype=torch.int64, device=ids.device)
     capped = cap_experts(
-        keys, ids.clamp(min=0), kept, group, torch.full_like(group, round(share * SCALE)), E, 1
+        keys, ids.clamp(min=0), kept, group, torch.full_like(group, share_units(share)), E, 1
     ).kept
     return torch.where(capped, ids, -1), torch.where(capped, weights, 0.0)
 

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, split_ids  # noqa: E402  (after sys.path)
 
-from vllm_alloc.cap import SCALE, group_cap  # noqa: E402
+from vllm_alloc.cap import group_cap, share_units  # noqa: E402
 from vllm_alloc.carry import carry_counts, threshold_for  # noqa: E402
 
 SEQ_LEN = 256
@@ -267,7 +267,7 @@ def main() -> None:
                             e = int(idx[t, s, j])
                             demand[e] = demand.get(e, 0.0) + float(w[t, s, j])
                     floor = {int(idx[t, s, 0]) for t in rows}
-                    limit = max(group_cap(round(share * SCALE), len(demand)), len(floor))
+                    limit = max(group_cap(share_units(share), len(demand)), len(floor))
                     rest = sorted((e for e in demand if e not in floor), key=lambda e: -demand[e])
                     allowed = floor | set(rest[: limit - len(floor)])
                     for t in rows:

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from vllm_alloc.requests import CAP_SCALE
+from vllm_alloc.requests import CAP_SCALE, share_units
 
 __all__ = [
     "SCALE",
@@ -52,11 +52,6 @@ __all__ = [
 ]
 
 SCALE = CAP_SCALE  # ρ is held in thousandths: q = round(ρ · SCALE) in [1, SCALE]; SCALE = no cap
-
-
-def share_units(share: float) -> int:
-    """ρ as the cap tables hold it: q = round(ρ · SCALE) thousandths (SCALE = no cap)."""
-    return round(float(share) * SCALE)
 
 
 def capped_budgets(table: torch.Tensor) -> torch.Tensor:

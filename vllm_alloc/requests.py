@@ -99,6 +99,12 @@ def parse_budget(raw: Any, *, min_budget: float | None = None, source: str = "ac
     return value
 
 
+def share_units(share: float) -> int:
+    """A cap share ρ as the cap tables hold it: q = round(ρ · CAP_SCALE) thousandths (CAP_SCALE = no
+    cap, so a share that rounds to it caps nothing)."""
+    return round(float(share) * CAP_SCALE)
+
+
 def parse_cap_share(raw: Any, *, source: str = "expert_cap") -> float:
     """A distinct-expert cap's share ρ (`vllm_alloc.cap`), read as a number in [1/CAP_SCALE, 1] (1: no
     cap; ρ is held in thousandths, so a share that rounds to 1 is no cap too); BudgetError if invalid."""
@@ -107,7 +113,7 @@ def parse_cap_share(raw: Any, *, source: str = "expert_cap") -> float:
         value = parse_budget(raw, source=source)
     except BudgetError as exc:
         raise BudgetError(str(exc).split("; expected ")[0] + f"; expected {expected}") from None
-    if round(value * CAP_SCALE) < 1:
+    if share_units(value) < 1:
         raise BudgetError(f"{source}={value:g} is out of range; expected {expected}")
     return value
 
