@@ -1,7 +1,9 @@
 """End-to-end serving benchmark on vLLM (CPU): stock vLLM vs uniform top-⌊K/2⌋ vs the plugin under budgets.
 
     python benchmarks/bench_serve.py [--model DIR] [--batch-sizes 1,8,32] [--budgets 1.0,0.75,0.5]
-                                     [--rounds 3] [--out FILE.md] [--quick]
+                                     [--rounds 3] [--out FILE.md] [--json FILE] [--quick]
+                                     [--expert-cap ρ,... [--cap-budgets 0.5] [--profile-batch N]
+                                      [--png FILE]]
 
 Configurations (DESIGN.md §5):
   (a) vLLM without the plugin (VLLM_ALLOC_DISABLE=1);
@@ -28,9 +30,11 @@ Alloc-T's share of MoE-layer time is measured inside engine (c) after the rounds
 --share-batches at b = 0.5 and at b = 1.0, with the plugin's MoE-layer calls timed per call
 (serve_lib._Engine.alloc_t_share); its prefill pass gives T = N·P, its decode passes T = N.
 
-With (d), a cap profile follows: one batch of --profile-batch requests at b = 1.0 and 0.5 on (c) and at
-b = 0.5 and each ρ on (d), with the MoE-layer calls timed and the distinct experts each decode call touches
-read from the plugin's counter: where decode time goes, and what the cap takes out of it (--png plots it).
+With (d), a cap profile follows (unless --no-share): one batch of --profile-batch requests per
+configuration, (c) at b = 1.0 and 0.5 where measured and (d) at every --cap-budgets b and ρ, with the
+MoE-layer calls timed and the distinct experts each decode call touches read from the plugin's counter:
+where decode time goes, and what the cap takes out of it. --png plots it (the ρ curve at b = 0.5, against
+(c) b = 1.0, which it needs).
 """
 
 from __future__ import annotations
@@ -86,7 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch sizes N of the Alloc-T share measurement: decode passes T = N, prefill T = N·P",
     )
     p.add_argument("--out", help="also write the markdown report to this file")
-    p.add_argument("--json", help="also write the medians to this file, {config: {N: {metric: value}}}")
+    p.add_argument(
+        "--json",
+        help="also write the results to this file: {machine, medians: {config: {N: {metric: value}}}, "
+        "cap_profile: [row, ...]}",
+    )
     p.add_argument(
         "--budget-file",
         help="budget file for the plugin's engine (c) (default: none, the uniform allocation)",
@@ -107,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompt_len < 2:  # the share rows tell prefill (T = N·P) from decode (T = N) by T
         p.error(f"--prompt-len {args.prompt_len}: must be at least 2")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
     if args.quick:
         args.batch_sizes, args.rounds, args.prompt_len, args.max_tokens = "1,4", 1, 16, 4
         args.share_batches = "1,4"
@@ -120,10 +130,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.expert_caps = [float(x) for x in args.expert_cap.split(",")]
         except ValueError:
             p.error(f"--expert-cap {args.expert_cap!r}: expected comma-separated shares in [0.001, 1)")
+        from vllm_alloc.requests import CAP_SCALE, share_units
+
         for cap in args.expert_caps:
-            if not 0.001 <= cap < 1:
+            if not 0.001 <= cap < 1 or share_units(cap) >= CAP_SCALE:  # held in thousandths: 0.9996 is 1
                 p.error(f"--expert-cap {cap:g}: must be in [0.001, 1) (1 is no cap)")
+        if len(set(args.expert_caps)) < len(args.expert_caps):
+            p.error(f"--expert-cap {args.expert_cap}: a share is listed twice")
         args.configs.append("d")
+    if args.png and (not args.expert_caps or args.no_share or "c" not in args.configs):
+        p.error("--png plots the cap profile: it needs --expert-cap, engine c (--configs) and no --no-share")
     if args.profile_batch is None:
         args.profile_batch = 32 if 32 in args.batch_sizes else max(args.batch_sizes)
     elif args.profile_batch not in args.batch_sizes:
@@ -181,6 +197,7 @@ def profile_configs(measured: list[Config]) -> list[Config]:
 
 
 def machine_info(model: Path, shape: dict[str, int]) -> str:
+    """CPU, versions, the commit the engines start from (taken before they start), and the model."""
     import torch
     import vllm
 
@@ -196,6 +213,13 @@ def machine_info(model: Path, shape: dict[str, int]) -> str:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        commit += " + uncommitted changes" if commit and dirty else ""
     except OSError:
         commit = "?"
     import os
@@ -220,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             **(QUICK_MODEL if args.quick else BENCH_MODEL),
         )
     shape = model_shape(model)
+    machine = machine_info(model, shape)  # before the engines start: the code they run
     K = shape["K"]
     measured = config_names(args.configs, args.budgets, K, tuple(args.expert_caps), tuple(args.cap_budgets))
     N_max = max(args.batch_sizes)
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     report = [
         "### Serving: medians over rounds",
         "",
-        f"{machine_info(model, shape)}. N requests × P={args.prompt_len} prompt tokens, "
+        f"{machine}. N requests × P={args.prompt_len} prompt tokens, "
         f"M={args.max_tokens} generated, greedy; {args.rounds} interleaved round(s); "
         f"{'eager' if args.eager else 'torch.compile (vLLM default)'}; "
         f"{threads}. Ratios: times better than (a).",
@@ -378,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.png and full_tps is not None:
             uniform_tps = None if uniform is None else medians[(uniform, args.profile_batch)]["decode_tps"]
             title = f"Cap profile, decode at batch {args.profile_batch}, b = 0.5 ({model.name})"
-            serve_lib.cap_profile_png(profile, full_tps, uniform_tps, Path(args.png), title)
+            target = 1.6 if args.profile_batch == 32 else None  # #17's target is set at batch 32
+            serve_lib.cap_profile_png(profile, full_tps, uniform_tps, Path(args.png), title, target)
     text = "\n".join(report)
     print("\n" + text)
     if args.out:
@@ -390,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
-                {"machine": machine_info(model, shape), "medians": by_config, "cap_profile": profile},
+                {"machine": machine, "medians": by_config, "cap_profile": profile},
                 indent=1,
             )
         )

@@ -411,12 +411,18 @@ def run_all(
 
 
 # -- report -------------------------------------------------------------------------------------------------
-# The rows every table compares against, and the engine (`plan`) that measures each.
-TABLE_NEEDS = {
-    "full model": "stock",
-    **{f"uniform top-⌊bK⌋ @{b}": f"stock top-⌊{b}·K⌋" for b in BUDGETS[1:]},
-    "uniform same-B (token, topk)": "token/topk",
-}
+# The rows the tables and the hard target read in every run (the others appear where measured).
+TABLE_NEEDS = (
+    "full model",
+    *(f"uniform top-⌊bK⌋ @{b}" for b in BUDGETS[1:]),
+    "uniform same-B (token, topk)",
+    SHIPPED_ROW,
+)
+
+
+def engines_for(labels: list[str], engines: list[dict[str, Any]]) -> list[str]:
+    """The names of the planned engines that measure these rows (`--only` takes them)."""
+    return sorted({e["name"] for e in engines for ev in e["evals"] if ev["label"] in labels})
 
 
 def uniform_row(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -678,10 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     args.scratch.mkdir(parents=True, exist_ok=True)
     if args.expert_cap is not None and not 0.001 <= args.expert_cap < 1:
         p.error(f"--expert-cap {args.expert_cap}: must be in [0.001, 1) (the file's caps: leave it out)")
-    engines = plan(args.budget_file, args.scratch, args.expert_cap)
+    planned = plan(args.budget_file, args.scratch, args.expert_cap)
     previous = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {}
-    if args.only:
-        engines = [e for e in engines if e["name"] in args.only.split(",")]
+    engines = [e for e in planned if not args.only or e["name"] in args.only.split(",")]
     t0 = time.monotonic()
     val = split_ids("validation", args.model)
     calib_seqs = [
@@ -703,13 +708,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"\n{len(seqs)} test windows × {SEQ_LEN} tokens; {time.monotonic() - t0:.0f} s\n")
-    missing = [label for label, engine in TABLE_NEEDS.items() if label not in results]
+    missing = [label for label in TABLE_NEEDS if label not in results]
     if missing:  # an --only run without the baselines: its rows are saved, the tables need the rest
         for label, ppl in ran.items():
             print(f"  {label}: " + ", ".join(f"b={b} ppl {v:.3f}" for b, v in ppl.items()))
         print(
-            f"\nresults written to {args.out}; the tables need rows {missing}: run engines "
-            f"{sorted({TABLE_NEEDS[m] for m in missing})} with --only into the same --out"
+            f"\nresults written to {args.out}; the tables need rows {missing}: run "
+            f"--only {','.join(engines_for(missing, planned))!r} with the same --out"
         )
         return 0
     rows, text = table(results)

@@ -139,6 +139,11 @@ def test_expert_cap_takes_several_shares_and_names_a_bad_one(capsys: pytest.Capt
         (["--expert-cap", "0.9,1.0"], "--expert-cap 1: must be in [0.001, 1)"),
         (["--expert-cap", "0.5,x"], "expected comma-separated shares"),
         (["--batch-sizes", "8,32", "--profile-batch", "16"], "--profile-batch 16: must be one of"),
+        (["--expert-cap", "0.9996"], "--expert-cap 0.9996: must be in [0.001, 1)"),  # 1000 thousandths
+        (["--expert-cap", "0.5,0.5"], "a share is listed twice"),
+        (["--rounds", "0"], "--rounds 0: must be at least 1"),
+        (["--png", "p.png"], "--png plots the cap profile: it needs --expert-cap"),
+        (["--expert-cap", "0.5", "--no-share", "--png", "p.png"], "and no --no-share"),
     ):
         with pytest.raises(SystemExit):
             bench_serve.parse_args(argv)
@@ -182,7 +187,7 @@ def test_cap_profile_rows_table_and_plot(tmp_path: Path):
     assert lines[2] == "| (c) b=1 | — | 64.0 | 640 | 10.0 | 400 | 1.00 |"
     assert lines[4] == "| (d) b=0.5 ρ=0.5 | 0.5 | 28.0 | 290 | 10.4 | 800 | 2.00 |"
     png = tmp_path / "profile.png"
-    serve_lib.cap_profile_png([r for r in rows if r], 400.0, 430.0, png, "test")
+    serve_lib.cap_profile_png([r for r in rows if r], 400.0, 430.0, png, "test", target=1.6)
     assert png.stat().st_size > 10_000
 
 

@@ -82,4 +82,10 @@ def test_an_only_run_without_baselines_saves_its_rows_and_names_what_is_missing(
     assert json.loads(out.read_text())["results"] == row
     text = capsys.readouterr().out
     assert "L+T shipped, cap ρ=0.75 (decode N=8): b=0.5 ppl 21.657" in text
-    assert "the tables need rows ['full model', " in text and "'token/topk'" in text and "'stock'" in text
+    assert "the tables need rows ['full model', " in text
+    # What it names are engines of the plan: the stock model, its top-k at every b, uniform same-B and
+    # the shipped file's engine.
+    needed = text.split("run --only '")[1].split("'")[0].split(",")
+    assert needed == sorted(["default", "stock", "stock top-1", "stock top-2", "stock top-3", "token/topk"])
+    names = {e["name"] for e in quality.plan(quality.SHIPPED, tmp_path, 0.75)}
+    assert set(needed) <= names
