@@ -395,13 +395,14 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
 
     def batch_invariant(engine: dict[str, Any]) -> bool:
         alone, batched = engine["runs"]
-        # Slack for bf16 kernels rounding differently at other batch shapes. Measured on this tiny model:
-        # scope `request` 0 (prompt) and 4e-5 (samples); scope `budget` 6.8e-3 and 8.1e-3. The tiny
+        # The prompt decides, with the sampled tokens: a decode step's logprobs also carry the bf16
+        # kernels' rounding at another batch shape, which differs between CPUs. Measured on this tiny
+        # model, alone against batched: scope `request` prompt 0 on two machines, samples 4e-5 (an AMX
+        # Xeon) and 3.9e-3 (an AMD EPYC, AVX-512); scope `budget` prompt 6.8e-3 and 7.7e-3. The tiny
         # model's near-flat logits make every effect small, so the slack sits between the two.
         return batched["tokens"][0] == alone["tokens"][0] and all(
-            abs(a - b) < 2e-3
-            for key in ("prompt_logprobs", "logprobs")
-            for a, b in zip(alone[key][0], batched[key][0], strict=True)
+            abs(a - b) < 1e-3
+            for a, b in zip(alone["prompt_logprobs"][0], batched["prompt_logprobs"][0], strict=True)
         )
 
     assert batch_invariant(results[0])
