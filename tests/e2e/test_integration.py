@@ -397,8 +397,8 @@ def test_scope_request_is_batch_invariant(tmp_path: Path, tiny_model: Any) -> No
         alone, batched = engine["runs"]
         # The prompt decides, with the sampled tokens: a decode step's logprobs also carry the bf16
         # kernels' rounding at another batch shape, which differs between CPUs. Measured on this tiny
-        # model, alone against batched: scope `request` prompt 0 on two machines, samples 4e-5 (an AMX
-        # Xeon) and 3.9e-3 (an AMD EPYC, AVX-512); scope `budget` prompt 6.8e-3 and 7.7e-3. The tiny
+        # model, alone against batched: scope `request` prompt 0 on two machines, samples 4e-5 where first
+        # measured and 3.9e-3 on an AMD EPYC (AVX-512); scope `budget` prompt 6.8e-3 and 7.7e-3. The tiny
         # model's near-flat logits make every effect small, so the slack sits between the two.
         return batched["tokens"][0] == alone["tokens"][0] and all(
             abs(a - b) < 1e-3
