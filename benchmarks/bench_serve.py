@@ -130,10 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.expert_caps = [float(x) for x in args.expert_cap.split(",")]
         except ValueError:
             p.error(f"--expert-cap {args.expert_cap!r}: expected comma-separated shares in [0.001, 1)")
-        from vllm_alloc.requests import CAP_SCALE, share_units
+        from vllm_alloc.requests import caps
 
         for cap in args.expert_caps:
-            if not 0.001 <= cap < 1 or share_units(cap) >= CAP_SCALE:  # held in thousandths: 0.9996 is 1
+            if not caps(cap):
                 p.error(f"--expert-cap {cap:g}: must be in [0.001, 1) (1 is no cap)")
         if len(set(args.expert_caps)) < len(args.expert_caps):
             p.error(f"--expert-cap {args.expert_cap}: a share is listed twice")

@@ -41,7 +41,7 @@ from vllm_alloc.budget import (
 )
 from vllm_alloc.calibration import CalibrationData, CalibrationError, load_calibration, nll_sum
 from vllm_alloc.carry import CARRY_POOLS
-from vllm_alloc.requests import CAP_SCALE, BudgetError, parse_budget, share_units
+from vllm_alloc.requests import BudgetError, caps, parse_budget
 
 METRIC = "perplexity: exp(mean NLL of the next token) over the calibration split, vLLM prompt logprobs"
 # The scope each guard regime is served under: prefill steps pool a budget's tokens; a lone decode
@@ -842,7 +842,7 @@ def parse_cap_options(streams: str, shares: str, keep: float) -> tuple[list[int]
     ns = sorted(set(ns))
     if not ns or any(n < 2 for n in ns):
         raise ProfileError(f"--cap-streams {streams!r}: each N must be an integer >= 2, or 'none'")
-    if not rhos or any(not 0.001 <= r < 1 or share_units(r) >= CAP_SCALE for r in rhos):
+    if not rhos or not all(caps(r) for r in rhos):
         raise ProfileError(f"--cap-shares {shares!r}: each ρ must be in [0.001, 1)")
     if not 0.0 <= keep <= 1.0:
         raise ProfileError(f"--cap-keep {keep} is outside the valid range [0, 1]")

@@ -105,6 +105,12 @@ def share_units(share: float) -> int:
     return round(float(share) * CAP_SCALE)
 
 
+def caps(share: float) -> bool:
+    """Whether a share ρ is a cap: in [1/CAP_SCALE, 1) and still below CAP_SCALE once held in thousandths
+    (0.9996 rounds to no cap)."""
+    return 1 / CAP_SCALE <= share < 1 and share_units(share) < CAP_SCALE
+
+
 def parse_cap_share(raw: Any, *, source: str = "expert_cap") -> float:
     """A distinct-expert cap's share ρ (`vllm_alloc.cap`), read as a number in [1/CAP_SCALE, 1] (1: no
     cap; ρ is held in thousandths, so a share that rounds to 1 is no cap too); BudgetError if invalid."""
