@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernel import MODELS, LayerShape
 
-from vllm_alloc.device_budget import conditional_nodes_available, layer_routing, stock_or_budget
+from vllm_alloc.routing.device_budget import conditional_nodes_available, layer_routing, stock_or_budget
 
 LAYERS = 8
 

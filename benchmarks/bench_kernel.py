@@ -5,12 +5,13 @@ times the budget-aware kernel against itself at b = 1.0 and against vLLM's stock
 (when `import vllm` works), side by side in one run. Achieved bandwidth is reported as a share of a
 measured HBM roofline (one large device-to-device copy), counting the bytes a perfect kernel must move:
 the weights of the *distinct* experts with at least one kept pair, plus x and y. Every configuration is
-checked against `vllm_alloc.reference.moe_forward` before it is timed; a wrong kernel gets no number.
+checked against `vllm_alloc.routing.reference.moe_forward` before it is timed; a wrong kernel gets no number.
 
 Pruning as Alloc-T produces it: each token keeps a prefix of its own top-K ranking by (random) router
 score, of length ceil(b·K) (`--keep ceil`, default) or floor(b·K) (`--keep floor`), at least 1. Kept
 experts keep their full-model weights (DESIGN.md §2, option `topk`). With `--caps ρ ...`, every b < 1
-also gets rows under the distinct-expert cap (`vllm_alloc.cap`, all T tokens one cap group, K_base = 1):
+also gets rows under the distinct-expert cap (`vllm_alloc.routing.cap`, all T tokens one cap group, K_base =
+1):
 the kernel then reads at most max(⌈ρ·D⌉, the tokens' top-1 experts) experts, D those the pruned
 routing touches.
 
@@ -35,7 +36,7 @@ import torch
 # A source checkout run (`python benchmarks/bench_kernel.py`) finds vllm_alloc without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_alloc.reference import distinct_experts, moe_forward
+from vllm_alloc.routing.reference import distinct_experts, moe_forward
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def cap_routing(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`make_routing`'s pruned routing under the distinct-expert cap at share ρ = `share` (one cap group
     of all T tokens). Pruned slots must be a suffix of each row, as make_routing leaves them."""
-    from vllm_alloc.cap import cap_experts, share_units
+    from vllm_alloc.routing.cap import cap_experts, share_units
 
     T = ids.shape[0]
     kept = ids >= 0

@@ -11,7 +11,7 @@ Configurations (DESIGN.md §5):
   (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`);
   (d) (with --expert-cap ρ[,ρ...]) the plugin with the distinct-expert cap: the decode tokens at one budget
       below 1.0 share at most ⌈ρ·D⌉ of the D experts they would touch per MoE layer and pass
-      (`vllm_alloc.cap`), at the budgets --cap-budgets. One engine serves every ρ: it is set between
+      (`vllm_alloc.routing.cap`), at the budgets --cap-budgets. One engine serves every ρ: it is set between
       measurements (`vllm_alloc_set_cap`), as the profiler does.
 Each configuration is one engine in its own long-lived process (serve_lib.EngineWorker), all alive at
 once (the benchmark model and its KV cache are sized so three fit in memory), and only one measures at a
@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.expert_caps = [float(x) for x in args.expert_cap.split(",")]
         except ValueError:
             p.error(f"--expert-cap {args.expert_cap!r}: expected comma-separated shares in [0.001, 1)")
-        from vllm_alloc.requests import caps
+        from vllm_alloc.values import caps
 
         for cap in args.expert_caps:
             if not caps(cap):

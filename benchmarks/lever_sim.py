@@ -1,4 +1,5 @@
-"""What the request balance (`vllm_alloc.carry`) buys a lone decode stream: a simulation, not the served path.
+"""What the request balance (`vllm_alloc.routing.carry`) buys a lone decode stream: a simulation, not the
+served path.
 
     python benchmarks/lever_sim.py [--model models/default] [--b 0.5] [--alpha 0.05] [--offset 0.4]
                                    [--windows 128]
@@ -33,7 +34,7 @@ With --group N (N streams decoding together, one group per step: the decode regi
   group bank N α                    the carried balance of the group as a whole: a step spends the
                                     extras above θ_l·exp(−α·β/N) within N·(K_l − K_base) + β, and
                                     banks the rest in β (≥ 0, so the group never exceeds its pool)
-With --group N --cap-shares ρ,... (the distinct-expert cap, `vllm_alloc.cap`, after Alloc-T N; no free
+With --group N --cap-shares ρ,... (the distinct-expert cap, `vllm_alloc.routing.cap`, after Alloc-T N; no free
 experts here): each step's group keeps its floors and the ⌈ρ·D⌉ experts its kept pairs want most, and
 each token keeps as many pairs as Alloc-T gave it, taken
   cap ρ, own top-K                  from its own top-K candidates on allowed experts (the served rule)
@@ -60,8 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, split_ids  # noqa: E402  (after sys.path)
 
-from vllm_alloc.cap import group_cap, share_units  # noqa: E402
-from vllm_alloc.carry import carry_counts, threshold_for  # noqa: E402
+from vllm_alloc.routing.cap import group_cap, share_units  # noqa: E402
+from vllm_alloc.routing.carry import carry_counts, threshold_for  # noqa: E402
 
 SEQ_LEN = 256
 K_BASE = 1

@@ -39,7 +39,8 @@ Regimes. Alloc-T's groups depend on how tokens share a forward pass, so the rows
 2048-token steps of whole windows) measure the prefill regime. The decode regime, N concurrent
 same-budget streams, is measured by teacher forcing too, with groups made exactly as N streams' decode
 steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows) or, where a B carries
-the request balance, decode order (`vllm_alloc.profile.decode_order`: every window prefilled one token
+the request balance, decode order (`vllm_alloc.profiler.profile.decode_order`: every window prefilled one
+token
 per pass, all 256 together, each token its own group, so each window takes exactly a lone decoding
 request's steps, with its balance carried across positions and layers), and N = 8, 64. Where the file
 lets groups of N decode tokens carry (`carry_group` >= N), its row at N runs in decode order too, N
@@ -48,7 +49,8 @@ every row that does not carry, the engines `decode N=…` run scope `position` w
 `generate` call, all N prefilled in one step, so a group is the N tokens at one position (tests/e2e:
 equal to a real decode loop). Rows without
 Alloc-T (the uniforms, `(token)`) are the same in every regime. Where the file caps distinct experts
-(`vllm_alloc.cap`, decode groups of two or more tokens), its served rows at N = 8 and 64 are capped, and
+(`vllm_alloc.routing.cap`, decode groups of two or more tokens), its served rows at N = 8 and 64 are capped,
+and
 the same rows without its caps run too (`L+T shipped, no cap`, engines `decode N=… no cap`); with
 `--expert-cap ρ`, also under that share (`L+T shipped, cap ρ=…`). `regime_tables` prints one table per
 regime. Every engine keeps its engine core in-process, so every configuration sees the same batches.
@@ -72,7 +74,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402  (after sys.path)
 
-from vllm_alloc.profile import CARRY_OFFSET, decode_order  # noqa: E402
+from vllm_alloc.profiler.profile import CARRY_OFFSET, decode_order  # noqa: E402
 
 BUDGETS = (1.0, 0.75, 0.5, 0.33)
 SEQ_LEN = 256
@@ -119,7 +121,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_alloc.calibration import nll_sum
+    from vllm_alloc.profiler.calibration import nll_sum
 
     # The engine core in this process: `generate` queues every sequence before the first step, so every
     # configuration sees the same batches (with the core in a process of its own, the first step can
@@ -199,7 +201,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
 def rows_for(bf: Any, pick: str) -> dict[int, list[int]]:
     """K(B) at the benchmark's budgets from one source: 'uniform', 'chosen' (what the file ships) or a
     candidate protocol's DP vector as the profiler measured it ('isolating', 'operating-point')."""
-    from vllm_alloc.alloc_l import uniform
+    from vllm_alloc.budget.alloc_l import uniform
 
     L, K = bf.model.num_moe_layers, bf.model.top_k
     rows: dict[int, list[int]] = {}
@@ -472,7 +474,7 @@ def served_verdict(
 ) -> str:
     """The served configuration against both uniforms at every b < 1: the paired 95 % interval of the
     change in perplexity over the test windows, and whether it is worse with that confidence."""
-    from vllm_alloc.profile_protocols import paired_test
+    from vllm_alloc.profiler.protocols import paired_test
 
     parts, worse = [], []
     for b in (str(b) for b in BUDGETS[1:]):

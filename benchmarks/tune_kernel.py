@@ -1,7 +1,7 @@
 """Tune the launch configs of vllm_alloc.kernels.fused_moe for one layer shape on this GPU (GPU only).
 
 For each T bucket it sweeps BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages, checks every candidate
-against `vllm_alloc.reference.moe_forward` first (a wrong or failing config is dropped, never timed),
+against `vllm_alloc.routing.reference.moe_forward` first (a wrong or failing config is dropped, never timed),
 times the survivors with CUDA events (median) and writes the fastest per bucket to
 `kernels/configs/E=..,H=..,I=..,dtype=..,device=...json`, the table `pick_config` reads at run time.
 Serving never runs this: it only reads the tables.

@@ -162,7 +162,7 @@ def align_pairs(topk_ids: torch.Tensor, E: int, block_m: int) -> AlignedPairs:
     """Group the valid pairs of topk_ids [T, K] (−1 = pruned) by expert, each padded to block_m slots.
 
     Ids outside [−1, E) are dropped like pruned ones (checking them would need a host sync; the oracle
-    `vllm_alloc.reference.moe_forward` rejects them).
+    `vllm_alloc.routing.reference.moe_forward` rejects them).
     """
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K]; got shape {tuple(topk_ids.shape)}")

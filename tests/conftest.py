@@ -8,11 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # Set before anything imports vLLM or transformers (they read these at import time). setdefault: a person
 # or CI that sets them on purpose wins.
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "VLLM_NO_USAGE_STATS"):
     os.environ.setdefault(_name, "1")
+
+# Kernel tests run on CUDA when present, else on CPU under the Triton interpreter. TRITON_INTERPRET is
+# read when `triton.jit` decorates the kernels, so it is set here, before any test module of any folder
+# imports vllm_alloc.kernels (tests/kernels/ is collected after tests/budget/, tests/integration/, ...);
+# and only without CUDA, so a GPU box runs the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

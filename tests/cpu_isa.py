@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # `tests` is a package under the repo root
 
 # ATEN_CPU_CAPABILITY value -> (the /proc/cpuinfo flag it needs, the vector width Inductor must then pick).
 CAPABILITIES: dict[str, tuple[str, int]] = {"avx2": ("avx2", 256), "avx512": ("avx512f", 512)}
@@ -34,7 +34,8 @@ def cpu_flags() -> set[str]:
 
 
 def run_under_capability(capability: str, module: str, function: str, tmp_path: Path) -> None:
-    """Call `module.function()` (a module under tests/) in a subprocess with ATEN_CPU_CAPABILITY set.
+    """Call `module.function()` (a dotted module, e.g. tests.routing.test_cap) in a subprocess with
+    ATEN_CPU_CAPABILITY set.
 
     Skips when the CPU lacks the ISA. Fails with the subprocess's output when the call raises, or when
     Inductor would not generate code for `capability` (the check would then test the wrong ISA).
@@ -48,13 +49,13 @@ def run_under_capability(capability: str, module: str, function: str, tmp_path: 
         # A fresh Inductor cache, so that each run really builds its C++ (a cache hit proves nothing).
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
     }
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
     if shutil.which("g++") or shutil.which("c++"):  # without one Inductor picks no ISA (and is not used)
         code += (
             "from torch._inductor.cpu_vec_isa import pick_vec_isa\n"
             f"isa = pick_vec_isa(); assert isa.bit_width() == {bits}, f'Inductor picked {{isa}}'\n"
         )
-    code += f"import {module}; {module}.{function}()\n"
+    code += f"import importlib; importlib.import_module({module!r}).{function}()\n"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, check=False
     )

@@ -34,8 +34,8 @@ import pytest
 import yaml
 
 from vllm_alloc.cli import build_parser
-from vllm_alloc.launch import KILL_GRACE_S, MIDDLEWARE, SHUTDOWN_TIMEOUT_S, build_launch
-from vllm_alloc.server import APPLIED_HEADER, BUDGET_HEADER
+from vllm_alloc.serving.launch import KILL_GRACE_S, MIDDLEWARE, SHUTDOWN_TIMEOUT_S, build_launch
+from vllm_alloc.serving.middleware import APPLIED_HEADER, BUDGET_HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -408,7 +408,7 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
 
     # The image's environment, with paths into the simulated image; the machine is shared, so a small
     # memory fraction, and a free port on 127.0.0.1 given as container arguments (they override).
-    from e2e.serving import free_port, memory_fraction, stop_tree
+    from tests.e2e.serving import free_port, memory_fraction, stop_tree
 
     run_env = {
         **env,

@@ -1,6 +1,6 @@
-"""`vllm-alloc` command line: serve | profile | show | bench.
+"""`vllm-alloc` command line: serve | profile | show.
 
-Each subcommand lives in its own module, which provides `add_parser(subparsers)` and the function the
+Each subcommand lives in its own module (`serving.launch`, `profiler.profile`, `profiler.show`), which provides `add_parser(subparsers)` and the function the
 parser dispatches to (`args.func(args)`); this file only assembles them. Heavy imports (vLLM, torch,
 matplotlib) happen inside the subcommands, so `vllm-alloc --help` is instant.
 """
@@ -12,9 +12,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "serve": "vllm_alloc.server",
-    "profile": "vllm_alloc.profile",
-    "show": "vllm_alloc.show",
+    "serve": "vllm_alloc.serving.launch",
+    "profile": "vllm_alloc.profiler.profile",
+    "show": "vllm_alloc.profiler.show",
 }
 
 
@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for module_name in SUBCOMMANDS.values():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue  # subcommand not built yet in this checkout
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
 
-    from vllm_alloc.requests import BudgetError, parse_budget
+    from vllm_alloc.values import BudgetError, parse_budget
 
     try:
         budgets = [parse_budget(b, source="--budgets") for b in args.budgets.split(",")]

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vllm_alloc.requests import parse_budget, parse_cap_share
+from vllm_alloc.values import parse_budget, parse_cap_share
 
 
 def _budget_or_none(name: str, parse: Callable[..., float] = parse_budget) -> Callable[[], float | None]:

@@ -8,7 +8,7 @@ passes (never warm-up or dummy runs) and only on tensor-parallel rank 0.
   vllm_alloc:routed_activations_total{layer, budget}  routed (token, expert) pairs computed
   vllm_alloc:full_activations_total{layer, budget}    pairs the full model would have computed
   vllm_alloc:cap_dropped_pairs_total{layer, budget}   pairs Alloc-T kept that the distinct-expert cap
-                                                      dropped (`vllm_alloc.cap`)
+                                                      dropped (`vllm_alloc.routing.cap`)
   vllm_alloc:distinct_experts{layer}                  histogram: experts one pass's kept pairs touch in
                                                       a layer (passes with some token below b = 1.0)
   vllm_alloc:request_budget                           histogram of request budgets b

@@ -21,13 +21,14 @@ import math
 import os
 import shutil
 import sys
-import sysconfig
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vllm_alloc.profiler.calibration import stdlib_corpus
 
 FAMILIES: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3")
 
@@ -46,7 +47,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-_CORPUS_CHARS = 2_000_000  # ~1.3 s of BPE training: enough text for a 1-4k vocabulary
 
 HEAD_DIM = 32
 # Router logits are gate(RMSNorm(x)), and RMSNorm makes every entry of x about unit-size, so logit std is
@@ -59,26 +59,6 @@ ROUTER_LOGIT_STD = 2.0
 SCORE_BIAS_STD = 0.1
 
 _DEEPSEEK_GROUPS = {"n_group": 4, "topk_group": 2}
-
-
-def _corpus() -> list[str]:
-    """Deterministic local training text: the stdlib's top-level modules, sorted by name, up to ~2 MB.
-
-    The stdlib exists wherever Python does, so no download is needed; its content differs between Python
-    versions, which is why cached_model keys include the Python version.
-    """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    total = 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        total += len(text)
-        if total >= _CORPUS_CHARS:
-            break
-    if total == 0:
-        raise RuntimeError(f"no .py files under the stdlib folder {stdlib}; cannot train a tokenizer")
-    return texts
 
 
 @lru_cache(maxsize=4)
@@ -95,7 +75,7 @@ def _tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text round-trips
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(stdlib_corpus(), trainer=trainer)
     if tok.get_vocab_size() > vocab_size:
         raise RuntimeError(
             f"trained tokenizer has {tok.get_vocab_size()} tokens, above vocab_size={vocab_size}"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_cases import DEVICE, routing
 from vllm_alloc.kernels import align_pairs
+
+from tests.kernels.moe_cases import DEVICE, routing
 
 
 def check_alignment(ids: torch.Tensor, E: int, block_m: int) -> None:

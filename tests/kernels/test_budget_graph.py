@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from moe_cases import DEVICE, ON_CUDA, SMALL_CONFIG, TOLERANCES
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from vllm_alloc.kernels import fused_moe
 
-from vllm_alloc.alloc_t import reallocate
-from vllm_alloc.device_budget import conditional_nodes_available, layer_routing
-from vllm_alloc.reference import moe_forward
+from tests.kernels.moe_cases import DEVICE, ON_CUDA, SMALL_CONFIG, TOLERANCES
+from vllm_alloc.routing.alloc_t import reallocate
+from vllm_alloc.routing.device_budget import conditional_nodes_available, layer_routing
+from vllm_alloc.routing.reference import moe_forward
 
 T_PAD, K, E, H, I, L = 8, 4, 8, 64, 32, 3  # graph size T_PAD; L MoE layers; A = L·K
 A = L * K
@@ -262,7 +262,7 @@ def stock_twin(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
 def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
     """One graph, two bodies (device_budget.stock_or_budget): a replay with the flag set runs the stock
     call on the stock routing and counts nothing; with it clear, the budget path and its counts."""
-    from vllm_alloc.device_budget import stock_or_budget
+    from vllm_alloc.routing.device_budget import stock_or_budget
 
     w13, w2 = expert_weights(dtype)
     static = pass_contents(0, T_PAD, dtype)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_cases import DEVICE, ON_CUDA
-from test_budget_graph import NoHostReads, allocation_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vllm_alloc.device_budget import Carry, layer_routing
+from tests.kernels.moe_cases import DEVICE, ON_CUDA
+from tests.kernels.test_budget_graph import NoHostReads, allocation_table
+from vllm_alloc.routing.device_budget import Carry, layer_routing
 
 T_PAD, K, E, L = 8, 4, 8, 3
 A = L * K

@@ -1,13 +1,13 @@
-"""fused_moe and its pieces against the oracle vllm_alloc.reference.moe_forward."""
+"""fused_moe and its pieces against the oracle vllm_alloc.routing.reference.moe_forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from moe_cases import DEVICE, DTYPES, ON_CUDA, SMALL_CONFIG, TOLERANCES, make_problem
 from vllm_alloc.kernels import align_pairs, combine_pairs, fused_moe, grouped_down, grouped_gate_up
 
-from vllm_alloc.reference import moe_forward
+from tests.kernels.moe_cases import DEVICE, DTYPES, ON_CUDA, SMALL_CONFIG, TOLERANCES, make_problem
+from vllm_alloc.routing.reference import moe_forward
 
 SHAPES = [
     # T, K, E, H, I, pruning pattern

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from moe_cases import DEVICE, SMALL_CONFIG, make_problem
 from torch._subclasses.fake_tensor import FakeTensorMode
 from vllm_alloc.kernels import config as config_mod
 from vllm_alloc.kernels import default_config, fused_moe, pick_config
+
+from tests.kernels.moe_cases import DEVICE, SMALL_CONFIG, make_problem
 
 
 def _args(p: dict[str, torch.Tensor]) -> tuple:

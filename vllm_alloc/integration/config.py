@@ -6,7 +6,7 @@ Precedence, highest first:
   3. the budget file (its scope, weights and default_budget), or without one the uniform allocation
 The launcher (`vllm-alloc serve`, before vLLM starts), the API server's budget middleware and the worker
 (`AllocState.finalize`) all call `resolve_settings` / `PluginConfig.resolve`, so they agree on the
-default budget and the smallest valid one. Budget values are validated by `vllm_alloc.requests`.
+default budget and the smallest valid one. Budget values are validated by `vllm_alloc.values`.
 
 Keys of the `vllm_alloc` object:
   budget_file     path of a budget file, or the name of one shipped in configs/ (default: uniform)
@@ -20,10 +20,11 @@ Keys of the `vllm_alloc` object:
                   a sequence measures one decode stream)
   weights         weights of kept experts: "topk" (default), "kept" or "raw"
   budget_aliases  budgets served as model names: [0.75, 0.5] serves NAME@0.75 and NAME@0.5 beside NAME
-                  (NAME: the first served model name), each running at its budget (`vllm_alloc.server`)
+                  (NAME: the first served model name), each running at its budget
+                  (`vllm_alloc.serving.middleware`)
   expert_cap      for experiments: ρ in [0.001, 1], the share of the experts they would touch that the
                   decode tokens at one budget below 1.0 may use per pass in every MoE layer
-                  (`vllm_alloc.cap`); 1: no cap. Default: the budget file's caps (where the profiler
+                  (`vllm_alloc.routing.cap`); 1: no cap. Default: the budget file's caps (where the profiler
                   chose them)
 
 No vLLM import here (the launcher uses this before vLLM starts); the budget file module, which imports
@@ -37,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vllm_alloc import envs
-from vllm_alloc.requests import parse_budget, parse_cap_share
+from vllm_alloc.values import parse_budget, parse_cap_share
 
 if TYPE_CHECKING:
     from vllm_alloc.budget import BudgetFile, ModelFingerprint
@@ -140,7 +141,8 @@ class PluginConfig:
     def changed(
         self, current: BudgetFile | None, change: dict[str, Any]
     ) -> tuple[PluginConfig, BudgetFile | None]:
-        """This configuration after an admin change (`vllm_alloc.admin`), and the budget file it names,
+        """This configuration after an admin change (`vllm_alloc.serving.admin`), and the budget file it
+        names,
         parsed, for `resolve(loaded=...)`. `change["budget_file"]` is {"source": path, "text": its
         content}, or None for the uniform allocation; without it the file served now, `current`, stays as
         it was loaded. `change["default_budget"]` replaces the default. ValueError names the file, field
@@ -249,3 +251,28 @@ def resolve_settings(
 ) -> Settings:
     """All three levels: `--additional-config` > VLLM_ALLOC_* > the budget file (`PluginConfig.resolve`)."""
     return PluginConfig.from_additional_config(additional_config).resolve(model=model, top_k=top_k)
+
+
+def settings_from_vllm_config(vllm_config: Any) -> Settings:
+    """The budget settings the worker will use, resolved from the API server's VllmConfig by the same
+    code (`vllm_alloc.integration.config`); without a budget file the minimum is 1/K, K the model's
+    top-k (the uniform allocation at K_base = 1)."""
+    config, top_k = config_from_vllm_config(vllm_config)
+    return config.resolve(top_k=top_k)
+
+
+def config_from_vllm_config(vllm_config: Any) -> tuple[PluginConfig, int | None]:
+    """The plugin settings as configured (`--additional-config` > VLLM_ALLOC_*), and the model's top-k."""
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    config = PluginConfig.from_additional_config(getattr(vllm_config, "additional_config", None))
+    return config, model_top_k(hf_config)
+
+
+def model_top_k(hf_config: Any) -> int | None:
+    """K of an HF config object or config.json dict; None when it names none (not an MoE we know)."""
+    for name in ("num_experts_per_tok", "moe_topk", "top_k"):
+        value = hf_config.get(name) if isinstance(hf_config, dict) else getattr(hf_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return None

@@ -18,7 +18,7 @@ from vllm_alloc.integration.state import STATE
 if TYPE_CHECKING:
     # Imported where used, never at plugin registration: numba must not be loaded before vLLM's worker init
     # (see alloc_t_host).
-    from vllm_alloc.alloc_t_host import KeptPairs
+    from vllm_alloc.routing.alloc_t_host import KeptPairs
 
 
 def budget_experts(
@@ -32,7 +32,7 @@ def host_routing(
     column: int, keys: torch.Tensor, weights_in: torch.Tensor, topk_ids: torch.Tensor
 ) -> KeptPairs:
     """Alloc-T of one CPU layer call on the host, and its activation count: the kept pairs."""
-    from vllm_alloc import alloc_t_host, cap_host
+    from vllm_alloc.routing import alloc_t_host, cap_host
 
     plan = STATE.plan
     assert plan is not None and plan.host is not None

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from vllm_alloc.device_budget import layer_routing, stock_or_budget
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.state import STATE
+from vllm_alloc.routing.device_budget import layer_routing, stock_or_budget
 
 
 def kernel_activation(routed_experts: Any) -> str | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_alloc.integration import compat
-from vllm_alloc.requests import BUDGET_KEY, BudgetError, budget_from_extra_args, parse_budget
+from vllm_alloc.values import BUDGET_KEY, BudgetError, budget_from_extra_args, parse_budget
 
 _MARK = "_vllm_alloc_wrapped"
 
@@ -76,7 +76,8 @@ def use_settings(processor: Any, settings: Any) -> None:
 def budget_salt(processor: Any, raw: Any, client_salt: str | None) -> str | None:
     """The cache salt of a request with raw budget `raw` (None: the server default) and the client's salt.
     The API server's middleware may have salted the request already; `cache_salt` then leaves it as is."""
-    from vllm_alloc.server import cache_salt, settings_from_vllm_config
+    from vllm_alloc.integration.config import settings_from_vllm_config
+    from vllm_alloc.values import cache_salt
 
     settings = getattr(processor, "_vllm_alloc_settings", None)
     if settings is None:

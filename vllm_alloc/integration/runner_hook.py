@@ -22,7 +22,7 @@ import torch
 
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.state import STATE
-from vllm_alloc.requests import budget_from_extra_args
+from vllm_alloc.values import budget_from_extra_args
 
 _MARK = "_vllm_alloc_wrapped"
 

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_alloc import device_budget, envs
+from vllm_alloc import envs
 from vllm_alloc.budget import BudgetFile, ModelFingerprint
-from vllm_alloc.cap import SCALE, capped_budgets, share_units
-from vllm_alloc.carry import CARRY_POOLS
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.config import PluginConfig
-from vllm_alloc.requests import BudgetError, parse_budget
+from vllm_alloc.routing import device_budget
+from vllm_alloc.routing.cap import SCALE, capped_budgets, share_units
+from vllm_alloc.routing.carry import CARRY_POOLS
+from vllm_alloc.values import BudgetError, parse_budget
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Plan:
     # [A + 1] bool, host: False where the budget file turns Alloc-T off at B (each token of a request at
     # that B is then its own group, so it keeps exactly its top-K_l).
     reallocating: np.ndarray
-    # The carried balance (`vllm_alloc.carry`): θ_l(B), where each B carries (host), α, the balance of
+    # The carried balance (`vllm_alloc.routing.carry`): θ_l(B), where each B carries (host), α, the balance of
     # each request slot ([S + 1, L], row 0 scratch) and each token's slot (0 = not carried).
     carry_theta: torch.Tensor  # [A + 1, L] float64
     carrying: np.ndarray  # [A + 1] bool, host
@@ -71,7 +72,8 @@ class Plan:
     carry_group: int  # decode tokens carry where at most this many share a group
     balance: torch.Tensor  # [S + 1, L] int64
     token_slot: torch.Tensor  # [N] int64
-    # The distinct-expert cap (`vllm_alloc.cap`): the share ρ_l(B) in thousandths (SCALE where B is not
+    # The distinct-expert cap (`vllm_alloc.routing.cap`): the share ρ_l(B) in thousandths (SCALE where B is
+    # not
     # capped), which B are capped (host), each token's cap group + 1 (0 = not capped), and its counters:
     # pairs dropped [L, A + 1] and layer calls by distinct experts touched [L, E + 1].
     cap_table: torch.Tensor  # [A + 1, L] int64
@@ -227,7 +229,7 @@ class AllocState:
         self._check_scope(self.plan.scope)
         self.flushed = {name: np.zeros(tuple(getattr(self.plan, name).shape)) for name in _COUNTERS}
         if self.plan.host is not None:  # compile the host Alloc-T now, not in the first request
-            from vllm_alloc import alloc_t_host
+            from vllm_alloc.routing import alloc_t_host
 
             alloc_t_host.warm_up(self.plan.host["table"], self.plan.host["used"])
         return self.plan
@@ -387,7 +389,7 @@ class AllocState:
     ) -> np.ndarray | None:
         """Each token's cap group + 1 ([T] int64, 0 = not capped), or None where no token is capped.
 
-        The cap (`vllm_alloc.cap`) acts on decode tokens (their request's only token in the pass) at a
+        The cap (`vllm_alloc.routing.cap`) acts on decode tokens (their request's only token in the pass) at a
         capped B, and all of them at one B share the pass's experts: one group per B. Evaluation scopes
         teacher-force decode: under `position` a group is the tokens at one budget and position (the
         decode tokens of N streams at one step); under `stream` and `token` (no interaction among tokens,
@@ -508,7 +510,7 @@ class AllocState:
         decode tokens of a group that carry (the profiler and the quality benchmark measure the lever
         this way, eager). CUDA graphs captured while no B carried do not compute it, nor do graphs
         captured with the other pool (docs/design.md, GPU path)."""
-        from vllm_alloc.carry import check_alpha
+        from vllm_alloc.routing.carry import check_alpha
 
         plan = self._need_plan()
         if alpha is not None:
@@ -576,7 +578,7 @@ class AllocState:
     def carry_thresholds(self, rows: dict[int, list[int]], offset: float) -> dict[int, list[float]]:
         """θ_l(B) for the allocation rows given ({B: K(B)}) from the recorded scores: per layer the bar
         at which the recorded tokens keep K_l − K_base − offset extras on average (`carry.threshold_for`)."""
-        from vllm_alloc.carry import threshold_for
+        from vllm_alloc.routing.carry import threshold_for
 
         plan = self._need_plan()
         if not self.recorded or not all(self.recorded):
@@ -589,7 +591,8 @@ class AllocState:
 
     # -- runtime control (the admin route) ---------------------------------------------------------------
     def reconfigure(self, change: dict[str, Any], apply: bool) -> dict[str, Any]:
-        """Check, and with `apply` take, new settings between passes (`vllm_alloc.admin`). `change` may hold
+        """Check, and with `apply` take, new settings between passes (`vllm_alloc.serving.admin`). `change`
+        may hold
         `budget_file`, {"source": path or name, "text": its content} (None: the uniform allocation), and
         `default_budget`, a b. The file is validated against this model and the default against its
         minimum; ValueError names the file, field and value, and leaves everything as it was. Applied, the
