@@ -1,8 +1,9 @@
 """`vllm-alloc` command line: serve | profile | show.
 
-Each subcommand lives in its own module (`serving.launch`, `profiler.profile`, `profiler.show`), which provides `add_parser(subparsers)` and the function the
-parser dispatches to (`args.func(args)`); this file only assembles them. Heavy imports (vLLM, torch,
-matplotlib) happen inside the subcommands, so `vllm-alloc --help` is instant.
+Each subcommand lives in its own module (`serving.launch`, `profiler.profile`, `profiler.show`), which
+provides `add_parser(subparsers)` and the function the parser dispatches to (`args.func(args)`); this
+file only assembles them. Heavy imports (vLLM, torch, matplotlib) happen inside the subcommands, so
+`vllm-alloc --help` is instant.
 """
 
 from __future__ import annotations
