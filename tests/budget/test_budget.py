@@ -25,7 +25,7 @@ from vllm_alloc.budget import (
     parse_budget_file,
     uniform_budget_file,
 )
-from vllm_alloc.budget import file as budget
+from vllm_alloc.budget import load as budget_load  # where CONFIGS_DIR is looked up
 from vllm_alloc.budget.alloc_l import solve
 from vllm_alloc.profiler.show import summary
 
@@ -250,11 +250,11 @@ def test_strict_type_errors_say_how_to_fix(edit: Callable[[dict[str, Any]], None
 
 
 def test_shipped_budget_files_load() -> None:
-    shipped = sorted(budget.CONFIGS_DIR.glob("*.json"))
-    assert shipped, f"no budget files in {budget.CONFIGS_DIR}"
+    shipped = sorted(budget_load.CONFIGS_DIR.glob("*.json"))
+    assert shipped, f"no budget files in {budget_load.CONFIGS_DIR}"
     for path in shipped:
         assert load_budget_file(path).format_version == 1
-    assert load_budget_file("default") == load_budget_file(budget.CONFIGS_DIR / "default.json")
+    assert load_budget_file("default") == load_budget_file(budget_load.CONFIGS_DIR / "default.json")
 
 
 def _candidates(chosen: str, *rows: tuple[str, list[int], float]) -> Callable[[dict[str, Any]], None]:
@@ -472,7 +472,7 @@ def test_unreadable_path(tmp_path: Path) -> None:
 
 
 def test_shipped_name_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(budget, "CONFIGS_DIR", tmp_path)
+    monkeypatch.setattr(budget_load, "CONFIGS_DIR", tmp_path)
     uniform_budget_file(SMALL).dump(tmp_path / "tiny-moe.json")
     monkeypatch.chdir(tmp_path.parent)  # so the bare name is not also a path relative to the cwd
     assert load_budget_file("tiny-moe") == uniform_budget_file(SMALL)

@@ -11,7 +11,8 @@ import torch
 
 from tests.integration.test_integration_unit import A, E, H, I, K, make_state
 from vllm_alloc.integration.config import PluginConfig
-from vllm_alloc.integration.state import AllocState, LayerInfo
+from vllm_alloc.integration.plan import LayerInfo
+from vllm_alloc.integration.state import AllocState
 from vllm_alloc.routing import alloc_t_host
 
 B_HALF = A // 2  # b = 0.5: K_l = 2 in both layers

@@ -12,7 +12,8 @@ import torch
 
 from vllm_alloc.budget import BudgetFileError, ModelFingerprint, uniform_budget_file
 from vllm_alloc.integration.config import PluginConfig, plugin_section, resolve_settings
-from vllm_alloc.integration.state import AllocState, LayerInfo
+from vllm_alloc.integration.plan import LayerInfo
+from vllm_alloc.integration.state import AllocState
 
 L, E, K, H, I = 2, 8, 4, 64, 32
 A = L * K

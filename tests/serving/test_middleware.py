@@ -478,14 +478,13 @@ def test_flag_and_additional_config_compare_as_numbers(flag_value: str, config_v
 def test_flag_and_additional_config_compare_budget_files_by_what_they_load(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm_alloc.budget import file as budget
+    from vllm_alloc.budget import ModelFingerprint, uniform_budget_file
+    from vllm_alloc.budget import load as budget_load  # where CONFIGS_DIR is looked up
 
-    monkeypatch.setattr(budget, "CONFIGS_DIR", tmp_path / "configs")
+    monkeypatch.setattr(budget_load, "CONFIGS_DIR", tmp_path / "configs")
     (tmp_path / "configs").mkdir()
     for name in ("a", "b"):
-        budget.uniform_budget_file(budget.ModelFingerprint(**FINGERPRINT)).dump(
-            tmp_path / "configs" / f"{name}.json"
-        )
+        uniform_budget_file(ModelFingerprint(**FINGERPRINT)).dump(tmp_path / "configs" / f"{name}.json")
     monkeypatch.chdir(tmp_path)
     same = [
         "a",

@@ -28,7 +28,8 @@ import torch
 from vllm_alloc import envs
 from vllm_alloc.integration import compat, cpu, cuda
 from vllm_alloc.integration.config import PluginConfig
-from vllm_alloc.integration.state import STATE, LayerInfo
+from vllm_alloc.integration.plan import LayerInfo
+from vllm_alloc.integration.state import STATE
 from vllm_alloc.routing.device_budget import conditional_nodes_available
 
 _RUNNERS: dict[str, Any] = {}  # layer name -> BudgetMoERunner, for the custom op's lookup

@@ -1,7 +1,7 @@
 """One MoE layer's budget routing on the device, from persistent buffers: the path CUDA graphs capture.
 
 Inside a captured region nothing may depend on per-pass host data, so everything a pass changes is read
-from device buffers that the runner hook writes before the forward (`integration.state.Plan`):
+from device buffers that the runner hook writes before the forward (`integration.plan.Plan`):
 `token_budget[t]` (the absolute budget B of token t, 0 for a padding row) and `token_group[t]`, and
 `table[B, l]` = K_l(B). Alloc-T then runs with the padded T of the graph, and pruned pairs come out as
 data (id −1, weight 0), never as shapes. The activation count is a device scatter into `used[l, B]`:
