@@ -39,7 +39,7 @@ Regimes. Alloc-T's groups depend on how tokens share a forward pass, so the rows
 2048-token steps of whole windows) measure the prefill regime. The decode regime, N concurrent
 same-budget streams, is measured by teacher forcing too, with groups made exactly as N streams' decode
 steps make them: N = 1 is scope `token` (one token per group; the `(token)` rows) or, where a B carries
-the request balance, decode order (`vllm_alloc.profiler.profile.decode_order`: every window prefilled one
+the request balance, decode order (`vllm_alloc.profiler.engine.decode_order`: every window prefilled one
 token
 per pass, all 256 together, each token its own group, so each window takes exactly a lone decoding
 request's steps, with its balance carried across positions and layers), and N = 8, 64. Where the file
@@ -74,7 +74,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_default_budget import MODEL, SCRATCH, SHIPPED, split_ids  # noqa: E402  (after sys.path)
 
-from vllm_alloc.profiler.profile import CARRY_OFFSET, decode_order  # noqa: E402
+from vllm_alloc.profiler.carry_defaults import CARRY_OFFSET  # noqa: E402
+from vllm_alloc.profiler.engine import decode_order  # noqa: E402
 
 BUDGETS = (1.0, 0.75, 0.5, 0.33)
 SEQ_LEN = 256
@@ -474,7 +475,7 @@ def served_verdict(
 ) -> str:
     """The served configuration against both uniforms at every b < 1: the paired 95 % interval of the
     change in perplexity over the test windows, and whether it is worse with that confidence."""
-    from vllm_alloc.profiler.protocols import paired_test
+    from vllm_alloc.profiler.guard import paired_test
 
     parts, worse = [], []
     for b in (str(b) for b in BUDGETS[1:]):

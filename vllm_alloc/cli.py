@@ -1,6 +1,6 @@
 """`vllm-alloc` command line: serve | profile | show.
 
-Each subcommand lives in its own module (`serving.launch`, `profiler.profile`, `profiler.show`), which
+Each subcommand lives in its own module (`serving.launch`, `profiler.cli`, `profiler.show`), which
 provides `add_parser(subparsers)` and the function the parser dispatches to (`args.func(args)`); this
 file only assembles them. Heavy imports (vLLM, torch, matplotlib) happen inside the subcommands, so
 `vllm-alloc --help` is instant.
@@ -14,7 +14,7 @@ import sys
 
 SUBCOMMANDS = {
     "serve": "vllm_alloc.serving.launch",
-    "profile": "vllm_alloc.profiler.profile",
+    "profile": "vllm_alloc.profiler.cli",
     "show": "vllm_alloc.profiler.show",
 }
 

@@ -6,7 +6,7 @@ SPEC: {"model": path, "engines": [{"plugin": bool, "eager": bool, "additional_co
         "llm_kwargs": {...}, "env": {...}, "runs": [{"prompts": [...], "budgets": [b or null, ...],
         "max_tokens": n, "temperature": t, "seed": s, "prompt_logprobs": bool,
         "set_allocation": {B: [K_l...]} (optional), "decode_order": bool (prompts prefilled one
-        token per pass, `vllm_alloc.profiler.profile.decode_order`)}]}]}
+        token per pass, `vllm_alloc.profiler.engine.decode_order`)}]}]}
 Each engine runs in a process of its own, one after another; `plugin: false` sets VLLM_ALLOC_DISABLE=1
 before the engine starts, so neither it nor its worker processes load the plugin. Results per run: token
 ids, sample logprobs, prompt logprobs, prompt tokens served from the prefix cache, and the plugin's
@@ -92,7 +92,7 @@ def run_engine(model: str, spec: dict[str, Any]) -> dict[str, Any]:
             )
             for b in run["budgets"]
         ]
-        from vllm_alloc.profiler.profile import decode_order
+        from vllm_alloc.profiler.engine import decode_order
 
         with decode_order(llm, bool(run.get("decode_order"))):
             outputs = llm.generate(run["prompts"], params, use_tqdm=False)

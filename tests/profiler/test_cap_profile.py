@@ -1,4 +1,4 @@
-"""The profiler's choice of the distinct-expert cap (`profile_protocols.choose_cap`, `profile.add_caps`)
+"""The profiler's choice of the distinct-expert cap (`guard.choose_cap`, `cap_stage.add_caps`)
 with fake measurements (no vLLM): the rule, the file it writes, and the loader's check of it."""
 
 from __future__ import annotations
@@ -8,8 +8,11 @@ import pytest
 
 from tests.profiler.test_profile import additive, calibration, fingerprint, paired
 from vllm_alloc.budget import load_budget_file
-from vllm_alloc.profiler import protocols as pp
-from vllm_alloc.profiler.profile import ProfileError, add_caps, parse_cap_options, profile_to_file
+from vllm_alloc.profiler.build import profile_to_file
+from vllm_alloc.profiler.cap_stage import add_caps
+from vllm_alloc.profiler.cli import parse_cap_options
+from vllm_alloc.profiler.errors import ProfileError
+from vllm_alloc.profiler.guard import choose_cap
 from vllm_alloc.profiler.show import summary
 
 RNG = np.random.default_rng(0)
@@ -40,7 +43,7 @@ SHARES = (0.75, 0.5, 0.25)
 def test_the_smallest_share_before_the_first_failure_ships() -> None:
     # At N = 8, ρ = 0.25 keeps only 30 % of the gain (< 50 %); at N = 64 every share keeps enough.
     fake = FakeCaps({8: {0.75: 0.1, 0.5: 0.4, 0.25: 0.7}, 64: {0.75: 0.0, 0.5: 0.1, 0.25: 0.2}})
-    cap, tests = pp.choose_cap(8, 4, fake, BASE, (8, 64), SHARES, keep=0.5)
+    cap, tests = choose_cap(8, 4, fake, BASE, (8, 64), SHARES, keep=0.5)
     assert cap == [0.5] * 4
     # Served at each N, then shares largest first, N = 8 first; 0.25 fails at N = 8, so N = 64 is not run.
     assert fake.runs == [
@@ -53,10 +56,10 @@ def test_the_smallest_share_before_the_first_failure_ships() -> None:
 
 def test_no_cap_where_the_largest_share_fails_or_nothing_is_gained() -> None:
     fake = FakeCaps({8: dict.fromkeys(SHARES, 0.6), 64: dict.fromkeys(SHARES, 0.0)})
-    assert pp.choose_cap(5, 4, fake, BASE, (8, 64), SHARES)[0] is None
+    assert choose_cap(5, 4, fake, BASE, (8, 64), SHARES)[0] is None
     # The served configuration no better than the baseline: no gain to keep, no cap.
     fake = FakeCaps({8: dict.fromkeys(SHARES, 0.0), 64: dict.fromkeys(SHARES, 0.0)}, gain=0.0)
-    cap, tests = pp.choose_cap(5, 4, fake, BASE, (8, 64), SHARES)
+    cap, tests = choose_cap(5, 4, fake, BASE, (8, 64), SHARES)
     assert cap is None and tests[0]["kept"] == 0.0
 
 
@@ -70,7 +73,7 @@ def test_no_cap_where_the_largest_share_fails_or_nothing_is_gained() -> None:
 )
 def test_bad_rule_arguments_name_the_value(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        pp.choose_cap(8, 4, FakeCaps({}), BASE, **kwargs)
+        choose_cap(8, 4, FakeCaps({}), BASE, **kwargs)
 
 
 def test_add_caps_writes_caps_the_loader_accepts(tmp_path) -> None:
@@ -131,13 +134,14 @@ def test_the_cap_stage_runs_as_caps_only_with_the_same_flags(tmp_path) -> None:
     with this run's calibration and cap flags; --caps-only refuses a file validated on other sequences."""
     import argparse
 
-    from vllm_alloc.profiler import profile as profile_mod
+    from vllm_alloc.profiler.cap_stage import file_to_cap
+    from vllm_alloc.profiler.cli import _caps_command
 
     args = argparse.Namespace(
         model="m", calib="c.npy", tokens=4096, seq_len=64, heldout=0.5, budgets="0.5", cap_streams="2,4",
         cap_shares="0.5", cap_keep=0.5, dtype="float32", out=tmp_path / "f.json", no_progress=True,
     )  # fmt: skip
-    cmd = profile_mod._caps_command(args)
+    cmd = _caps_command(args)
     assert cmd[1:6] == ["-m", "vllm_alloc.cli", "profile", "m", "--caps-only"] and cmd[-1] == "--no-progress"
     flags = dict(zip(cmd[6:-1:2], cmd[7:-1:2], strict=True))
     assert flags == {
@@ -147,6 +151,6 @@ def test_the_cap_stage_runs_as_caps_only_with_the_same_flags(tmp_path) -> None:
     }  # fmt: skip
     w = [8.0, 1.0, 1.0, 1.0]
     profile_to_file(additive(w), paired(w), fingerprint(), calibration(), [0.5], args.out, progress=False)
-    assert profile_mod._file_to_cap(args.out, calibration()).guard is not None
+    assert file_to_cap(args.out, calibration()).guard is not None
     with pytest.raises(ProfileError, match=r"validated on 48 × 8 held-out sequences .* give 40 × 8"):
-        profile_mod._file_to_cap(args.out, calibration(n_heldout=40))
+        file_to_cap(args.out, calibration(n_heldout=40))

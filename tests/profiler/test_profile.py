@@ -16,13 +16,13 @@ import torch
 from vllm_alloc.budget import ModelFingerprint, load_budget_file
 from vllm_alloc.budget.alloc_l import uniform
 from vllm_alloc.cli import main as cli_main
-from vllm_alloc.profiler import profile as profile_mod
-from vllm_alloc.profiler import protocols as pp
+from vllm_alloc.profiler import guard, protocols, runner
+from vllm_alloc.profiler.build import build_budget_file, profile_to_file
 from vllm_alloc.profiler.calibration import CalibrationData, load_calibration
-from vllm_alloc.profiler.profile import profile_to_file
+from vllm_alloc.profiler.engine import decode_order
 
 
-def additive(weights: Sequence[float]) -> pp.Evaluate:
+def additive(weights: Sequence[float]) -> protocols.Evaluate:
     """Fake metric: Σ_l w_l / K_l (layer l hurts w_l-times more when starved), same on both splits."""
 
     def evaluate(ks: Sequence[int], split: str) -> float:
@@ -38,7 +38,7 @@ def paired(
     alloc_t_cost: float = 0.0,
     calls: list[tuple[tuple[int, ...], bool, str]] | None = None,
     carry_gain: float = 0.0,
-) -> pp.Validate:
+) -> guard.Validate:
     """Fake held-out runs: per-sequence mean NLL = the sequence's own difficulty (shared by every
     configuration, so pairing cancels it) + log of the additive metric + independent noise per run;
     Alloc-T adds `alloc_t_cost` in prefill, carrying the balance `-carry_gain` in decode."""
@@ -58,7 +58,7 @@ def paired(
 
 
 class Counting:
-    def __init__(self, inner: pp.Evaluate) -> None:
+    def __init__(self, inner: protocols.Evaluate) -> None:
         self.inner = inner
         self.calls: list[tuple[tuple[int, ...], str]] = []
 
@@ -79,7 +79,7 @@ class Counting:
 )
 def test_isolating_runs_exactly_L_times_K_minus_1_plus_1(L: int, K: int, k_base: int) -> None:
     ev = Counting(additive([1.0] * L))
-    S = pp.isolating_sensitivity(ev, L, K, k_base)
+    S = protocols.isolating_sensitivity(ev, L, K, k_base)
     assert len(ev.calls) == L * (K - k_base) + 1
     assert len(set(ev.calls)) == len(ev.calls)  # no configuration twice
     assert all(split == "profile" for _, split in ev.calls)
@@ -95,7 +95,7 @@ def test_isolating_runs_exactly_L_times_K_minus_1_plus_1(L: int, K: int, k_base:
 def test_isolating_matrix_is_the_paper_definition() -> None:
     L, K = 3, 4
     ev = additive([3.0, 1.0, 2.0])
-    S = pp.isolating_sensitivity(ev, L, K)
+    S = protocols.isolating_sensitivity(ev, L, K)
     for l in range(L):
         for k in range(1, K + 1):
             assert S[l][k - 1] == ev([K] * l + [k] + [1] * (L - l - 1), "profile")
@@ -104,7 +104,7 @@ def test_isolating_matrix_is_the_paper_definition() -> None:
 def test_operating_point_sweeps_one_layer_around_uniform() -> None:
     L, K, B = 4, 4, 8
     ev = Counting(additive([1.0, 2.0, 3.0, 4.0]))
-    S = pp.operating_point_sensitivity(ev, L, K, B)
+    S = protocols.operating_point_sensitivity(ev, L, K, B)
     assert len(ev.calls) == L * (K - 1) + 1
     base = uniform(L, K, B)
     for l in range(L):
@@ -116,7 +116,7 @@ def test_unequal_layers_get_more_experts_where_they_matter() -> None:
     L, K = 4, 4
     B = L * K // 2
     w = [8.0, 1.0, 1.0, 1.0]
-    result = pp.profile(additive(w), L, K, budgets=[B], validate=paired(w))
+    result = runner.profile(additive(w), L, K, budgets=[B], validate=paired(w))
     alloc = result.allocations[B - L]
     assert alloc["chosen"] in ("isolating", "operating-point") and alloc["alloc_t"]
     assert alloc["k"][0] > max(alloc["k"][1:])
@@ -135,7 +135,7 @@ def test_guard_ships_the_carried_balance_only_where_decode_improves(gain: float,
     w = [1.0] * 4  # equal layers: the DPs land on uniform, so only carrying can beat the baselines
     calls: list[tuple[tuple[int, ...], bool, str]] = []
     validate = paired(w, alloc_t_cost=-0.01, carry_gain=gain, calls=calls)
-    result = pp.profile(additive(w), L, K, budgets=[8], validate=validate, thresholds=fake_thresholds)
+    result = runner.profile(additive(w), L, K, budgets=[8], validate=validate, thresholds=fake_thresholds)
     a = result.allocations[8 - L]
     assert [c["name"] for c in a["candidates"]][-1] == "operating-point + carry"
     if ships:
@@ -145,7 +145,7 @@ def test_guard_ships_the_carried_balance_only_where_decode_improves(gain: float,
     # Prefill of a carrying candidate is its twin's run: one prefill run per (vector, Alloc-T).
     prefill = [c for c in calls if c[2] == "prefill"]
     assert len(prefill) == len(set(prefill))
-    bf = profile_mod.build_budget_file(
+    bf = build_budget_file(
         fingerprint(L, K),
         result,
         CalibrationData(profile=[[1, 2]] * 2, heldout=[[1, 2]] * 48, source="fake", seq_len=2, split="fake"),
@@ -161,16 +161,18 @@ def test_carrying_needs_its_thresholds() -> None:
     w = [1.0] * 2
     cands = [("uniform", [2, 2], True, False), ("uniform (no Alloc-T)", [2, 2], False, False)]
     with pytest.raises(ValueError, match="need thresholds"):
-        pp.select([*cands, ("uniform + carry", [2, 2], True, True)], pp.Validations(paired(w)))
+        guard.select([*cands, ("uniform + carry", [2, 2], True, True)], guard.Validations(paired(w)))
     with pytest.raises(ValueError, match="neither carrying"):
-        pp.select([(*cands[0][:3], True), cands[1]], pp.Validations(paired(w)), thresholds=fake_thresholds)
+        guard.select(
+            [(*cands[0][:3], True), cands[1]], guard.Validations(paired(w)), thresholds=fake_thresholds
+        )
 
 
 def test_guard_picks_uniform_when_candidates_measure_worse() -> None:
     # The profile split says layer 0 matters; the held-out split says the opposite. Every non-uniform
     # candidate then measures worse than uniform on held-out data, and must not ship.
     L, K = 4, 4
-    result = pp.profile(
+    result = runner.profile(
         additive([8.0, 1.0, 1.0, 1.0]), L, K, budgets=[6, 8, 12], validate=paired([1.0, 8.0, 8.0, 8.0])
     )
     for a in result.allocations:
@@ -196,12 +198,12 @@ def test_a_gain_inside_the_noise_does_not_ship() -> None:
     # candidates only where the paired intervals exclude zero.
     # Uniform gives spare experts to the first layers, the DPs to the last, which matters most here.
     L, K, w = 4, 4, [1.0, 1.0, 1.0, 2.0]
-    quiet = pp.profile(additive(w), L, K, budgets=[8], validate=paired(w, noise=1e-4))
-    noisy = pp.profile(additive(w), L, K, budgets=[8], validate=paired(w, noise=1.0))
+    quiet = runner.profile(additive(w), L, K, budgets=[8], validate=paired(w, noise=1e-4))
+    noisy = runner.profile(additive(w), L, K, budgets=[8], validate=paired(w, noise=1.0))
     assert any(a["chosen"] != "uniform" for a in quiet.allocations)
     assert all(a["chosen"] == "uniform" for a in noisy.allocations)
-    widths = pp.half_widths(noisy.allocations)
-    assert widths and min(widths) > max(pp.half_widths(quiet.allocations))
+    widths = guard.half_widths(noisy.allocations)
+    assert widths and min(widths) > max(guard.half_widths(quiet.allocations))
 
 
 def test_alloc_t_is_turned_off_where_it_loses() -> None:
@@ -209,7 +211,9 @@ def test_alloc_t_is_turned_off_where_it_loses() -> None:
     # uniform vector without Alloc-T, and decode, where Alloc-T has nothing to move, is one run for both.
     L, K, w = 4, 4, [1.0] * 4
     calls: list[tuple[tuple[int, ...], bool, str]] = []
-    result = pp.profile(additive(w), L, K, budgets=[8], validate=paired(w, alloc_t_cost=0.01, calls=calls))
+    result = runner.profile(
+        additive(w), L, K, budgets=[8], validate=paired(w, alloc_t_cost=0.01, calls=calls)
+    )
     for a in result.allocations[:-1]:
         assert a["chosen"] == "uniform (no Alloc-T)" and not a["alloc_t"], a
         assert a["k"] == uniform(L, K, a["budget"])
@@ -231,13 +235,13 @@ def test_a_challenger_that_is_a_baseline_does_not_ship_under_its_own_name() -> N
     # A DP that lands on the uniform vector, with Alloc-T, is the "uniform" baseline: better than the
     # baseline without Alloc-T, but it must not ship as "isolating".
     w = [1.0] * 4
-    validations = pp.Validations(paired(w, alloc_t_cost=-0.01))  # Alloc-T helps in prefill
+    validations = guard.Validations(paired(w, alloc_t_cost=-0.01))  # Alloc-T helps in prefill
     cands = [
         ("uniform", [2] * 4, True, False),
         ("uniform (no Alloc-T)", [2] * 4, False, False),
         ("isolating", [2] * 4, True, False),
     ]
-    a = pp.select(cands, validations)
+    a = guard.select(cands, validations)
     assert a["chosen"] == "uniform" and a["alloc_t"]
     iso = a["candidates"][2]
     assert [t["high"] < 0 for t in iso["tests"] if t["baseline"] != "uniform"] == [True, False]
@@ -246,17 +250,17 @@ def test_a_challenger_that_is_a_baseline_does_not_ship_under_its_own_name() -> N
 
 def test_paired_test_is_the_interval_of_the_mean_difference() -> None:
     d = np.array([-0.02, -0.01, 0.0, -0.03, -0.015, -0.025])
-    got = pp.paired_test(d + 3.0, np.full(d.size, 3.0), confidence=0.95)
+    got = guard.paired_test(d + 3.0, np.full(d.size, 3.0), confidence=0.95)
     half = 1.959963984540054 * d.std(ddof=1) / math.sqrt(d.size)
     assert got["delta"] == pytest.approx(math.expm1(d.mean()), rel=1e-9)
     assert got["low"] == pytest.approx(math.expm1(d.mean() - half), rel=1e-9)
     assert got["high"] == pytest.approx(math.expm1(d.mean() + half), rel=1e-9)
     assert got["high"] < 0
-    assert pp.paired_test([1.0, 2.0], [1.0, 2.0]) == {"delta": 0.0, "low": 0.0, "high": 0.0}
+    assert guard.paired_test([1.0, 2.0], [1.0, 2.0]) == {"delta": 0.0, "low": 0.0, "high": 0.0}
     with pytest.raises(ValueError, match="≥ 2 sequences"):
-        pp.paired_test([1.0], [1.0])
+        guard.paired_test([1.0], [1.0])
     with pytest.raises(ValueError, match=r"confidence = 1.5 is outside the valid range \(0, 1\)"):
-        pp.paired_test([1.0, 2.0], [1.5, 2.0], confidence=1.5)
+        guard.paired_test([1.0, 2.0], [1.5, 2.0], confidence=1.5)
 
 
 def test_ties_go_to_uniform_and_equal_configurations_share_one_run() -> None:
@@ -272,7 +276,7 @@ def test_ties_go_to_uniform_and_equal_configurations_share_one_run() -> None:
         ("isolating", [3, 1], True, False),
     ]
     cands.append(("operating-point", [2, 2], True, False))
-    a = pp.select(cands, pp.Validations(validate))
+    a = guard.select(cands, guard.Validations(validate))
     assert a["chosen"] == "uniform" and a["k"] == [2, 2] and a["alloc_t"]
     assert seen == [
         ((2, 2), True, "prefill"),
@@ -282,7 +286,7 @@ def test_ties_go_to_uniform_and_equal_configurations_share_one_run() -> None:
         ((3, 1), True, "decode"),
     ]
     with pytest.raises(ValueError, match="first candidates must be 'uniform'"):
-        pp.select([("isolating", [3, 1], True, False)], pp.Validations(validate))
+        guard.select([("isolating", [3, 1], True, False)], guard.Validations(validate))
 
 
 def test_unmeasured_budgets_keep_uniform() -> None:
@@ -290,7 +294,9 @@ def test_unmeasured_budgets_keep_uniform() -> None:
     L, K = 8, 6
     w = [4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     calls: list[tuple[tuple[int, ...], bool, str]] = []
-    result = pp.profile(additive(w), L, K, budgets=[21], all_budgets_up_to=8, validate=paired(w, calls=calls))
+    result = runner.profile(
+        additive(w), L, K, budgets=[21], all_budgets_up_to=8, validate=paired(w, calls=calls)
+    )
     assert result.validated == [8, 16, 21, 24, 32, 40]
     for a in result.allocations:
         if a["budget"] not in result.validated:
@@ -302,11 +308,11 @@ def test_unmeasured_budgets_keep_uniform() -> None:
 
 def test_memo_runs_each_configuration_once() -> None:
     ev = Counting(additive([2.0, 1.0]))
-    memo = pp.Memo(ev)
-    result = pp.profile(memo, 2, 4, budgets=[2, 4, 6], validate=paired([2.0, 1.0]))
+    memo = runner.Memo(ev)
+    result = runner.profile(memo, 2, 4, budgets=[2, 4, 6], validate=paired([2.0, 1.0]))
     assert memo.runs == len(ev.calls) == len(set(ev.calls))
     profile_runs = sum(1 for _, split in ev.calls if split == "profile")
-    assert profile_runs == len(ev.calls) == pp.planned_profile_runs(2, 4, [2, 4, 6], pp.PROTOCOLS)
+    assert profile_runs == len(ev.calls) == runner.planned_profile_runs(2, 4, [2, 4, 6], protocols.PROTOCOLS)
     assert sorted(result.operating_point) == [2, 4, 6]
 
 
@@ -321,12 +327,12 @@ def test_memo_runs_each_configuration_once() -> None:
 )
 def test_bad_arguments_name_the_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        pp.profile(additive([1.0, 1.0]), 2, 4, validate=paired([1.0, 1.0]), **kwargs)
+        runner.profile(additive([1.0, 1.0]), 2, 4, validate=paired([1.0, 1.0]), **kwargs)
 
 
 def test_non_finite_metric_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="gave nan"):
-        pp.isolating_sensitivity(lambda ks, split: math.nan, 2, 2)
+        protocols.isolating_sensitivity(lambda ks, split: math.nan, 2, 2)
 
 
 # -- files, CLI errors (no vLLM) -----------------------------------------------------------------------------
@@ -376,7 +382,7 @@ def test_written_file_round_trips_through_the_loader(tmp_path: Path) -> None:
     assert not list(out.parent.glob(".*tmp"))  # the temporary file is gone
     # Every profile-split configuration once, every held-out (configuration, regime) once, b = 1.0 included.
     assert len(calls) == len(set(calls)) and ((4,) * 4, True, "prefill") in calls
-    assert runs == len(calls) + pp.planned_profile_runs(4, 4, [5, 8, 12], pp.PROTOCOLS)
+    assert runs == len(calls) + runner.planned_profile_runs(4, 4, [5, 8, 12], protocols.PROTOCOLS)
 
 
 def test_interrupt_leaves_no_file(tmp_path: Path) -> None:
@@ -581,7 +587,8 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
     from vllm import LLM
 
     from vllm_alloc.profiler.calibration import load_calibration
-    from vllm_alloc.profiler.profile import VllmEvaluator, fingerprint, read_moe_config, shutdown_llm
+    from vllm_alloc.profiler.engine import fingerprint, read_moe_config, shutdown_llm
+    from vllm_alloc.profiler.evaluator import VllmEvaluator
 
     llm = LLM(
         model=str(profiled["model"]),
@@ -640,17 +647,17 @@ def test_decode_order_sets_and_restores_the_prefill_chunk() -> None:
     config = SimpleNamespace(enable_chunked_prefill=True, long_prefill_token_threshold=0)
     core = SimpleNamespace(engine_core=SimpleNamespace(scheduler=SimpleNamespace(scheduler_config=config)))
     llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core))
-    with profile_mod.decode_order(llm):
+    with decode_order(llm):
         assert config.long_prefill_token_threshold == 1
     assert config.long_prefill_token_threshold == 0
-    with pytest.raises(KeyError), profile_mod.decode_order(llm):
+    with pytest.raises(KeyError), decode_order(llm):
         raise KeyError("a failed generate")
     assert config.long_prefill_token_threshold == 0
-    with profile_mod.decode_order(llm, on=False):
+    with decode_order(llm, on=False):
         assert config.long_prefill_token_threshold == 0
     config.enable_chunked_prefill = False
-    with pytest.raises(RuntimeError, match="chunked prefill on"), profile_mod.decode_order(llm):
+    with pytest.raises(RuntimeError, match="chunked prefill on"), decode_order(llm):
         pass
     bare = SimpleNamespace(llm_engine=SimpleNamespace())
-    with pytest.raises(RuntimeError, match="in this process"), profile_mod.decode_order(bare):
+    with pytest.raises(RuntimeError, match="in this process"), decode_order(bare):
         pass

@@ -10,8 +10,8 @@ import pytest
 
 from vllm_alloc.budget import ModelFingerprint, parse_budget_file, uniform_budget_file
 from vllm_alloc.cli import main as cli_main
+from vllm_alloc.profiler.build import profile_to_file
 from vllm_alloc.profiler.calibration import CalibrationData
-from vllm_alloc.profiler.profile import profile_to_file
 from vllm_alloc.profiler.show import summary
 
 

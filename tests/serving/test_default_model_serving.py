@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vllm_alloc.budget import load_budget_file
-from vllm_alloc.profiler.profile import fingerprint, read_moe_config
+from vllm_alloc.profiler.engine import fingerprint, read_moe_config
 
 pytestmark = pytest.mark.e2e
 

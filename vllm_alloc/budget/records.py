@@ -104,7 +104,7 @@ class Candidate(_Schema):
 
 
 class CapTest(_Schema):
-    """One share ρ of the distinct-expert cap tried at a B by the profiler (`profile_protocols.choose_cap`):
+    """One share ρ of the distinct-expert cap tried at a B by the profiler (`profiler.guard.choose_cap`):
     N streams decoding together, as served, on the held-out sequences. Against uniform without Alloc-T
     (the paired relative change of perplexity and its interval), and the share of the served (uncapped)
     configuration's gain over that baseline the capped run keeps (1 = all of it; 0 = none)."""
@@ -170,7 +170,7 @@ class Allocation(_Schema):
 
 
 class Guard(_Schema):
-    """How the profiler validated the candidates (`vllm_alloc.profiler.protocols`, the guard)."""
+    """How the profiler validated the candidates (`vllm_alloc.profiler.guard`)."""
 
     confidence: float = Field(gt=0.0, lt=1.0)  # of every paired interval
     sequences: int = Field(ge=2)  # held-out sequences each test pairs
@@ -178,7 +178,7 @@ class Guard(_Schema):
     regimes: list[Literal["prefill", "decode"]] = Field(min_length=1)
     target: float = Field(gt=0.0)  # the relative difference the split was sized to resolve (0.002)
     resolution: float = Field(ge=0.0)  # median half-width of the intervals that compare different runs
-    # The distinct-expert cap's rule (`profile_protocols.choose_cap`), where the profiler chose caps: the
+    # The distinct-expert cap's rule (`profiler.guard.choose_cap`), where the profiler chose caps: the
     # decode streams each share was measured at, and the least share of the gain a shipped cap keeps.
     cap_streams: list[typing.Annotated[int, Field(ge=2)]] = Field(default=[])
     cap_keep: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -26,7 +26,7 @@ from vllm_alloc.budget import (
     load_budget_file,
 )
 from vllm_alloc.budget.alloc_l import uniform
-from vllm_alloc.profiler.protocols import NO_ALLOC_T, REGIMES
+from vllm_alloc.profiler.guard import NO_ALLOC_T, REGIMES
 from vllm_alloc.values import BudgetError, parse_budget
 
 DEFAULT_BUDGETS = (0.33, 0.5, 0.75, 1.0)
