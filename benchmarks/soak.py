@@ -104,7 +104,7 @@ class Stats:
             self.examples.append(f"{kind}: {detail[:300]}")
 
 
-# -- pure helpers (tests/test_soak.py) ------------------------------------------------------------------
+# -- pure helpers (tests/benchmarks/test_soak.py) ---------------------------------------------------------
 def plan(n: int, rng: random.Random, prompt: PromptFn, mixed: bool = True) -> list[Spec]:
     """n requests. mixed: 10% invalid, 10% streamed to the end, 10% disconnected, the rest plain;
     else (verification) 25% streamed to the end, `ignore_eos`, never invalid or disconnected."""

@@ -1,7 +1,10 @@
 """vllm-alloc: serve Mixture-of-Experts models in vLLM under per-request activation budgets.
 
-`import vllm_alloc` never imports vLLM: the pure algorithms (`alloc_l`, `alloc_t`, `reference`) and the
-Triton kernels (`vllm_alloc.kernels`) must import where only torch and Triton exist (the GPU test machine).
+`import vllm_alloc` never imports vLLM: the routing rule (`vllm_alloc.routing`), the budget file
+(`vllm_alloc.budget`) and the Triton kernels (`vllm_alloc.kernels`) must import where only torch and
+Triton exist (the GPU test machine). Everything that touches vLLM is in `vllm_alloc.integration`; the
+HTTP side in `vllm_alloc.serving`; the offline profiler in `vllm_alloc.profiler`. docs/design.md walks
+through the folders; tests/test_layout.py holds the imports to the layers.
 vLLM calls `register()` through the `vllm.general_plugins` entry point in every process it starts.
 """
 

@@ -1,5 +1,5 @@
 """The shipped lm-eval task data (benchmarks/lm_eval/) and the pure helpers of benchmarks/lm_eval_bench.py;
-no server. The end-to-end run is tests/test_lm_eval_e2e.py."""
+no server. The end-to-end run is tests/benchmarks/test_lm_eval_e2e.py."""
 
 from __future__ import annotations
 

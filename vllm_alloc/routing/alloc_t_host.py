@@ -7,7 +7,7 @@ decode token. Here the whole rule is one compiled call of a few µs: rank each t
 give each group's pool to its best extras, and lay the kept pairs out for the expert kernel.
 
 Results equal `reallocate`'s (the kept pairs and their weights exactly in mode "topk"; to float32
-rounding in mode "kept", whose sums may associate differently): tests/test_alloc_t_host.py checks
+rounding in mode "kept", whose sums may associate differently): tests/routing/test_alloc_t_host.py checks
 both on random inputs. `reallocate` stays the definition, and the path for devices (static shapes,
 compile, CUDA graphs). Compiled on first use and cached next to this file (numba `cache=True`); the
 CPU plan compiles it when the model loads (`warm_up`). numba keys the cache on this file alone: a change

@@ -4,7 +4,7 @@ It works on what the host Alloc-T (`alloc_t_host._layer_call`) has in hand: each
 [T, K] and how many of its best candidates it keeps, `keep` [T]. A capped token's kept candidates are
 moved to the front of its `order` row (in rank order, the rest after them, also in rank order) and
 `keep` becomes their count, so the kernel layout (`alloc_t_host._pairs`) is unchanged. Results equal
-`cap_experts`' (tests/test_cap_host.py); `cap.py` holds the definition and the reasons.
+`cap_experts`' (tests/routing/test_cap_host.py); `cap.py` holds the definition and the reasons.
 
 Import only where `alloc_t_host` may be imported (after vLLM's worker has initialised).
 """

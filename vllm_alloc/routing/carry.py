@@ -20,7 +20,7 @@ Bounds, for K_l ≥ K_base (the floor alone can push past them, as in Alloc-T):
 Like Alloc-T, what a token keeps is a prefix of its own ranking (the top-k_t of its keys).
 
 Pure torch, static shapes, no host sync (the device path). `alloc_t_host.carry_counts` is the same rule
-for the CPU path; tests/test_carry.py checks both against each other and the bounds.
+for the CPU path; tests/routing/test_carry.py checks both against each other and the bounds.
 """
 
 from __future__ import annotations
