@@ -45,11 +45,6 @@ def _int(name: str, default: int, lo: int) -> Callable[[], int]:
     return read
 
 
-def _int_or_none(name: str, lo: int) -> Callable[[], int | None]:
-    read = _int(name, -1, lo)
-    return lambda: None if os.environ.get(name, "") == "" else read()
-
-
 def _flag(name: str) -> Callable[[], bool]:
     return lambda: os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 

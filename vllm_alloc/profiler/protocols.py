@@ -38,7 +38,7 @@ __all__ = [
 
 Evaluate = Callable[[Sequence[int], str], float]
 PROTOCOLS: tuple[str, ...] = ("isolating", "operating-point")
-PROFILE_SPLIT, HELDOUT_SPLIT = "profile", "heldout"
+PROFILE_SPLIT = "profile"
 
 
 def check_shape(L: int, K: int, k_base: int) -> None:
