@@ -5,6 +5,10 @@ LAYERS MoE layers (each its own weights, so weight reads are not served by L2) a
 
   kernel b=1        the expert kernel on the stock routing (no budget path): the reference cost
   routing           Alloc-T from the persistent buffers alone (`device_budget.layer_routing`)
+  routing P C       the routing alone by path P (torch: the reference, 50-190 kernels; fused: the one
+                    Triton launch, `kernels/routing.py`) in configuration C: plain, carry (the carried
+                    balance, one request per token, as at decode), cap (ρ = 0.9, one cap group), or
+                    carry+cap. `*` marks the path `layer_routing` takes on CUDA at this shape
   routing+kernel b  the whole budget path with every token at budget b (b = 1.0: nothing pruned)
   kernel b          the expert kernel alone on routing pruned to budget b outside the graph
   conditional b     both paths behind CUDA-graph conditional nodes on a device flag, as the plugin
@@ -34,9 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_kernel import MODELS, LayerShape
 
-from vllm_alloc.routing.device_budget import conditional_nodes_available, layer_routing, stock_or_budget
+from vllm_alloc.routing.device_budget import (
+    Cap,
+    Carry,
+    conditional_nodes_available,
+    fused_fits,
+    fused_layer_routing,
+    layer_routing,
+    stock_or_budget,
+    torch_layer_routing,
+)
 
 LAYERS = 8
+ROUTING_CONFIGS = ("plain", "carry", "cap", "carry+cap")
+CAP_SHARE = 900  # ρ = 0.9 in thousandths (`cap.SCALE`), the share the shipped budget files cap at
 
 
 def graph_time_us(
@@ -127,8 +142,64 @@ def budget_path(p: Pass, layers: Layers) -> torch.Tensor:
     return residual(p, layers, p.routing)
 
 
+def routing_variant(p: Pass, E: int, config: str, fused: bool) -> Callable[[], torch.Tensor]:
+    """One pass's routing over every layer, by one path in one configuration (ROUTING_CONFIGS), on buffers
+    of its own (the counters and the balance are written in place at every call). Decode: each token is
+    its own request, so a carried token has its own balance row; the cap holds all tokens in one group."""
+    T = p.x.shape[0]
+    A1, device = p.table.shape[0], p.x.device
+    carry = cap = None
+    if "carry" in config:
+        carry = Carry(
+            token_slot=torch.arange(1, T + 1, device=device),
+            balance=torch.zeros(T + 1, LAYERS, dtype=torch.int64, device=device),
+            theta=torch.full((A1, LAYERS), 0.5, dtype=torch.float64, device=device),
+            alpha=0.5,
+        )
+    if "cap" in config:
+        cap = Cap(
+            token_cap=torch.ones(T, dtype=torch.int64, device=device),
+            table=torch.full((A1, LAYERS), CAP_SHARE, dtype=torch.int64, device=device),
+            num_experts=E,
+            dropped=torch.zeros(LAYERS, A1, dtype=torch.float64, device=device),
+            distinct=torch.zeros(LAYERS, E + 1, dtype=torch.float64, device=device),
+        )
+    used = torch.zeros_like(p.used)
+    route = fused_layer_routing if fused else torch_layer_routing
+
+    def run() -> torch.Tensor:
+        ids = []
+        for layer in range(LAYERS):
+            out = route(
+                p.weights[layer], p.weights[layer], p.ids[layer], table=p.table, token_budget=p.token_budget,
+                token_group=p.token_group, used=used, column=layer, k_base=1, carry=carry, cap=cap,
+            )  # fmt: skip
+            ids.append(out[1])
+        return torch.stack(ids)
+
+    return run
+
+
+def routing_rows(shape: LayerShape, T: int, p: Pass, replays: int, base_us: float) -> list[str]:
+    """`routing P C` rows: each configuration by both paths, checked equal on one eager call first."""
+    from vllm_alloc.kernels import MAX_TILE, fused_routing_fits
+
+    rows = []
+    taken = "fused" if fused_fits(p.weights[0], p.weights[0], shape.E) else "torch"
+    for config in ROUTING_CONFIGS:
+        paths = ["torch"] + (["fused"] if fused_routing_fits(T, shape.K, shape.E, MAX_TILE) else [])
+        outs = {path: routing_variant(p, shape.E, config, path == "fused")() for path in paths}
+        if len(outs) == 2 and not torch.equal(outs["torch"], outs["fused"]):
+            raise AssertionError(f"{shape.name} T={T} {config}: the fused routing keeps other experts")
+        for path in paths:
+            us, _ = graph_time_us(routing_variant(p, shape.E, config, path == "fused"), replays)
+            graph = f"routing {path}{'*' if path == taken else ''} {config}"
+            rows.append(f"| {shape.name} | {T} | {graph} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
+    return rows
+
+
 def conditional(
-    full: torch.Tensor, p: Pass, layers: Layers, graph: torch.cuda.CUDAGraph | None
+    full: torch.Tensor, not_full: torch.Tensor, p: Pass, layers: Layers, graph: torch.cuda.CUDAGraph | None
 ) -> torch.Tensor:
     """Both paths behind conditional nodes per layer (what the plugin captures): stock at b = 1.0."""
     from vllm_alloc.kernels import fused_moe
@@ -144,7 +215,11 @@ def conditional(
             y = y + body(p.stock if bool(full) else p.routing)
         else:
             y = y + stock_or_budget(
-                full, functools.partial(body, p.stock), functools.partial(body, p.routing), graph
+                full,
+                functools.partial(body, p.stock),
+                functools.partial(body, p.routing),
+                graph,
+                not_full=not_full,  # written beside `full`, as the plugin's host does
             )
     return y
 
@@ -188,7 +263,10 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
             f"| {shape.name} | {T} | kernel b=1 | {base_us / LAYERS:.1f} | 1.00 |",
             f"| {shape.name} | {T} | routing | {route_us / LAYERS:.1f} | {route_us / base_us:.2f} |",
         ]
+        p.token_budget.fill_(max(LAYERS, math.floor(0.5 * A)))  # the routing rows at b = 0.5
+        new += routing_rows(shape, T, p, replays, base_us)
         full = torch.ones((), dtype=torch.bool, device="cuda")
+        not_full = torch.zeros((), dtype=torch.bool, device="cuda")
         for b in budgets:
             p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
             if b < 1.0:
@@ -212,7 +290,10 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
             if not conditional_nodes_available():
                 continue  # this torch cannot capture conditional nodes
             full.fill_(b == 1.0)
-            us, out = graph_time_us(functools.partial(conditional, full, p, layers), replays, with_graph=True)
+            not_full.fill_(b != 1.0)
+            us, out = graph_time_us(
+                functools.partial(conditional, full, not_full, p, layers), replays, with_graph=True
+            )
             if not torch.equal(out, (kernel_only if b == 1.0 else budget_path)(p, layers)):
                 raise AssertionError(f"{shape.name} T={T} b={b}: conditional graph took the wrong body")
             new.append(f"| {shape.name} | {T} | conditional b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .align import align_pairs
+from .align import AlignedPairs, align_pairs
 from .combine import combine_pairs
 from .config import pick_config, validate_config
 from .down import grouped_down
@@ -59,10 +59,13 @@ def fused_moe_eager(
     *,
     activation: str = "silu",
     config: dict[str, Any] | None = None,
+    aligned: AlignedPairs | None = None,
 ) -> torch.Tensor:
     """y [T, H] (dtype of x) = Σ over kept pairs of w · down(act(gate) · up); see module docstring.
 
     config: a launch config (kernels/config.py KEYS); None picks env pin → tuned table → default.
+    aligned: `align_pairs(topk_ids, E, BLOCK_M)` computed already (the fused routing kernel emits it), so
+    the three alignment launches are skipped; its block_m must be the config's BLOCK_M.
     """
     check_inputs(x, w13, w2, topk_ids, topk_weights)
     if activation not in ACTIVATION_CODES:
@@ -79,7 +82,12 @@ def fused_moe_eager(
         if config is not None
         else pick_config(T, K, E, H, I, x.dtype, x.device)
     )
-    aligned = align_pairs(topk_ids, E, cfg["BLOCK_M"])
+    if aligned is None:
+        aligned = align_pairs(topk_ids, E, cfg["BLOCK_M"])
+    elif aligned.block_m != cfg["BLOCK_M"]:
+        raise ValueError(
+            f"aligned.block_m={aligned.block_m} differs from the config's BLOCK_M={cfg['BLOCK_M']}"
+        )
     inter = grouped_gate_up(x, w13, aligned, K, activation=activation, config=cfg)
     pair_out = grouped_down(inter, w2, topk_weights, aligned, config=cfg)
     return combine_pairs(pair_out, topk_ids, E)

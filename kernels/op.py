@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from .align import AlignedPairs
 from .config import KEYS
 from .moe import fused_moe_eager
+from .routing import budget_routing
 
 
 @torch.library.custom_op("vllm_alloc::fused_moe", mutates_args=())
@@ -23,9 +25,17 @@ def _fused_moe_op(
     topk_weights: torch.Tensor,
     activation: str,
     config: list[int] | None,
+    aligned: list[torch.Tensor],  # empty: align here; else AlignedPairs' four tensors
 ) -> torch.Tensor:
     cfg = dict(zip(KEYS, config, strict=True)) if config is not None else None
-    return fused_moe_eager(x, w13, w2, topk_ids, topk_weights, activation=activation, config=cfg)
+    pairs = None
+    if aligned:
+        sorted_pair_ids, block_expert_ids, num_blocks, expert_counts = aligned
+        block_m = sorted_pair_ids.numel() // max(block_expert_ids.numel(), 1)
+        pairs = AlignedPairs(sorted_pair_ids, block_expert_ids, num_blocks, expert_counts, block_m)
+    return fused_moe_eager(
+        x, w13, w2, topk_ids, topk_weights, activation=activation, config=cfg, aligned=pairs
+    )
 
 
 @_fused_moe_op.register_fake
@@ -37,6 +47,7 @@ def _(
     topk_weights: torch.Tensor,
     activation: str,
     config: list[int] | None,
+    aligned: list[torch.Tensor],
 ) -> torch.Tensor:
     return x.new_empty(x.shape)
 
@@ -50,6 +61,7 @@ def fused_moe(
     *,
     activation: str = "silu",
     config: dict[str, Any] | None = None,
+    aligned: AlignedPairs | None = None,
 ) -> torch.Tensor:
     """Budget-aware fused MoE: y [T, H] (dtype of x) = Σ_{k: topk_ids[t,k] ≠ −1} w[t,k] · expert(x[t]).
 
@@ -57,8 +69,80 @@ def fused_moe(
     topk_ids [T, K] int32/int64 (−1 = pruned: no compute, no weight traffic); topk_weights [T, K].
     activation: "silu", "gelu" or "gelu_tanh". config: pin a launch config {BLOCK_M, BLOCK_N, BLOCK_K,
     num_warps, num_stages}; None → VLLM_ALLOC_KERNEL_CONFIG, else the tuned table, else the default.
+    aligned: the kept pairs already aligned for this config's BLOCK_M (`budget_routing(block_m=...)`),
+    which skips the alignment's three launches.
     """
     packed = None if config is None else [int(config[key]) for key in KEYS if key in config]
     if config is not None and (packed is None or len(packed) != len(KEYS) or set(config) - set(KEYS)):
         raise ValueError(f"config {config} must have exactly the keys {list(KEYS)}")
-    return torch.ops.vllm_alloc.fused_moe(x, w13, w2, topk_ids, topk_weights, activation, packed)
+    tensors = [] if aligned is None else list(aligned[:4])
+    return torch.ops.vllm_alloc.fused_moe(x, w13, w2, topk_ids, topk_weights, activation, packed, tensors)
+
+
+@torch.library.custom_op(
+    "vllm_alloc::budget_routing", mutates_args=("used", "balance", "dropped", "distinct")
+)
+def _budget_routing_op(
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    token_budget: torch.Tensor,
+    token_group: torch.Tensor,
+    table: torch.Tensor,
+    used: torch.Tensor,
+    column: int,
+    k_base: int,
+    singleton_groups: bool,
+    token_slot: torch.Tensor | None,
+    balance: torch.Tensor | None,
+    theta: torch.Tensor | None,
+    alpha: float,
+    one_bank: bool,
+    num_experts: int,
+    token_cap: torch.Tensor | None,
+    cap_table: torch.Tensor | None,
+    dropped: torch.Tensor | None,
+    distinct: torch.Tensor | None,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels/routing.py `budget_routing`; the alignment's four tensors are empty where block_m = 0."""
+    kept_w, kept_ids, aligned = budget_routing(
+        keys, weights, ids, token_budget, token_group, table, used, column, k_base, singleton_groups,
+        token_slot, balance, theta, alpha, one_bank, num_experts, token_cap, cap_table, dropped, distinct,
+        block_m,
+    )  # fmt: skip
+    if aligned is None:
+        empty = torch.empty(0, dtype=torch.int32, device=keys.device)
+        return kept_w, kept_ids, empty, empty.clone(), empty.clone(), empty.clone()
+    return kept_w, kept_ids, *aligned[:4]
+
+
+@_budget_routing_op.register_fake
+def _(
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    token_budget: torch.Tensor,
+    token_group: torch.Tensor,
+    table: torch.Tensor,
+    used: torch.Tensor,
+    column: int,
+    k_base: int,
+    singleton_groups: bool,
+    token_slot: torch.Tensor | None,
+    balance: torch.Tensor | None,
+    theta: torch.Tensor | None,
+    alpha: float,
+    one_bank: bool,
+    num_experts: int,
+    token_cap: torch.Tensor | None,
+    cap_table: torch.Tensor | None,
+    dropped: torch.Tensor | None,
+    distinct: torch.Tensor | None,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pairs = ids.numel()
+    n_blocks = min(pairs, -(-pairs // block_m) + num_experts) if block_m else 0
+    sizes = (n_blocks * block_m, n_blocks, 1 if block_m else 0, num_experts if block_m else 0)
+    aligned = (keys.new_empty(n, dtype=torch.int32) for n in sizes)
+    return (torch.empty_like(weights), torch.empty_like(ids), *aligned)  # type: ignore[return-value]

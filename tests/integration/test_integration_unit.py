@@ -142,6 +142,22 @@ def test_all_full_pass_takes_stock_path_and_is_counted() -> None:
     assert not state.counting
 
 
+def test_graph_flags_follow_the_pass() -> None:
+    """all_full and not_full (what captured graphs branch on) are each other's negation, pass by pass."""
+    state = make_state()
+    plan = state.plan
+    assert plan is not None
+    flags = lambda: (bool(plan.all_full), bool(plan.not_full))  # noqa: E731
+    assert flags() == (True, False)
+    state.fill(["a"], [0.5], np.array([0, 3]))
+    assert flags() == (False, True)
+    state.end_pass()
+    assert flags() == (True, False)
+    state.fill(["a"], [1.0], np.array([0, 1]))  # all at b = 1.0: the stock body
+    assert flags() == (True, False)
+    state.end_pass()
+
+
 def test_budgeted_pass_counts_full_activations_once_for_every_layer() -> None:
     state = make_state()
     plan = state.plan

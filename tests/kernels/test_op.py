@@ -21,7 +21,7 @@ def test_opcheck():
     """torch.library.opcheck: schema, fake impl vs real impl, and dispatch through aot_autograd."""
     p = make_problem(5, 2, 4, 32, 32, "random", torch.float32)
     packed = [SMALL_CONFIG[k] for k in config_mod.KEYS]
-    torch.library.opcheck(torch.ops.vllm_alloc.fused_moe.default, (*_args(p), "silu", packed))
+    torch.library.opcheck(torch.ops.vllm_alloc.fused_moe.default, (*_args(p), "silu", packed, []))
 
 
 def test_fake_impl_shapes():

@@ -23,7 +23,7 @@ import torch
 
 from vllm_alloc.integration import compat
 from vllm_alloc.integration.state import STATE
-from vllm_alloc.routing.device_budget import layer_routing, stock_or_budget
+from vllm_alloc.routing.device_budget import layer_routing_aligned, stock_or_budget
 
 
 def kernel_activation(routed_experts: Any) -> str | None:
@@ -43,12 +43,26 @@ def budget_experts(
     *,
     singleton_groups: bool = False,
 ) -> torch.Tensor:
-    """Alloc-T on the device for this layer call (counting into `Plan.used`), then the kept pairs."""
-    from vllm_alloc.kernels import fused_moe
+    """Alloc-T on the device for this layer call (counting into `Plan.used`), then the kept pairs.
+
+    Where the fused routing kernel runs (CUDA, `device_budget.fused_fits`) it also aligns the kept pairs for
+    the expert kernel's config, so the layer is 4 launches: routing, gate_up, down, combine."""
+    from vllm_alloc.kernels import fused_moe, pick_config
 
     plan = STATE.plan
     assert plan is not None
-    weights, ids = layer_routing(
+    experts = runner.routed_experts
+    activation = kernel_activation(experts)
+    assert activation is not None  # refused at start-up (layer._refuse_unsupported)
+    # On CUDA the layer's own weights; on CPU (test setting) the plain copies kept before vLLM's prepack.
+    w13, w2 = getattr(experts, compat.PLAIN_WEIGHTS, (experts.w13_weight, experts.w2_weight))
+    T, K = topk_ids.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    # Picked on concrete shapes only (a symbolic T must not reach the config tables, kernels/op.py): else
+    # the expert kernel picks it inside its op and aligns there.
+    concrete = isinstance(T, int) and T > 0
+    config = dict(pick_config(T, K, E, x.shape[1], I, x.dtype, x.device)) if concrete else None
+    weights, ids, aligned = layer_routing_aligned(
         keys,
         weights_in,
         topk_ids,
@@ -62,13 +76,10 @@ def budget_experts(
         singleton_groups=singleton_groups,
         carry=plan.device_carry(),
         cap=plan.device_cap(),
+        num_experts=E,
+        block_m=config["BLOCK_M"] if config is not None else 0,
     )
-    experts = runner.routed_experts
-    activation = kernel_activation(experts)
-    assert activation is not None  # refused at start-up (layer._refuse_unsupported)
-    # On CUDA the layer's own weights; on CPU (test setting) the plain copies kept before vLLM's prepack.
-    w13, w2 = getattr(experts, compat.PLAIN_WEIGHTS, (experts.w13_weight, experts.w2_weight))
-    return fused_moe(x, w13, w2, ids, weights, activation=activation)
+    return fused_moe(x, w13, w2, ids, weights, activation=activation, config=config, aligned=aligned)
 
 
 def captured_experts(
@@ -87,4 +98,5 @@ def captured_experts(
         plan.all_full,
         lambda: runner.stock_experts(x, topk_weights, topk_ids, shared_in),
         lambda: budget_experts(runner, x, *runner.budget_inputs(router_logits, topk_weights, topk_ids)),
+        not_full=plan.not_full,
     )

@@ -143,6 +143,7 @@ class PassFilling:
                 plan.token_cap[:n].copy_(torch.from_numpy(token_cap))
         self.budgeted = True
         plan.all_full.fill_(False)
+        plan.not_full.fill_(True)
 
     def _carry_slots(
         self,
@@ -235,6 +236,7 @@ class PassFilling:
     def end_pass(self) -> None:
         if self.budgeted and self.plan is not None:
             self.plan.all_full.fill_(True)
+            self.plan.not_full.fill_(False)
         self.budgeted = False
         self.carried = False
         self.capped = False

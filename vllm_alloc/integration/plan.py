@@ -42,6 +42,7 @@ class Plan:
     used: torch.Tensor  # [L, A + 1] float64: routed activations performed
     full: torch.Tensor  # [L, A + 1] float64: activations the full model would have performed
     all_full: torch.Tensor  # [] bool: every token of the pass at b = 1.0 (read by captured graphs)
+    not_full: torch.Tensor  # [] bool: not all_full, written beside it (no per-layer logical_not in graphs)
     # [A + 1] bool, host: False where the budget file turns Alloc-T off at B (each token of a request at
     # that B is then its own group, so it keeps exactly its top-K_l).
     reallocating: np.ndarray

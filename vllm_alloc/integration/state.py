@@ -115,6 +115,7 @@ class AllocState(PassFilling, RuntimeControls, ScoreRecording, CounterFlush):
             used=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             full=torch.zeros(L, A + 1, dtype=torch.float64, device=device),
             all_full=torch.ones((), dtype=torch.bool, device=device),
+            not_full=torch.zeros((), dtype=torch.bool, device=device),
             reallocating=np.asarray(budget_file.reallocating(), dtype=bool),
             carry_theta=budget_file.carry_table().to(device),
             carrying=np.asarray(budget_file.carrying(), dtype=bool),
