@@ -209,13 +209,32 @@ def test_an_alias_with_a_pooling_invocation_is_400() -> None:
     assert status == 400 and "pooling handler" in error["error"]["message"]
 
 
+def test_an_alias_on_batch_and_generate_runs_at_its_budget() -> None:
+    server = aliased(0.5)
+    status, headers, body = server.request(
+        {"model": "tiny@0.5", "messages": []}, "/v1/chat/completions/batch"
+    )
+    assert status == 200 and headers[b"x-activation-budget-applied"] == b"0.5"
+    assert body["vllm_xargs"] == {"activation_budget": 0.5}
+    generate = {"model": "tiny@0.5", "token_ids": [1], "sampling_params": {}}
+    status, headers, body = server.request(generate, "/inference/v1/generate")
+    assert status == 200 and headers[b"x-activation-budget-applied"] == b"0.5"
+    assert body["sampling_params"]["extra_args"] == {"activation_budget": 0.5}
+    generate["sampling_params"] = {"extra_args": {"activation_budget": 0.25}}
+    status, _, error = server.request(generate, "/inference/v1/generate")
+    assert status == 400
+    assert "sampling_params.extra_args.activation_budget (0.25) disagrees" in error["error"]["message"]
+
+
 def test_an_alias_on_a_route_that_cannot_apply_it_is_400() -> None:
     server = aliased(0.5)
-    status, _, error = server.request({"model": "tiny@0.5", "messages": []}, "/v1/chat/completions/batch")
+    scoring = {"model": "tiny@0.5", "query": "q", "items": ["a"], "label_token_ids": [1]}
+    status, _, error = server.request(scoring, "/generative_scoring")
     assert status == 400
     assert "cannot apply a budget" in error["error"]["message"] and "'tiny' here" in error["error"]["message"]
-    status, _, body = server.request({"model": "tiny", "messages": []}, "/v1/chat/completions/batch")
-    assert status == 200 and body == {"model": "tiny", "messages": []}  # passed on untouched
+    scoring["model"] = "tiny"
+    status, _, body = server.request(scoring, "/generative_scoring")
+    assert status == 200 and body == scoring  # passed on untouched
     boundary = "b0undary"
     form = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
@@ -229,6 +248,38 @@ def test_an_alias_on_a_route_that_cannot_apply_it_is_400() -> None:
     assert server.request(plain, "/v1/audio/transcriptions", headers=content_type)[::2] == (200, plain)
     status, _, body = server.request({"model": "tiny@0.5", "prompt": "x"}, "/tokenize")
     assert status == 200 and body["model"] == "tiny@0.5"  # no generation there: the alias is just a name
+
+
+def audio_form(xargs: str | None) -> tuple[bytes, dict[str, str]]:
+    """A transcription form (vLLM's audio routes take multipart data), with a `vllm_xargs` field."""
+    boundary = "b0undary"
+    fields = [("model", "tiny")] + ([("vllm_xargs", xargs)] if xargs is not None else [])
+    form = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n'
+    for name, value in fields:
+        form += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+    return (form + f"--{boundary}--\r\n").encode(), {
+        "content-type": f"multipart/form-data; boundary={boundary}"
+    }
+
+
+@pytest.mark.parametrize("route", ["/v1/audio/transcriptions", "/v1/audio/translations"])
+def test_audio_form_budgets_are_checked_and_echoed(route: str) -> None:
+    """Issue #33: vLLM passes the form's vllm_xargs on, so its budget is checked as on the budget routes
+    (never run at the model's minimum instead) and a valid one is echoed; the form itself is untouched."""
+    server = Server()
+    for raw, needle in (("0.01", "below this model's minimum"), ("1.5", "out of range"), ('"x"', "number")):
+        form, headers = audio_form(f'{{"activation_budget": {raw}}}')
+        status, _, error = server.request(form, route, headers=headers)
+        assert status == 400, error
+        message = error["error"]["message"]
+        assert message.startswith("vllm_xargs.activation_budget") and needle in message, message
+    form, headers = audio_form('{"activation_budget": 0.5}')
+    status, response_headers, reached = server.request(form, route, headers=headers)
+    assert (status, reached) == (200, form) and response_headers[b"x-activation-budget-applied"] == b"0.5"
+    for xargs in (None, "{not json", '{"other": 1}'):  # no budget (or vLLM's own 400): as without the plugin
+        form, headers = audio_form(xargs)
+        status, response_headers, reached = server.request(form, route, headers=headers)
+        assert (status, reached) == (200, form) and b"x-activation-budget-applied" not in response_headers
 
 
 # -- the admin route -----------------------------------------------------------------------------------------

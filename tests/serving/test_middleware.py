@@ -20,6 +20,7 @@ from vllm_alloc.serving.middleware import ActivationBudgetMiddleware
 
 K = 4  # the fake model's top-k: minimum b = K_base / K = 0.25
 COMPLETIONS = "/v1/completions"
+SCORING = "/generative_scoring"  # vLLM builds its SamplingParams without vllm_xargs
 
 
 class FakeApp:
@@ -545,9 +546,7 @@ def test_parser_has_no_abbreviations() -> None:
     assert isinstance(args, argparse.Namespace) and rest == ["--default", "x"]
 
 
-@pytest.mark.parametrize(
-    "path", ["/inference/v1/generate", "/v1/chat/completions/batch", "/v1/embeddings", "/pooling"]
-)
+@pytest.mark.parametrize("path", [SCORING, "/cohere/v2/chat", "/v1/embeddings", "/pooling"])
 def test_other_routes_refuse_a_budget_header_instead_of_ignoring_it(path: str) -> None:
     app, sent = call({"prompt": "hi"}, "0.5", path=path)
     assert not app.calls and sent[0]["status"] == 400
@@ -555,9 +554,131 @@ def test_other_routes_refuse_a_budget_header_instead_of_ignoring_it(path: str) -
     assert f"not applied on {path}" in message and "/v1/completions" in message
 
 
-def test_other_routes_without_the_header_pass_through() -> None:
-    app, sent = call({"prompt": "hi"}, path="/inference/v1/generate")
-    assert len(app.calls) == 1 and sent[0]["status"] == 200
+def test_other_routes_without_a_budget_pass_through() -> None:
+    raw = json.dumps(ROUTES[SCORING]).encode()
+    app, sent = call(raw, path=SCORING)
+    assert app.calls[0]["body"] == raw and sent[0]["status"] == 200
+    assert b"x-activation-budget-applied" not in headers_of(sent)
+
+
+# -- the other routes vLLM 0.32 generates on (issue #33): applied, or refused, never ignored ---------------
+
+
+BATCH = "/v1/chat/completions/batch"  # vllm_xargs reaches each conversation's ChatCompletionRequest
+GENERATE = "/inference/v1/generate"  # the body holds SamplingParams: sampling_params.extra_args
+ROUTES = {
+    BATCH: {"model": "m", "messages": [[{"role": "user", "content": "hi"}]]},
+    GENERATE: {"model": "m", "token_ids": [1, 2], "sampling_params": {"max_tokens": 2}},
+    SCORING: {"model": "m", "query": "q", "items": ["a"], "label_token_ids": [1]},
+}
+FIELD = {
+    BATCH: "vllm_xargs.activation_budget",
+    GENERATE: "sampling_params.extra_args.activation_budget",
+    SCORING: "vllm_xargs.activation_budget",
+}
+
+
+def route_body(path: str, budget: Any = None) -> dict[str, Any]:
+    """The route's minimal body, with `budget` where that route's request model reads it."""
+    body = json.loads(json.dumps(ROUTES[path]))
+    if budget is not None:
+        holder = body["sampling_params"] if path == GENERATE else body
+        holder["extra_args" if path == GENERATE else "vllm_xargs"] = {"activation_budget": budget}
+    return body
+
+
+def applied_in(path: str, body: dict[str, Any]) -> Any:
+    return (body["sampling_params"]["extra_args"] if path == GENERATE else body["vllm_xargs"])[
+        "activation_budget"
+    ]
+
+
+@pytest.mark.parametrize("path", [BATCH, GENERATE])
+@pytest.mark.parametrize(("budget", "header"), [(0.5, None), (None, "0.5"), (0.5, "0.50")])
+def test_batch_and_generate_apply_a_valid_budget(path: str, budget: Any, header: str | None) -> None:
+    app, sent = call(route_body(path, budget), header, path=path)
+    body = forwarded(app)
+    assert applied_in(path, body) == 0.5 and body["cache_salt"] == "activation_budget=0.5"
+    assert headers_of(sent)[b"x-activation-budget-applied"] == b"0.5"
+    if path == GENERATE:
+        assert body["sampling_params"]["max_tokens"] == 2  # the client's sampling params stay
+    assert body.keys() - {"vllm_xargs", "cache_salt"} == ROUTES[path].keys()
+
+
+@pytest.mark.parametrize("path", [BATCH, GENERATE])
+def test_batch_and_generate_without_a_budget_run_at_the_default(path: str) -> None:
+    config = vllm_config({"vllm_alloc": {"default_budget": 0.75}})
+    app, sent = call(route_body(path), path=path, config=config)
+    assert applied_in(path, forwarded(app)) == 0.75
+    assert headers_of(sent)[b"x-activation-budget-applied"] == b"0.75"
+
+
+@pytest.mark.parametrize("path", [BATCH, GENERATE, SCORING])
+@pytest.mark.parametrize(
+    ("budget", "header", "needle"),
+    [
+        (0.1, None, "below this model's minimum"),  # the issue's case: 0.01 ran clamped to 0.25
+        (0.01, None, "below this model's minimum"),
+        (2, None, "out of range"),
+        ("abc", None, "not a number"),
+        (True, None, "not a number"),
+        ([0.5], None, "has type list"),
+        (None, "abc", "not a number"),
+        (None, "0.2", "below this model's minimum"),
+        (None, "1.5", "out of range"),
+    ],
+)
+def test_invalid_budget_on_every_generating_route_is_400_naming_field_and_range(
+    path: str, budget: Any, header: str | None, needle: str
+) -> None:
+    app, sent = call(route_body(path, budget), header, path=path)
+    assert app.calls == []
+    message = error_of(sent)["message"]
+    source = "X-Activation-Budget header" if header is not None else FIELD[path]
+    assert message.startswith(source) and needle in message and "[0.25, 1]" in message, message
+
+
+@pytest.mark.parametrize("path", [BATCH, GENERATE])
+def test_batch_and_generate_refuse_header_and_body_that_disagree(path: str) -> None:
+    app, sent = call(route_body(path, 0.25), "0.5", path=path)
+    assert app.calls == []
+    assert f"header (0.5) and {FIELD[path]} (0.25) disagree" in error_of(sent)["message"]
+
+
+@pytest.mark.parametrize("header", [None, "0.5"])
+def test_generate_refuses_a_top_level_vllm_xargs_budget_vllm_would_drop(header: str | None) -> None:
+    body = {**route_body(GENERATE), "vllm_xargs": {"activation_budget": 0.5}}
+    app, sent = call(body, header, path=GENERATE)
+    assert app.calls == []
+    message = error_of(sent)["message"]
+    assert message.startswith(f"vllm_xargs.activation_budget is not applied on {GENERATE}")
+    assert "sampling_params.extra_args.activation_budget" in message
+    body["vllm_xargs"] = {"activation_budget": 0.1}  # an invalid one: its range, as everywhere
+    _, sent = call(body, path=GENERATE)
+    assert "below this model's minimum" in error_of(sent)["message"]
+    body["vllm_xargs"] = {"session_id": "s"}  # other keys are vLLM's business
+    app, _ = call(body, path=GENERATE)
+    assert applied_in(GENERATE, forwarded(app)) == 1.0
+
+
+@pytest.mark.parametrize("sampling_params", ["x", None, {"extra_args": [1]}])
+def test_generate_with_malformed_sampling_params_is_left_for_vllm(sampling_params: Any) -> None:
+    body = {**route_body(GENERATE), "sampling_params": sampling_params}
+    app, sent = call(body, "0.5", path=GENERATE)
+    assert forwarded(app) == body and b"x-activation-budget-applied" not in headers_of(sent)
+    _, sent = call(body, "0.2", path=GENERATE)  # the header is still checked
+    assert "below this model's minimum" in error_of(sent)["message"]
+
+
+@pytest.mark.parametrize("path", [SCORING, "/cohere/v2/chat"])
+@pytest.mark.parametrize(("budget", "header"), [(0.5, None), (None, "0.5"), (0.5, "0.5"), (0.25, "0.5")])
+def test_scoring_and_cohere_refuse_a_valid_budget_they_would_drop(
+    path: str, budget: Any, header: str | None
+) -> None:
+    app, sent = call(route_body(SCORING, budget), header, path=path)
+    assert app.calls == []
+    message = error_of(sent)["message"]
+    assert f"is not applied on {path}" in message and "/v1/chat/completions/batch" in message, message
 
 
 def test_the_old_middleware_path_is_a_deprecated_alias() -> None:

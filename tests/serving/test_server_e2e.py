@@ -58,6 +58,7 @@ def server(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "--gpu-memory-utilization", memory_fraction(),
         "--enable-prompt-tokens-details",  # usage reports cached prompt tokens, for exact counts
         "--disable-log-stats",
+        "--enable-scale-out",  # serves /inference/v1/generate, a route that takes budgets
     ]  # fmt: skip
     with serve(model, args, tmp_path_factory.mktemp("server") / "server.log") as srv:
         yield srv
@@ -216,6 +217,96 @@ def test_invocations_refuses_a_budget_it_cannot_apply(server: Server) -> None:
     assert r.status_code == 400 and "activation" in r.text.lower(), r.text
 
 
+# -- the other routes vLLM 0.32 generates on: applied and counted, or refused (issue #33) --------------------
+
+
+BATCH = "/v1/chat/completions/batch"
+GENERATE = "/inference/v1/generate"
+SCORING = "/generative_scoring"
+FIELD = {
+    BATCH: "vllm_xargs.activation_budget",
+    GENERATE: "sampling_params.extra_args.activation_budget",
+    SCORING: "vllm_xargs.activation_budget",
+}
+ENGINE_REQUESTS = {BATCH: 2, GENERATE: 1, SCORING: 2}  # what one request of route_request runs
+
+
+def route_request(
+    server: Server, route: str, budget: Any = None, header: str | None = None, tag: str = "", model: str = ""
+) -> httpx.Response:
+    """One request to `route`, with `budget` where that route's body carries it (FIELD)."""
+    body: dict[str, Any] = {"model": model or server.model}
+    xargs: dict[str, Any] = {} if budget is None else {"activation_budget": budget}
+    if route == BATCH:
+        conversations = [[{"role": "user", "content": f"batch {tag}: conversation {i}"}] for i in range(2)]
+        body.update(messages=conversations, max_tokens=4, ignore_eos=True)
+    elif route == GENERATE:
+        sampling: dict[str, Any] = {"max_tokens": 4, "ignore_eos": True}
+        body.update(token_ids=[11, 12, 13, 14 + len(tag)], sampling_params=sampling)
+        if xargs:
+            sampling["extra_args"] = xargs
+            xargs = {}
+    else:
+        body.update(query=f"score {tag}", items=["yes", "no"], label_token_ids=[1, 2])
+    if xargs:
+        body["vllm_xargs"] = xargs
+    headers = {} if header is None else {"X-Activation-Budget": header}
+    return httpx.post(f"{server.base_url}{route}", json=body, headers=headers, timeout=60)
+
+
+def counted(server: Server, before: dict[Any, float], requests: int) -> dict[Any, float]:
+    """The metrics' delta once `requests` more requests are in the budget histogram and their activations
+    have reached /metrics (the worker flushes after each pass, maybe a moment after the response)."""
+    got: dict[Any, float] = {}
+    for _ in range(40):
+        got = delta(metrics(server), before)
+        done = got.get(("vllm_alloc:request_budget_count", "", ""), 0) >= requests
+        if done and any(k[0].endswith("activations_total") for k in got):
+            time.sleep(0.25)  # one more flush, then the counts stand
+            return delta(metrics(server), before)
+        time.sleep(0.25)
+    return got
+
+
+def assert_counted_at(got: dict[Any, float], b: float, requests: int) -> None:
+    lab = label(b)
+    activations = {k: v for k, v in got.items() if k[0].endswith("activations_total")}
+    assert activations and {k[2] for k in activations} == {lab}, got  # at the applied budget only
+    for layer in map(str, range(L)):
+        full = activations[("vllm_alloc:full_activations_total", layer, lab)]
+        assert activations[("vllm_alloc:routed_activations_total", layer, lab)] == full * ROUTED_FRACTION[lab]
+    assert got[("vllm_alloc:request_budget_count", "", "")] == requests
+    assert got[("vllm_alloc:request_budget_sum", "", "")] == pytest.approx(b * requests)
+
+
+@pytest.mark.parametrize("form", ["body", "header", "alias"])
+@pytest.mark.parametrize("route", [BATCH, GENERATE])
+def test_batch_and_generate_apply_budgets_and_count_them(server: Server, route: str, form: str) -> None:
+    b = {"body": 0.5, "header": 0.25, "alias": 0.5}[form]
+    before = metrics(server)
+    if form == "body":
+        r = route_request(server, route, budget=b, tag=form)
+    elif form == "header":
+        r = route_request(server, route, header=str(b), tag=form)
+    else:
+        r = route_request(server, route, tag=form, model=f"{server.model}@{b}")
+    assert r.status_code == 200, r.text
+    assert r.headers[APPLIED] == repr(b)
+    assert_counted_at(counted(server, before, ENGINE_REQUESTS[route]), b, ENGINE_REQUESTS[route])
+
+
+def test_generative_scoring_refuses_budgets_it_would_drop(server: Server) -> None:
+    """vLLM 0.32 builds /generative_scoring's SamplingParams without vllm_xargs: a budget is refused, and
+    without one the request runs, and is counted, at the server default."""
+    for r in (route_request(server, SCORING, budget=0.5), route_request(server, SCORING, header="0.5")):
+        assert r.status_code == 400 and f"is not applied on {SCORING}" in r.json()["error"]["message"], r.text
+    before = metrics(server)
+    r = route_request(server, SCORING, tag="default")
+    assert r.status_code == 200, r.text
+    assert APPLIED not in r.headers
+    assert_counted_at(counted(server, before, ENGINE_REQUESTS[SCORING]), 1.0, ENGINE_REQUESTS[SCORING])
+
+
 # -- invalid input: 400 naming the range, the server keeps serving -------------------------------------------
 
 
@@ -278,6 +369,43 @@ def test_non_finite_json_body_is_400(server: Server, literal: str) -> None:
     assert error["param"] == "activation_budget" and error["type"] == "BadRequestError"
 
 
+@pytest.mark.parametrize("route", [BATCH, GENERATE, SCORING])
+@pytest.mark.parametrize(
+    ("budget", "header", "needle"),
+    [
+        (0.01, None, "below this model's minimum"),  # issue #33: on /v1/chat/completions/batch it ran at 0.25
+        (1.5, None, "out of range"),
+        (None, "0.2", "below this model's minimum"),
+        (None, "0", "out of range"),
+    ],
+)
+def test_invalid_budget_on_other_generating_routes_is_400(
+    server: Server, route: str, budget: Any, header: str | None, needle: str
+) -> None:
+    r = route_request(server, route, budget=budget, header=header)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    field = FIELD[route] if header is None else "X-Activation-Budget header"
+    assert message.startswith(field) and needle in message and RANGE in message, message
+
+
+@pytest.mark.parametrize("route", [BATCH, GENERATE])
+def test_header_and_body_that_disagree_on_batch_and_generate_are_400(server: Server, route: str) -> None:
+    r = route_request(server, route, budget=0.25, header="0.5")
+    assert r.status_code == 400 and f"and {FIELD[route]} (0.25) disagree" in r.text, r.text
+
+
+def test_generate_refuses_a_top_level_vllm_xargs_budget(server: Server) -> None:
+    body = {
+        "model": server.model,
+        "token_ids": [11, 12],
+        "sampling_params": {"max_tokens": 1},
+        "vllm_xargs": {"activation_budget": 0.5},  # GenerateRequest would drop it
+    }
+    r = httpx.post(f"{server.base_url}{GENERATE}", json=body, timeout=60)
+    assert r.status_code == 400 and FIELD[GENERATE] in r.json()["error"]["message"], r.text
+
+
 def test_still_serving_after_bad_requests(server: Server) -> None:
     out = server.client().completions.create(
         model=server.model, prompt="still there?", max_tokens=2, extra_headers={"X-Activation-Budget": "0.5"}
@@ -329,11 +457,7 @@ def test_alias_refusals(server: Server) -> None:
             max_tokens=1,
             extra_headers={"X-Activation-Budget": "0.25"},
         )
-    r = httpx.post(
-        f"{server.base_url}/v1/chat/completions/batch",
-        json={"model": f"{server.model}@0.5", "messages": [[{"role": "user", "content": "x"}]]},
-        timeout=30,
-    )
+    r = route_request(server, SCORING, model=f"{server.model}@0.5")
     assert r.status_code == 400 and "cannot apply a budget" in r.text, r.text
     with pytest.raises(openai.NotFoundError):  # not an alias this server serves: vLLM's own 404
         client.completions.create(model=f"{server.model}@0.75", prompt="x", max_tokens=1)

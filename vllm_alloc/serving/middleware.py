@@ -1,15 +1,15 @@
 """HTTP side of per-request budgets: the ASGI middleware.
 
 `ActivationBudgetMiddleware` runs in every vLLM API-server process (`--middleware
-vllm_alloc.serving.middleware.ActivationBudgetMiddleware`). On POST to the text-generation endpoints
-(BUDGET_PATHS)
-it reads the `X-Activation-Budget` header and the body's `vllm_xargs.activation_budget`, refuses invalid
-values with HTTP 400 (vLLM's error JSON, naming the valid range), writes the applied budget b into
-`vllm_xargs` as a float (the server default when the request names none), salts the prefix cache per
-budget, and echoes b in the `X-Activation-Budget-Applied` response header. From there vLLM carries b as
-`SamplingParams.extra_args` to the worker (DESIGN.md §3).
+vllm_alloc.serving.middleware.ActivationBudgetMiddleware`). On POST to the routes in BUDGET_PATHS it reads
+the `X-Activation-Budget` header and the body's budget (`vllm_xargs.activation_budget`, or wherever the
+route's request model carries it), refuses invalid values with HTTP 400 (vLLM's error JSON, naming the
+field and the valid range), writes the applied budget b into the body as a float (the server default when
+the request names none), salts the prefix cache per budget, and echoes b in the
+`X-Activation-Budget-Applied` response header. From there vLLM carries b as `SamplingParams.extra_args` to
+the worker (DESIGN.md §3).
 
-No route in BUDGET_PATHS ignores a budget silently: each hands `vllm_xargs` (and `cache_salt`) to the
+No route in BUDGET_PATHS ignores a budget silently: each hands the budget (and `cache_salt`) to the
 request vLLM 0.32 builds SamplingParams from, or refuses the budget:
   /v1/chat/completions, /v1/completions, /v1/responses  their own request models
   /v1/messages    AnthropicMessagesRequest.vllm_xargs and .cache_salt, copied into the
@@ -20,11 +20,22 @@ request vLLM 0.32 builds SamplingParams from, or refuses the budget:
                   generate/factories.py). A body with `messages`, `prompt` or `prompt_embeds` is a
                   generation request and gets a budget; any other goes to a pooling handler, where a
                   budget would be ignored, so one that carries a budget is refused with 400.
-On every other POST route (vLLM 0.32 also generates on /v1/chat/completions/batch, /inference/v1/generate,
-/generative_scoring and /cohere/v2/chat) a budget header is refused with 400, since nothing there would
-apply it. A `vllm_xargs` budget in such a body still reaches SamplingParams where vLLM passes
-`vllm_xargs` on, and the engine then applies it and salts the prefix cache
-(`integration/requests_check.py`).
+  /v1/chat/completions/batch  BatchChatCompletionRequest declares no vllm_xargs, but keeps unknown
+                  fields (OpenAIBaseModel, extra="allow"), and to_chat_completion_request copies them
+                  into each conversation's ChatCompletionRequest (openai/chat_completion/protocol.py),
+                  whose to_sampling_params passes vllm_xargs on; cache_salt is a field of its own.
+  /inference/v1/generate  GenerateRequest holds the SamplingParams itself: the budget goes in
+                  `sampling_params.extra_args.activation_budget` (scale_out/token_in_token_out/
+                  protocol.py), next to its own cache_salt. GenerateRequest drops unknown fields, so a
+                  top-level `vllm_xargs` budget would be ignored there: refused with 400.
+On /generative_scoring and /cohere/v2/chat (_XARGS_DROPPED) vLLM builds SamplingParams without vllm_xargs
+(generate/generative_scoring/serving.py, create_generative_scoring; cohere/serving.py,
+_build_base_chat_completion), so a budget there, header or body, is refused with 400: a valid one because
+nothing would apply it, an invalid one with its range, as on the budget routes. On every other POST route
+a budget header is refused the same way. The audio routes (/v1/audio/transcriptions, /translations,
+_FORM_XARGS) take `vllm_xargs` as a multipart form field (JSON text) and pass it on: a budget there is
+checked as on the budget routes (400 with the range), and a valid one passes untouched and is echoed;
+the engine applies it and salts the prefix cache (`integration/requests_check.py`).
 
 Budget aliases (`budget_aliases` in the settings, `vllm-alloc serve --budget-aliases 0.75,0.5`): at
 start-up (the ASGI lifespan) the middleware adds NAME@0.75 and NAME@0.5 to the model names vLLM serves
@@ -64,20 +75,27 @@ from vllm_alloc.values import BUDGET_KEY, BudgetError, cache_salt, format_budget
 BUDGET_HEADER = "X-Activation-Budget"
 APPLIED_HEADER = "X-Activation-Budget-Applied"
 INVOCATIONS_PATH = "/invocations"  # SageMaker: generation or pooling, by the body (module docstring)
+GENERATE_PATH = "/inference/v1/generate"  # the budget sits in the body's sampling_params (module docstring)
 BUDGET_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/responses", MESSAGES_PATH, INVOCATIONS_PATH}
-)
-# Routes where vLLM 0.32 generates but passes no budget on (module docstring): a budget alias is refused.
-UNBUDGETED_GENERATION = frozenset(
     {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
         "/v1/chat/completions/batch",
-        "/inference/v1/generate",
-        "/generative_scoring",
-        "/cohere/v2/chat",
-        "/v1/audio/transcriptions",  # form data (multipart): the model is a form field
-        "/v1/audio/translations",
+        MESSAGES_PATH,
+        INVOCATIONS_PATH,
+        GENERATE_PATH,
     }
 )
+# Where a body's budget reaches SamplingParams.extra_args: `vllm_xargs` on every other budget route.
+_XARGS = ("vllm_xargs",)
+_EXTRA_ARGS = {GENERATE_PATH: ("sampling_params", "extra_args")}
+# Routes where vLLM 0.32 generates but drops `vllm_xargs` (module docstring): a body budget is refused.
+_XARGS_DROPPED = frozenset({"/generative_scoring", "/cohere/v2/chat"})
+# Routes where vLLM 0.32 generates but passes no budget on (module docstring): a budget alias is refused.
+# Audio routes take a multipart form: vLLM parses its `vllm_xargs` field (JSON text) and passes it on.
+_FORM_XARGS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+UNBUDGETED_GENERATION = _XARGS_DROPPED | _FORM_XARGS
 # The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
 _GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
 # A budget header, repeated or folded into one list (RFC 9110 §5.3), is refused past this size before it
@@ -136,45 +154,59 @@ class ActivationBudgetMiddleware:
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-length"] + [
             (b"content-length", str(len(new_body)).encode())
         ]
-        applied = format_budget(budget).encode()
-
-        async def send_with_budget(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [*message.get("headers", []), (APPLIED_HEADER.lower().encode(), applied)]
-            await send(message)
-
-        await self.app(scope, replayed, send_with_budget)
+        await self.app(scope, replayed, _echoing(send, budget))
 
     async def _other_post(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A POST outside BUDGET_PATHS: refuse a budget header, and a budget alias where vLLM generates."""
-        if header_values(scope, BUDGET_HEADER):
-            # A route that would ignore the header: say so rather than serve at the wrong budget.
-            await _send_400(
-                send,
-                f"{BUDGET_HEADER} is not applied on {scope['path']}; activation budgets apply on "
-                f"{', '.join(sorted(BUDGET_PATHS))}. Send this request without the header",
-                scope["path"],
-            )
+        """A POST outside BUDGET_PATHS: refuse a budget header, and where vLLM generates, a budget alias
+        and a body budget vLLM would drop."""
+        path = scope["path"]
+        settings = self.settings(scope)  # also resolves the aliases on a server whose lifespan did not run
+        values = header_values(scope, BUDGET_HEADER)
+        try:
+            if values:
+                header_budget(values, settings.min_budget)  # an invalid one is refused with its range
+                # A route that would ignore the header: say so rather than serve at the wrong budget.
+                raise BudgetRequestError(
+                    f"{BUDGET_HEADER} is not applied on {path}; activation budgets apply on "
+                    f"{', '.join(sorted(BUDGET_PATHS))}. Send this request without the header"
+                )
+        except BudgetRequestError as e:
+            await _send_400(send, str(e), path)
             return
-        self.settings(scope)  # resolves the aliases on a server whose lifespan did not run
-        if scope["path"] not in UNBUDGETED_GENERATION or not self.aliases:
+        if path not in UNBUDGETED_GENERATION or not (self.aliases or path in _XARGS_DROPPED | _FORM_XARGS):
             await self.app(scope, receive, send)
             return
         body, disconnected = await read_body(receive)
         if disconnected:
             return
-        model = _request_model(body, next(iter(header_values(scope, "content-type")), b""))
-        if model in self.aliases:
-            await _send_400(
-                send,
-                f"model {model!r} is a budget alias (b = {format_budget(self.aliases[model])}), and "
-                f"{scope['path']} cannot apply a budget; budget aliases apply on "
-                f"{', '.join(sorted(BUDGET_PATHS))}. Name the model {self.base_name(model)!r} here",
-                scope["path"],
-            )
+        content_type = next(iter(header_values(scope, "content-type")), b"")
+        model = _request_model(body, content_type)
+        form_budget = None
+        try:
+            if model in self.aliases:
+                raise BudgetRequestError(
+                    f"model {model!r} is a budget alias (b = {format_budget(self.aliases[model])}), and "
+                    f"{path} cannot apply a budget; budget aliases apply on "
+                    f"{', '.join(sorted(BUDGET_PATHS))}. Name the model {self.base_name(model)!r} here"
+                )
+            if path in _XARGS_DROPPED:
+                _refuse_dropped_budget(
+                    _json_object(body),
+                    settings.min_budget,
+                    path,
+                    f"activation budgets apply on {', '.join(sorted(BUDGET_PATHS))}. Send this request "
+                    "without it",
+                )
+            if path in _FORM_XARGS:
+                form_budget = _form_budget(body, content_type, settings.min_budget)
+        except BudgetRequestError as e:
+            await _send_400(send, str(e), path)
             return
-        await self.app(scope, replay(body, receive), send)
+        # A valid form budget reaches SamplingParams untouched (the engine salts the prefix cache for it,
+        # integration/requests_check.py); echo it as on the budget routes.
+        await self.app(
+            scope, replay(body, receive), send if form_budget is None else _echoing(send, form_budget)
+        )
 
     def _starting(self, scope: Scope, send: Send) -> Send:
         """`send` for the lifespan: once vLLM has started, resolve the settings and serve the aliases."""
@@ -248,25 +280,30 @@ def rewrite_body(
     aliases: Mapping[str, float] | None = None,
 ) -> tuple[bytes, float | None]:
     """(new body, applied b) for one request to `path`, given the values of its budget header(s) and the
-    budget aliases served ({model name: b}); (body, None) when the body is not a JSON object, or is an
-    /invocations body vLLM does not generate for and that names no budget.
+    budget aliases served ({model name: b}); (body, None) when the body is not a JSON object, holds the
+    budget's dict in something else than an object (left for vLLM to refuse), or is an /invocations body
+    vLLM does not generate for and that names no budget.
 
     BudgetRequestError (HTTP 400) for an invalid header or body budget, when header, body and the model's
-    alias name different budgets, or when a budget comes with an /invocations body that is not a
-    generation request.
+    alias name different budgets, when a budget comes with an /invocations body that is not a
+    generation request, or sits in a top-level `vllm_xargs` on /inference/v1/generate.
     """
     lo = settings.min_budget
     from_header = header_budget(header_values, lo)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, dict) or not isinstance(data.get("vllm_xargs", {}), dict | None):
+    data = _json_object(body)
+    *outer, leaf = _EXTRA_ARGS.get(path, _XARGS)
+    parent: Any = data  # the object that holds the budget's dict: the body, or its sampling_params
+    for name in outer:
+        parent = parent.get(name) if isinstance(parent, dict) else None
+    if data is None or not isinstance(parent, dict) or not isinstance(parent.get(leaf, {}), dict | None):
         # vLLM's own validation answers malformed requests; a header budget is still checked above.
         return body, None
-    xargs = dict(data.get("vllm_xargs") or {})
+    field = ".".join((*outer, leaf, BUDGET_KEY))
+    xargs = dict(parent.get(leaf) or {})
     raw = xargs.get(BUDGET_KEY)
-    from_body = None if raw is None else _parse(raw, lo, f"vllm_xargs.{BUDGET_KEY}")
+    from_body = None if raw is None else _parse(raw, lo, field)
+    if outer:  # GenerateRequest drops a top-level vllm_xargs
+        _refuse_dropped_budget(data, lo, path, f"send the budget as {field} or in the {BUDGET_HEADER} header")
     model = data.get("model")
     from_alias = (aliases or {}).get(model) if isinstance(model, str) else None
     if path == INVOCATIONS_PATH and not any(key in data for key in _GENERATION_KEYS):
@@ -275,11 +312,11 @@ def rewrite_body(
         raise BudgetRequestError(
             f"an activation budget applies only to text generation; this {INVOCATIONS_PATH} body has none "
             f"of the keys {', '.join(_GENERATION_KEYS)}, so vLLM serves it with a pooling handler, which "
-            f"would ignore the budget. Send it without {BUDGET_HEADER} and vllm_xargs.{BUDGET_KEY}, "
+            f"would ignore the budget. Send it without {BUDGET_HEADER} and {field}, "
             "and with a model name that is not a budget alias"
         )
     if from_alias is not None:
-        for source, b in ((f"{BUDGET_HEADER} header", from_header), (f"vllm_xargs.{BUDGET_KEY}", from_body)):
+        for source, b in ((f"{BUDGET_HEADER} header", from_header), (field, from_body)):
             if b is not None and b != from_alias:
                 raise BudgetRequestError(
                     f"model {model!r} is a budget alias (b = {format_budget(from_alias)}), and the {source} "
@@ -288,14 +325,14 @@ def rewrite_body(
         from_header = from_alias
     if from_header is not None and from_body is not None and from_header != from_body:
         raise BudgetRequestError(
-            f"{BUDGET_HEADER} header ({format_budget(from_header)}) and vllm_xargs.{BUDGET_KEY} "
+            f"{BUDGET_HEADER} header ({format_budget(from_header)}) and {field} "
             f"({format_budget(from_body)}) disagree; send one of them, or the same {valid_range(lo)}"
         )
     budget = from_header if from_header is not None else from_body
     if budget is None:
         budget = settings.default_budget
     xargs[BUDGET_KEY] = budget
-    data["vllm_xargs"] = xargs
+    parent[leaf] = xargs
     salt = cache_salt(data.get("cache_salt"), budget)
     if salt is not None:
         data["cache_salt"] = salt
@@ -336,22 +373,72 @@ def _parse(raw: Any, min_budget: float | None, source: str) -> float:
         raise BudgetRequestError(str(e)) from None
 
 
-def _request_model(body: bytes, content_type: bytes) -> Any:
-    """The `model` of a JSON object body, or the `model` field of a multipart form; None otherwise."""
-    if content_type.lower().startswith(b"multipart/form-data"):
-        from email import message_from_bytes, policy
+def _refuse_dropped_budget(data: Any, min_budget: float | None, path: str, instead: str) -> None:
+    """400 for a `vllm_xargs` budget in a body whose route drops `vllm_xargs`: an invalid one with its
+    range, as on the budget routes; a valid one because nothing would apply it (`instead`: what to do)."""
+    xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
+    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
+    if raw is None:
+        return
+    source = f"vllm_xargs.{BUDGET_KEY}"
+    _parse(raw, min_budget, source)
+    raise BudgetRequestError(f"{source} is not applied on {path}: vLLM drops vllm_xargs there; {instead}")
 
-        form = message_from_bytes(b"Content-Type: " + content_type + b"\r\n\r\n" + body, policy=policy.HTTP)
-        for part in form.iter_parts() if form.is_multipart() else ():
-            if part.get_param("name", header="content-disposition") == "model":
-                payload = part.get_payload(decode=True)
-                return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
-        return None
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    return data.get("model") if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _form_field(body: bytes, content_type: bytes, name: str) -> str | None:
+    """The text of a multipart form's field `name`; None where the body is no such form or lacks it."""
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return None
+    from email import message_from_bytes, policy
+
+    form = message_from_bytes(b"Content-Type: " + content_type + b"\r\n\r\n" + body, policy=policy.HTTP)
+    for part in form.iter_parts() if form.is_multipart() else ():
+        if part.get_param("name", header="content-disposition") == name:
+            payload = part.get_payload(decode=True)
+            return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
+    return None
+
+
+def _request_model(body: bytes, content_type: bytes) -> Any:
+    """The `model` of a JSON object body, or the `model` field of a multipart form; None otherwise."""
+    if content_type.lower().startswith(b"multipart/form-data"):
+        return _form_field(body, content_type, "model")
+    data = _json_object(body)
+    return None if data is None else data.get("model")
+
+
+def _form_budget(body: bytes, content_type: bytes, min_budget: float | None) -> float | None:
+    """The budget in a form's `vllm_xargs` field (JSON text, as vLLM's audio routes parse it), checked as
+    on the budget routes: BudgetRequestError for an invalid one; None where the form names none (or its
+    `vllm_xargs` is not a JSON object, which vLLM refuses itself)."""
+    text = _form_field(body, content_type, "vllm_xargs")
+    try:
+        xargs = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
+    return None if raw is None else _parse(raw, min_budget, f"vllm_xargs.{BUDGET_KEY}")
+
+
+def _echoing(send: Send, budget: float) -> Send:
+    """`send` with the applied budget echoed in the response's headers."""
+    applied = format_budget(budget).encode()
+
+    async def send_with_budget(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message)
+            message["headers"] = [*message.get("headers", []), (APPLIED_HEADER.lower().encode(), applied)]
+        await send(message)
+
+    return send_with_budget
 
 
 async def _send_400(send: Send, message: str, path: str) -> None:
