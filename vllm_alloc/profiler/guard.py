@@ -74,7 +74,7 @@ CARRY = (
 def validated_budgets(
     L: int, K: int, requested: Iterable[int], k_base: int = 1, all_budgets_up_to: int = 32
 ) -> list[int]:
-    """The budgets B whose candidates are measured on held-out data (rule 3 of the module docstring)."""
+    """The budgets B whose candidates are measured on held-out data (rule 4 of the module docstring)."""
     check_shape(L, K, k_base)
     lo, A = L * k_base, L * K
     chosen = set(requested)
