@@ -13,12 +13,20 @@ LAYERS MoE layers (each its own weights, so weight reads are not served by L2) a
   kernel b          the expert kernel alone on routing pruned to budget b outside the graph
   conditional b     both paths behind CUDA-graph conditional nodes on a device flag, as the plugin
                     captures them (`device_budget.stock_or_budget`): b = 1.0 runs the kernel alone
+  vLLM stock        with `--vllm-ref PATH`: vLLM 0.32's own Triton `fused_moe_kernel`, extracted from a
+                    copy of its source and launched as its `fused_experts_impl` does, with vLLM's config
+                    for this device and T (tuned table where vLLM has one, else its default) and one-launch
+                    stand-ins for its CUDA helper ops (`vllm_ref.py`); `× vLLM` is every row over it
+  vLLM align        the stand-in for vLLM's moe_align_block_size alone (part of `vLLM stock`; absent
+                    where vLLM takes its naive path, T·K·4 ≤ E, which needs no align)
 
 `routing` is what a pass at b = 1.0 pays on top of the stock expert call when the budget path is always
-captured. Every graph is checked against the eager run of the same layers first. Needs only torch and
-Triton (`vllm_alloc.kernels`).
+captured. Every graph is checked against the eager run of the same layers first, and vLLM stock also
+against the fp32 oracle. Needs only torch and Triton (`vllm_alloc.kernels`), plus for the vLLM rows a copy
+made by `benchmarks/copy_vllm_ref.py` where vllm is installed (the GPU machine needs no vLLM).
 
     python benchmarks/bench_graph.py --out BENCH_GRAPH.md
+    python benchmarks/bench_graph.py --vllm-ref vllm-ref --out BENCH_GRAPH.md
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_kernel import MODELS, LayerShape
+from bench_kernel import MODELS, TOLERANCE, LayerShape
+from vllm_ref import VllmRef, load_vllm_ref, stock_config, uses_naive_assignment, vllm_stock_moe
+from vllm_stand_ins import align_stand_in
 
 from vllm_alloc.routing.device_budget import (
     Cap,
@@ -48,10 +58,17 @@ from vllm_alloc.routing.device_budget import (
     stock_or_budget,
     torch_layer_routing,
 )
+from vllm_alloc.routing.reference import moe_forward
 
 LAYERS = 8
 ROUTING_CONFIGS = ("plain", "carry", "cap", "carry+cap")
 CAP_SHARE = 900  # ρ = 0.9 in thousandths (`cap.SCALE`), the share the shipped budget files cap at
+
+
+def row(shape: LayerShape, T: int, graph: str, us: float, base_us: float, vllm_us: float | None) -> str:
+    """One table row: µs per layer, × over `kernel b=1`, × over `vLLM stock` (— without --vllm-ref)."""
+    over_vllm = "—" if vllm_us is None else f"{us / vllm_us:.2f}"
+    return f"| {shape.name} | {T} | {graph} | {us / LAYERS:.1f} | {us / base_us:.2f} | {over_vllm} |"
 
 
 def graph_time_us(
@@ -180,7 +197,9 @@ def routing_variant(p: Pass, E: int, config: str, fused: bool) -> Callable[[], t
     return run
 
 
-def routing_rows(shape: LayerShape, T: int, p: Pass, replays: int, base_us: float) -> list[str]:
+def routing_rows(
+    shape: LayerShape, T: int, p: Pass, replays: int, base_us: float, vllm_us: float | None
+) -> list[str]:
     """`routing P C` rows: each configuration by both paths, checked equal on one eager call first."""
     from vllm_alloc.kernels import MAX_TILE, fused_routing_fits
 
@@ -194,7 +213,7 @@ def routing_rows(shape: LayerShape, T: int, p: Pass, replays: int, base_us: floa
         for path in paths:
             us, _ = graph_time_us(routing_variant(p, shape.E, config, path == "fused"), replays)
             graph = f"routing {path}{'*' if path == taken else ''} {config}"
-            rows.append(f"| {shape.name} | {T} | {graph} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
+            rows.append(row(shape, T, graph, us, base_us, vllm_us))
     return rows
 
 
@@ -224,7 +243,48 @@ def conditional(
     return y
 
 
-def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays: int) -> list[str]:
+def vllm_layers(p: Pass, layers: Layers, ref: VllmRef, config: dict) -> torch.Tensor:
+    """The layers on the residual stream by vLLM's stock kernel (`vllm_ref.vllm_stock_moe`), stock routing."""
+    y = p.x
+    for layer, (w13, w2) in enumerate(layers):
+        weights, ids = p.stock(layer)
+        y = y + vllm_stock_moe(y, w13, w2, weights, ids, ref=ref, config=config)
+    return y
+
+
+def vllm_rows(
+    shape: LayerShape, T: int, p: Pass, layers: Layers, ref: VllmRef, replays: int, base_us: float
+) -> tuple[float, list[str]]:
+    """(µs of the vLLM stock graph, its rows): checked against the oracle on layer 0 and against its own
+    eager run, then timed; its align stand-in is also timed alone where vLLM aligns."""
+    config, source = stock_config(ref, T, shape.E, shape.I, p.x.dtype, torch.cuda.get_device_name())
+    weights, ids = p.stock(0)
+    w13, w2 = layers[0]
+    got = vllm_stock_moe(p.x, w13, w2, weights, ids, ref=ref, config=config).float()
+    want = moe_forward(p.x, w13, w2, weights, ids)
+    rtol, atol = TOLERANCE[p.x.dtype]
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        err = (got - want).abs().max().item()
+        raise AssertionError(f"{shape.name} T={T}: vLLM stock differs from the oracle (max |err| {err:.3g})")
+    us, out = graph_time_us(functools.partial(vllm_layers, p, layers, ref, config), replays)
+    if not torch.equal(out, vllm_layers(p, layers, ref, config)):
+        raise AssertionError(f"{shape.name} T={T}: vLLM stock graph differs from eager")
+    naive = uses_naive_assignment(T, shape.K, shape.E)
+    rows = [row(shape, T, f"vLLM stock ({source} config{', naive' if naive else ''})", us, base_us, us)]
+    if not naive:
+        block_m = config["BLOCK_SIZE_M"]
+
+        def aligns() -> torch.Tensor:
+            return torch.cat([align_stand_in(p.ids[layer], shape.E, block_m)[0] for layer in range(LAYERS)])
+
+        align_us, _ = graph_time_us(aligns, replays)
+        rows.append(row(shape, T, "vLLM align", align_us, base_us, us))
+    return us, rows
+
+
+def bench_shape(
+    shape: LayerShape, Ts: list[int], budgets: list[float], replays: int, ref: VllmRef | None = None
+) -> list[str]:
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(0)
     layers = [
@@ -259,12 +319,14 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
         if not torch.equal(base_out, kernel_only(p, layers)):
             raise AssertionError(f"{shape.name} T={T}: kernel graph differs from eager")
         route_us, _ = graph_time_us(functools.partial(routing_only, p, layers), replays)
+        vllm_us, stock = vllm_rows(shape, T, p, layers, ref, replays, base_us) if ref else (None, [])
         new = [
-            f"| {shape.name} | {T} | kernel b=1 | {base_us / LAYERS:.1f} | 1.00 |",
-            f"| {shape.name} | {T} | routing | {route_us / LAYERS:.1f} | {route_us / base_us:.2f} |",
+            row(shape, T, "kernel b=1", base_us, base_us, vllm_us),
+            *stock,
+            row(shape, T, "routing", route_us, base_us, vllm_us),
         ]
         p.token_budget.fill_(max(LAYERS, math.floor(0.5 * A)))  # the routing rows at b = 0.5
-        new += routing_rows(shape, T, p, replays, base_us)
+        new += routing_rows(shape, T, p, replays, base_us, vllm_us)
         full = torch.ones((), dtype=torch.bool, device="cuda")
         not_full = torch.zeros((), dtype=torch.bool, device="cuda")
         for b in budgets:
@@ -276,7 +338,7 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
                     raise AssertionError(
                         f"{shape.name} T={T} b={b}: pruned kernel differs from the budget path"
                     )
-                new.append(f"| {shape.name} | {T} | kernel b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
+                new.append(row(shape, T, f"kernel b={b}", us, base_us, vllm_us))
             us, out = graph_time_us(functools.partial(budget_path, p, layers), replays)
             if not torch.equal(out, budget_path(p, layers)):
                 raise AssertionError(f"{shape.name} T={T} b={b}: budget-path graph differs from eager")
@@ -284,9 +346,7 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
                 raise AssertionError(
                     f"{shape.name} T={T}: budget path at b=1.0 differs from the kernel alone"
                 )
-            new.append(
-                f"| {shape.name} | {T} | routing+kernel b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |"
-            )
+            new.append(row(shape, T, f"routing+kernel b={b}", us, base_us, vllm_us))
             if not conditional_nodes_available():
                 continue  # this torch cannot capture conditional nodes
             full.fill_(b == 1.0)
@@ -296,7 +356,7 @@ def bench_shape(shape: LayerShape, Ts: list[int], budgets: list[float], replays:
             )
             if not torch.equal(out, (kernel_only if b == 1.0 else budget_path)(p, layers)):
                 raise AssertionError(f"{shape.name} T={T} b={b}: conditional graph took the wrong body")
-            new.append(f"| {shape.name} | {T} | conditional b={b} | {us / LAYERS:.1f} | {us / base_us:.2f} |")
+            new.append(row(shape, T, f"conditional b={b}", us, base_us, vllm_us))
         print("\n".join(new), flush=True)
         rows += new
     return rows
@@ -316,10 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5])
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--vllm-ref",
+        type=Path,
+        metavar="PATH",
+        help="a copy of vLLM 0.32's fused_moe.py and configs/ (benchmarks/copy_vllm_ref.py): adds vLLM rows",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_graph.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
         return 2
+    ref = load_vllm_ref(args.vllm_ref) if args.vllm_ref else None
     header = [
         f"# Budget path under CUDA-graph replay on {torch.cuda.get_device_name()}, bfloat16, "
         f"torch {torch.__version__}",
@@ -331,15 +398,21 @@ def main(argv: list[str] | None = None) -> int:
             ""
             if conditional_nodes_available()
             else " No `conditional` rows: this torch lacks CUDA-graph conditional nodes."
+        )
+        + (
+            f" × vLLM = over `vLLM stock` (vLLM 0.32's kernel from {args.vllm_ref}, same T)."
+            if ref
+            else " No `vLLM stock` rows and no × vLLM (—): run with `--vllm-ref PATH`, a copy made by "
+            "`benchmarks/copy_vllm_ref.py`."
         ),
         "",
-        "| model | T | graph | µs / layer | × |",
-        "|---|---|---|---|---|",
+        "| model | T | graph | µs / layer | × | × vLLM |",
+        "|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows: list[str] = []
     for key in args.models:
-        rows += bench_shape(MODELS[key], args.T, args.budgets, args.replays)
+        rows += bench_shape(MODELS[key], args.T, args.budgets, args.replays, ref)
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text("\n".join([*header, *rows]) + "\n")
