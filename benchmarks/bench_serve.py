@@ -9,6 +9,9 @@ Configurations (DESIGN.md §5):
   (a) vLLM without the plugin (VLLM_ALLOC_DISABLE=1);
   (b) vLLM without the plugin, `hf_overrides={"num_experts_per_tok": K // 2}`: the uniform baseline;
   (c) vLLM with the plugin, one engine serving every budget b per request (`extra_args`);
+  (t) vLLM without the plugin at `num_experts_per_tok` = ⌊b·K⌋, one engine per budget b < 1 of --budgets
+      (b = 0.5 at an even K is (b)'s engine): vLLM's own top-⌊b·K⌋, the reference for what the model
+      allows at each budget;
   (d) (with --expert-cap ρ[,ρ...]) the plugin with the distinct-expert cap: the decode tokens at one budget
       below 1.0 share at most ⌈ρ·D⌉ of the D experts they would touch per MoE layer and pass
       (`vllm_alloc.routing.cap`), at the budgets --cap-budgets. One engine serves every ρ: it is set between
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -80,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="OpenMP threads per engine, unbound (0: vLLM's own binding); 1 suits a shared 2-core machine",
     )
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's torch.compile)")
-    p.add_argument("--configs", default="a,b,c", help="which of the configurations a, b, c to run")
+    p.add_argument("--configs", default="a,b,c", help="which of the configurations a, b, c, t to run")
     p.add_argument(
         "--no-share", action="store_true", help="skip the Alloc-T share measurement and the cap profile"
     )
@@ -186,9 +190,16 @@ def config_names(
         out.append(Config(f"(b) top-{K // 2}", "b", None))
     if "c" in configs:
         out += [Config(f"(c) b={b:g}", "c", b) for b in budgets]
+    if "t" in configs:
+        out += [Config(f"(t) top-{k} b={b:g}", f"t{k}", None) for b, k in topk_budgets(budgets, K)]
     if "d" in configs:
         out += [Config(f"(d) b={b:g} ρ={cap:g}", "d", b, cap) for cap in caps for b in cap_budgets]
     return out
+
+
+def topk_budgets(budgets: list[float], K: int) -> list[tuple[float, int]]:
+    """(b, ⌊b·K⌋) for each budget below 1.0 of `budgets` (the stock model is (a)); at least one expert."""
+    return [(b, max(1, math.floor(b * K + 1e-9))) for b in budgets if b < 1.0]
 
 
 def profile_configs(measured: list[Config]) -> list[Config]:
@@ -269,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             "expert_cap": args.expert_caps[0] if args.expert_caps else None,
         },
     }
+    for _, k in topk_budgets(args.budgets, K) if "t" in args.configs else ():
+        engines[f"t{k}"] = {**spec, "plugin": False, "hf_overrides": {"num_experts_per_tok": k}}
     wanted = [e for e in ("a", "b", "c", "d") if e in args.configs]
+    wanted += sorted({m.engine for m in measured if m.engine.startswith("t")}, reverse=True)
     print(f"model {model} ({shape}); engines {wanted}; rounds {args.rounds}", flush=True)
 
     workers: dict[str, serve_lib.EngineWorker] = {}

@@ -103,6 +103,20 @@ def test_config_names_put_stock_first():
     assert all(n.cap is None for n in names)
 
 
+def test_topk_engines_follow_the_budgets():
+    """(t): vLLM's own top-⌊b·K⌋ per budget below 1.0, one engine per expert count, at least one expert."""
+    assert bench_serve.topk_budgets([1.0, 0.75, 0.5, 0.33], K=4) == [(0.75, 3), (0.5, 2), (0.33, 1)]
+    assert bench_serve.topk_budgets([0.1], K=4) == [(0.1, 1)]
+    assert bench_serve.topk_budgets([0.5], K=6) == [(0.5, 3)]  # b·K exact: no float rounding down
+    names = bench_serve.config_names(["a", "c", "t"], [1.0, 0.5], K=8)
+    assert [n[:3] for n in names] == [
+        ("(a) stock", "a", None),
+        ("(c) b=1", "c", 1.0),
+        ("(c) b=0.5", "c", 0.5),
+        ("(t) top-4 b=0.5", "t4", None),
+    ]
+
+
 def test_quick_settings_and_parsing():
     args = bench_serve.parse_args(["--quick", "--budgets", "1.0,0.5"])
     assert args.rounds == 1 and args.batch_sizes == [1, 4] and args.budgets == [1.0, 0.5]
