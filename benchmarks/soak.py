@@ -1,6 +1,11 @@
 """Bounded soak of `vllm-alloc serve` on the default model; stops by itself.
 
-    python benchmarks/soak.py [--requests 400] [--concurrency 32] [--max-seconds 900] [--out FILE] [--seed 0]
+    python benchmarks/soak.py [--requests 400] [--concurrency 32] [--max-seconds 900] [--seed 0]
+                              [--out FILE.md] [--json FILE]
+    python benchmarks/soak.py --minutes N [--warmup-seconds 60] [--concurrency 32] ...
+
+With --minutes, the soak under load (soak_long.py): the benchmark model, a closed loop of clients for N
+minutes, RSS and latency over time, then the same quiet phase and counter check. Without it:
 
 Starts the server (port chosen free, loopback only, log in a temp file), then:
   1. mixed load: budgets {1.0, 0.75, 0.5, 0.33, default} by header or body, seeded sampling, long
@@ -139,9 +144,9 @@ def plan(n: int, rng: random.Random, prompt: PromptFn, mixed: bool = True) -> li
     return specs
 
 
-def request(spec: Spec) -> tuple[str, dict[str, str], bytes]:
-    """(path, headers, JSON body) of one spec."""
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": spec.max_tokens, "stream": spec.stream}
+def request(spec: Spec, model: str = MODEL) -> tuple[str, dict[str, str], bytes]:
+    """(path, headers, JSON body) of one spec, for the served model `model`."""
+    body: dict[str, Any] = {"model": model, "max_tokens": spec.max_tokens, "stream": spec.stream}
     body |= {"messages": [{"role": "user", "content": spec.prompt}]} if spec.chat else {"prompt": spec.prompt}
     body |= {"temperature": 0.0} if spec.seed is None else {"temperature": 0.8, "seed": spec.seed}
     body["ignore_eos"] = spec.ignore_eos
@@ -264,9 +269,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, log: Path, args: Sequence[str] = SERVER_ARGS) -> subprocess.Popen[bytes]:
-    """`vllm-alloc serve models/default ARGS` on 127.0.0.1:port, from the repository root."""
-    argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", MODEL, *args]
+def start_server(
+    port: int, log: Path, args: Sequence[str] = SERVER_ARGS, model: str = MODEL
+) -> subprocess.Popen[bytes]:
+    """`vllm-alloc serve MODEL ARGS` on 127.0.0.1:port, from the repository root."""
+    argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", model, *args]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
@@ -308,9 +315,15 @@ class Soak:
     """One running server: the request clients, the statistics, and the stop flag a server death sets."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], url: str, concurrency: int, stats: Stats, bf: BudgetFile
+        self,
+        proc: subprocess.Popen[bytes],
+        url: str,
+        concurrency: int,
+        stats: Stats,
+        bf: BudgetFile,
+        model: str = MODEL,
     ):
-        self.proc, self.concurrency, self.stats, self.bf = proc, concurrency, stats, bf
+        self.proc, self.concurrency, self.stats, self.bf, self.model = proc, concurrency, stats, bf, model
         limits = httpx.Limits(max_connections=concurrency)
         self.client = httpx.AsyncClient(base_url=url, timeout=300, limits=limits)
         self.ctl = httpx.AsyncClient(base_url=url, timeout=30)  # /health, /metrics: never queued behind load
@@ -318,7 +331,7 @@ class Soak:
 
     async def send(self, spec: Spec) -> tuple[float, int] | None:
         """One request; (applied budget, computed tokens) when it completed with usage, else None."""
-        stats, (path, headers, content) = self.stats, request(spec)
+        stats, (path, headers, content) = self.stats, request(spec, self.model)
         stats.sent += 1
         try:
             async with self.client.stream("POST", path, headers=headers, content=content) as r:
@@ -417,41 +430,47 @@ class Soak:
     async def run(self, load: list[Spec], check: list[Spec], deadline: float) -> None:
         """The mixed load, then the verification batch on an idle server and the counter checks."""
         watcher = asyncio.create_task(self.watch())
-        problems = self.stats.counter_problems
         try:
             run_tokens = await self.batch(load, deadline, "mixed")
-            if self.stop.is_set():
-                return  # a server death: reported as such, nothing left to check
-            if not await self.idle():
-                problems.append("vLLM never went idle after the mixed load")
-                return
-            before = activations(await self.metrics())
-            tokens = await self.batch(check, float("inf"), "verify")
-            if not await self.idle():
-                problems.append("no quiet phase after the verification batch (server death or never idle)")
-                return
-            self.stats.verified_tokens = sum(tokens.values())
-            for _ in range(40):  # the worker flushes after each pass, which can land after the response
-                now = activations(await self.metrics())
-                got = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
-                if not counter_problems(got, tokens, self.bf):
-                    break
-                await asyncio.sleep(0.25)
-            problems += counter_problems(got, tokens, self.bf) + routed_over_full(now)
-            self.stats.cap_dropped = sum(v for k, v in got.items() if k[0] == DROPPED)
-            lower = {k: v for k, v in expected_counters(run_tokens + tokens, self.bf).items() if k[0] == FULL}
-            problems += mismatches({k: now.get(k, 0.0) for k in lower}, lower, ">=")
+            await self.verify(check, run_tokens)
         finally:
             watcher.cancel()
             await self.client.aclose()
             await self.ctl.aclose()
 
+    async def verify(self, check: list[Spec], run_tokens: Counter[int]) -> None:
+        """After the load (`run_tokens`: its completed tokens by B): wait for a quiet server, send the
+        verification batch, and check the counters (`Stats.counter_problems`)."""
+        problems = self.stats.counter_problems
+        if self.stop.is_set():
+            return  # a server death: reported as such, nothing left to check
+        if not await self.idle():
+            problems.append("vLLM never went idle after the mixed load")
+            return
+        before = activations(await self.metrics())
+        tokens = await self.batch(check, float("inf"), "verify")
+        if not await self.idle():
+            problems.append("no quiet phase after the verification batch (server death or never idle)")
+            return
+        self.stats.verified_tokens = sum(tokens.values())
+        for _ in range(40):  # the worker flushes after each pass, which can land after the response
+            now = activations(await self.metrics())
+            got = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+            if not counter_problems(got, tokens, self.bf):
+                break
+            await asyncio.sleep(0.25)
+        problems += counter_problems(got, tokens, self.bf) + routed_over_full(now)
+        self.stats.cap_dropped = sum(v for k, v in got.items() if k[0] == DROPPED)
+        lower = {k: v for k, v in expected_counters(run_tokens + tokens, self.bf).items() if k[0] == FULL}
+        problems += mismatches({k: now.get(k, 0.0) for k in lower}, lower, ">=")
 
-def prompt_maker() -> PromptFn:
-    """Prompts cut from stdlib source (the default model's training domain), 300-700 or 4-40 tokens."""
+
+def prompt_maker(model: Path = ROOT / MODEL) -> PromptFn:
+    """Prompts cut from stdlib source (the default model's training domain), 300-700 or 4-40 tokens of
+    `model`'s tokenizer."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(ROOT / MODEL / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     ids = tok.encode("\n".join((stdlib / f).read_text() for f in CORPUS)).ids
 
@@ -465,13 +484,50 @@ def prompt_maker() -> PromptFn:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=400, help="requests of the mixed load")
+    p.add_argument(
+        "--requests", type=int, help="requests of the mixed load (default 400; not with --minutes)"
+    )
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight at most")
     p.add_argument("--verify", type=int, default=40, help="requests of the quiet verification batch")
-    p.add_argument("--max-seconds", type=float, default=900, help="stop sending the mixed load after this")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop sending the mixed load after this (default 900; not with --minutes)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
-    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "vllm-alloc-soak.json")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="the soak under load (soak_long.py): N minutes of a closed loop of --concurrency clients on the "
+        "benchmark model",
+    )
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=60,
+        help="with --minutes: closed-loop load before the timed minutes; RSS growth is measured from its end",
+    )
+    p.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    p.add_argument(
+        "--json", type=Path, help="write the results here (default: vllm-alloc-soak[-long].json in /tmp)"
+    )
     args = p.parse_args()
+    if args.minutes is not None:
+        for flag in ("requests", "max_seconds"):
+            if getattr(args, flag) is not None:
+                p.error(
+                    f"--{flag.replace('_', '-')} is for the bounded soak; with --minutes the load is timed"
+                )
+        if not 0 < args.minutes <= 24 * 60 or args.warmup_seconds < 0:
+            p.error(
+                f"--minutes {args.minutes:g}, --warmup-seconds {args.warmup_seconds:g}: want (0, 1440], >= 0"
+            )
+        import soak_long  # here: it imports this module, and only the timed mode needs it
+
+        return soak_long.main(args)
+    args.requests = 400 if args.requests is None else args.requests
+    args.max_seconds = 900.0 if args.max_seconds is None else args.max_seconds
+    args.json = args.json or Path(tempfile.gettempdir()) / "vllm-alloc-soak.json"
     bf = load_budget_file("default")
     K = json.loads((ROOT / MODEL / "config.json").read_text())["num_experts_per_tok"]
     if bf.model.top_k != K:
@@ -490,14 +546,22 @@ def main() -> int:
     finally:
         stop_server(proc)
         stats.wall_s = time.monotonic() - t0
-    print(table(stats))
-    for line in stats.examples + stats.counter_problems:
-        print(f"- {line}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, **vars(stats)}, indent=1))
-    print(f"JSON: {args.out}")
+    text = "\n".join([table(stats), *(f"- {line}" for line in stats.examples + stats.counter_problems)])
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    write_json(args, vars(stats))
     failed = stats.deaths or stats.errors["invalid accepted"] or stats.counter_problems
     return 1 if failed else 0
+
+
+def write_json(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """{"args": the command line, **results} to --json."""
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": given, **results}, indent=1, default=str))
+    print(f"JSON: {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The pure helpers of benchmarks/soak.py (request mix, request bodies, counter arithmetic); no server."""
+"""The pure helpers of benchmarks/soak.py (request mix, request bodies, counter arithmetic) and of
+soak_long.py (RSS bound, latency windows, report); no server."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -14,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import soak
+import soak_long
 
 from vllm_alloc.budget import load_budget_file
 
@@ -197,3 +200,93 @@ def test_send_counts_every_outcome():
     assert (stats.sent, stats.completed, stats.disconnects) == (5, 2, 1)
     assert stats.rejected == {"out of range": 1} and stats.errors == {"invalid accepted": 1}
     assert stats.examples[0].startswith("invalid accepted: non-numeric (header abc, body None): HTTP 200")
+
+
+# -- the soak under load (soak_long.py): its pure parts ---------------------------------------------------
+def test_rss_bound():
+    warm = 1000 * soak_long.MiB
+    assert soak_long.rss_problem(warm, warm) is None
+    assert soak_long.rss_problem(warm, 900 * soak_long.MiB) is None  # shrinking is fine
+    assert soak_long.rss_problem(warm, 1100 * soak_long.MiB) is None  # exactly at the bound
+    problem = soak_long.rss_problem(warm, 1101 * soak_long.MiB)
+    assert problem == "RSS grew past the bound: end 1101 MiB > 1.1 × after warm-up 1000 MiB = 1100 MiB"
+    assert soak_long.rss_problem(warm, 1300 * soak_long.MiB, ratio=1.5) is None
+
+
+def test_percentile_is_nearest_rank():
+    xs = [float(x) for x in range(1, 101)]  # 1 .. 100
+    assert soak_long.percentile(xs, 0.5) == 50 and soak_long.percentile(xs, 0.99) == 99
+    assert soak_long.percentile([3.0], 0.5) == soak_long.percentile([3.0], 0.99) == 3.0  # one value
+    assert soak_long.percentile([5.0, 1.0, 2.0], 0.99) == 5.0  # fewer than 100: the max; unsorted input
+    with pytest.raises(ValueError, match="percentile of 0 values"):
+        soak_long.percentile([], 0.5)
+
+
+def test_windows_by_send_time():
+    D = soak_long.Done
+    done = [
+        D(-5.0, "1", 99.0),  # warm-up: left out
+        D(0.0, "1", 1.0),  # the first instant of window 0
+        D(5.9, "1", 3.0),
+        D(6.0, "0.5", 2.0),  # window 1 starts at 6 s (60 s / 10)
+        D(59.9, "default", 7.0),  # the last window
+        D(60.0, "1", 50.0),  # sent after the timed phase: left out
+    ]
+    ws = soak_long.windows(done, 60.0)
+    assert len(ws) == 10 and (ws[1].start_s, ws[1].end_s) == (6.0, 12.0)
+    assert ws[0].cells == {"1": soak_long.Cell(2, 1.0, 3.0)}
+    assert ws[1].cells == {"0.5": soak_long.Cell(1, 2.0, 2.0)}
+    assert ws[9].cells == {"default": soak_long.Cell(1, 7.0, 7.0)} and ws[5].cells == {}
+    whole = soak_long.overall(done, 60.0)
+    assert whole.cells["1"] == soak_long.Cell(2, 1.0, 3.0) and sum(c.n for c in whole.cells.values()) == 4
+
+
+def test_endless_keeps_the_mix_with_long_answers():
+    specs = list(itertools.islice(soak_long.endless(random.Random(0), fake_prompt), 300))  # 3 plans of 100
+    lo, hi = soak_long.ANSWER_TOKENS
+    plain = [s for s in specs if not (s.invalid or s.disconnect)]
+    assert all(lo <= s.max_tokens <= hi for s in plain)
+    assert sum(bool(s.invalid) for s in specs) == 30 and sum(s.disconnect for s in specs) == 30
+    assert {soak_long.column(s.budget) for s in plain} == set(soak_long.COLUMNS)
+
+
+def long_result(end_mib: int) -> soak_long.Result:
+    stats = soak.Stats(sent=130, completed=100, disconnects=5, rejected=Counter({"out of range": 8}))
+    stats.wall_s = 190.0
+    stats.error("ReadTimeout", "/v1/completions: ReadTimeout()")
+    r = soak_long.Result("CPU x, 2 cores, commit abc1234", 2, 30, 8, stats, timed_sent=100)
+    MiB = soak_long.MiB
+    r.rss = {
+        "start (idle)": (0.0, 2000 * MiB),
+        "after warm-up": (30.0, 3000 * MiB),
+        "middle": (90.0, 3050 * MiB),
+        "end": (150.0, end_mib * MiB),
+    }
+    r.rss_series = [(0.0, 2000 * MiB), (30.0, 3000 * MiB), (75.0, 3400 * MiB), (150.0, end_mib * MiB)]
+    if problem := soak_long.rss_problem(r.rss["after warm-up"][1], r.rss["end"][1]):
+        r.problems.append(problem)
+    return r
+
+
+def test_report():
+    D = soak_long.Done
+    done = [D(-1.0, "1", 9.0), D(1.0, "1", 2.0), D(2.0, "1", 4.0), D(100.0, "0.33", 1.5)]
+    text = soak_long.report(long_result(3100), done)
+    lines = text.splitlines()
+    assert lines[0] == "### Soak under load: 2 min at 8 concurrent requests (benchmark model)"
+    assert "CPU x, 2 cores, commit abc1234." in lines
+    assert "| error (ReadTimeout) | 1 |" in lines and "| server deaths | 0 |" in lines
+    assert "| requests sent in the timed phase | 100 |" in lines
+    assert "| completed in the timed phase, per minute | 1.5 |" in lines  # 3 of the 4, over 2 min
+    assert "| after warm-up | 30 | 3000 |" in lines and "| max (every 5 s) | 75 | 3400 |" in lines
+    bound = next(line for line in lines if line.startswith("Bound:"))
+    assert "3100 ≤ 3300 MiB: **ok** (+3.3%)" in bound and "+50 MiB, +1000 MiB per 1000 requests" in bound
+    header = "| sent (s) | b = 1 | b = 0.75 | b = 0.5 | b = 0.33 | b = default |"
+    assert header in lines
+    assert "| 0-12 | 2.00 / 4.00 (2) | - | - | - | - |" in lines  # windows of 120 s / 10
+    assert "| 96-108 | - | - | - | 1.50 / 1.50 (1) | - |" in lines
+    assert "| all | 2.00 / 4.00 (2) | - | - | 1.50 / 1.50 (1) | - |" in lines
+    assert lines[-1] == "Result: **passed**." and "- ReadTimeout: /v1/completions: ReadTimeout()" in lines
+    failed = soak_long.report(long_result(3400), done)
+    assert "**exceeded**" in failed and failed.endswith("Result: **FAILED**.")
+    assert "- RSS grew past the bound: end 3400 MiB > 1.1 × after warm-up 3000 MiB = 3300 MiB" in failed
