@@ -10,7 +10,7 @@ VLLM_BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 STAMP  := $(VENV)/.installed-$(VLLM_BUILD)
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check bench-kernel bench-serve bench-quality bench-quality-testbed bench-lm-eval readme-table soak clean
+.PHONY: venv run demo test unit e2e lint format typecheck kernel-test gpu-check vllm-ref bench-kernel bench-serve bench-http bench-quality bench-quality-testbed bench-lm-eval readme-table soak clean
 
 venv: $(STAMP)
 
@@ -55,8 +55,11 @@ kernel-test: venv
 	$(BIN)/python -m pytest -q tests/kernels $(PYTEST_ARGS)
 
 # On a CUDA machine with torch and Triton only (no vLLM, no venv: the lent GPU machine): the kernel tests
-# (fp32, fp16, bf16), the CUDA-graph capture and replay of the budget path, and both kernel benchmarks,
-# whose tables land in $(GPU_CHECK_OUT). docs/design.md, "GPU path", says what each part proves.
+# (fp32, fp16, bf16), the CUDA-graph capture and replay of the budget path, the compiled fused routing
+# kernel against the torch path over 400 random passes, each run three times (a result that moves between
+# runs fails: tests/kernels/test_fused_routing.py), and both kernel benchmarks,
+# whose tables land in $(GPU_CHECK_OUT). docs/design.md, "GPU path", says what each part proves. Where
+# vllm-ref/ is carried along (`make vllm-ref` here), bench_graph times vLLM's own kernel beside ours.
 GPU_PYTHON    ?= python3
 GPU_CHECK_OUT ?= gpu-check-out
 gpu-check:
@@ -66,11 +69,26 @@ gpu-check:
 	$(GPU_PYTHON) -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, \
 		'CUDA', torch.version.cuda, 'triton', triton.__version__)" | tee $(GPU_CHECK_OUT)/device.txt
 	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -rs -p no:cacheprovider tests/kernels
-	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_graph.py --out $(GPU_CHECK_OUT)/bench_graph.md
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_graph.py --out $(GPU_CHECK_OUT)/bench_graph.md \
+		$(if $(wildcard vllm-ref/fused_moe.py),--vllm-ref vllm-ref)
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_kernel.py --caps 0.5 0.25 --out $(GPU_CHECK_OUT)/bench_kernel.md
+
+# Build the CPU image with this machine's Docker engine and check it as a user would: /health, a
+# budgeted completion, /metrics, non-root, HEALTHCHECK, docker stop, the compose cpu service, the GPU
+# Dockerfile's bake stage (docs/docker.md, "Checks"; 15-20 minutes). Not part of `make test`. Where
+# Docker Hub or the PyTorch CPU index cannot be reached it says so and uses the documented fallbacks.
+.PHONY: docker-check
+DOCKER_CHECK_ARGS ?=
+docker-check: venv
+	$(BIN)/python scripts/docker_check.py $(DOCKER_CHECK_ARGS)
 
 bench-kernel: venv
 	$(BIN)/python benchmarks/bench_kernel.py
+
+# vLLM 0.32's fused_moe.py and configs/, copied from the venv's vLLM into vllm-ref/ (git-ignored, never
+# committed): the yardstick `bench_graph.py --vllm-ref` and `make gpu-check` time against.
+vllm-ref: venv
+	$(BIN)/python benchmarks/copy_vllm_ref.py --dest vllm-ref
 
 bench-serve: venv
 	$(BIN)/python benchmarks/bench_serve.py
@@ -78,19 +96,33 @@ bench-serve: venv
 bench-quality: venv
 	$(BIN)/python benchmarks/quality.py
 
+# vLLM's own client (`vllm bench serve`; benchmarks/vllm_bench_serve.py on the CPU wheel) against stock vLLM,
+# vLLM's top-⌊K/2⌋ and `vllm-alloc serve` at b = 1.0 and 0.5 (header and alias), one server at a time, on
+# bench_serve's benchmark model; bounded by --max-minutes (docs/serving.md, "Measure your deployment").
+BENCH_HTTP_ARGS ?=
+bench-http: venv
+	$(BIN)/python benchmarks/bench_http.py --out build/bench_http/results.md \
+		--json build/bench_http/results.json $(BENCH_HTTP_ARGS)
+
 # lm-evaluation-harness against `vllm-alloc serve` at b = 1.0 and b = 0.5 (through the budget alias), on
 # the held-out stdlib tasks in benchmarks/lm_eval/ (about 3 minutes).
 bench-lm-eval: venv
 	$(BIN)/python benchmarks/lm_eval_bench.py
 
-# The README's first-screen table: decode speed per budget on the default model with its budget file
-# (a few minutes), next to the perplexities of the last `make bench-quality` (build/quality/results.json).
+# The README's first-screen table: decode speed per budget on the default model with its budget file,
+# beside vLLM's own top-⌊b·K⌋ (engines a and t), then the same on bench_serve's benchmark model (about 20
+# minutes in all), next to the perplexities of the last `make bench-quality` (build/quality/results.json;
+# where it is absent, the README's current perplexity columns are kept).
+QUALITY_JSON ?= build/quality/results.json
 readme-table: venv
 	$(BIN)/python benchmarks/bench_serve.py --model models/default --budget-file configs/default.json \
-		--configs c --budgets 1.0,0.75,0.5,0.33 --batch-sizes 1,8 --rounds 3 --no-share \
+		--configs a,c,t --budgets 1.0,0.75,0.5,0.33 --batch-sizes 1,8 --rounds 3 --no-share \
 		--json build/readme/speed.json
+	$(BIN)/python benchmarks/bench_serve.py --configs a,c,t --budgets 1.0,0.5 --batch-sizes 1,8 --rounds 3 \
+		--no-share --json build/readme/bench_speed.json
 	$(BIN)/python benchmarks/readme_table.py --speed build/readme/speed.json \
-		--quality build/quality/results.json --readme README.md
+		--bench-speed build/readme/bench_speed.json --readme README.md \
+		$(if $(wildcard $(QUALITY_JSON)),--quality $(QUALITY_JSON))
 
 # The same quality benchmark on a second testbed of another shape (L = 6, E = 32, K = 4, I = 32), trained
 # by the default model's script (about 17 min on one thread) and profiled by the same script, all under
@@ -105,9 +137,11 @@ bench-quality-testbed: $(TESTBED)-quality/testbed.json
 	$(BIN)/python benchmarks/quality.py --model $(TESTBED) --budget-file $< --scratch $(TESTBED)-quality \
 		--out $(TESTBED)-quality/results.json --png $(TESTBED)-quality/quality.png
 
-# Bounded soak of the server on the default model (mixed load, bad budgets, counter check).
+# Soak of the server: bounded on the default model (mixed load, bad budgets, counter check); with
+# SOAK_MINUTES=N, N minutes of constant load on the benchmark model (RSS bound, latency over time).
 soak: venv
-	$(BIN)/python benchmarks/soak.py
+	$(BIN)/python benchmarks/soak.py $(if $(SOAK_MINUTES),--minutes $(SOAK_MINUTES) \
+		--out build/soak/soak-$(SOAK_MINUTES)min.md --json build/soak/soak-$(SOAK_MINUTES)min.json)
 
 lint: venv
 	$(BIN)/ruff check .
