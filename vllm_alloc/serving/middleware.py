@@ -49,8 +49,6 @@ The admin route (ADMIN_PATH, `vllm_alloc.serving.admin`) is answered here too.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from typing import Any
 
 from vllm_alloc import metrics
@@ -70,12 +68,21 @@ from vllm_alloc.serving.asgi import (
     replay,
     send_error,
 )
-from vllm_alloc.values import BUDGET_KEY, BudgetError, cache_salt, format_budget, parse_budget, valid_range
+from vllm_alloc.serving.request_budget import (
+    BUDGET_HEADER,
+    GENERATE_PATH,
+    INVOCATIONS_PATH,
+    BudgetRequestError,
+    form_budget,
+    header_budget,
+    json_object,
+    refuse_dropped_budget,
+    request_model,
+    rewrite_body,
+)
+from vllm_alloc.values import format_budget
 
-BUDGET_HEADER = "X-Activation-Budget"
 APPLIED_HEADER = "X-Activation-Budget-Applied"
-INVOCATIONS_PATH = "/invocations"  # SageMaker: generation or pooling, by the body (module docstring)
-GENERATE_PATH = "/inference/v1/generate"  # the budget sits in the body's sampling_params (module docstring)
 BUDGET_PATHS = frozenset(
     {
         "/v1/chat/completions",
@@ -87,24 +94,12 @@ BUDGET_PATHS = frozenset(
         GENERATE_PATH,
     }
 )
-# Where a body's budget reaches SamplingParams.extra_args: `vllm_xargs` on every other budget route.
-_XARGS = ("vllm_xargs",)
-_EXTRA_ARGS = {GENERATE_PATH: ("sampling_params", "extra_args")}
 # Routes where vLLM 0.32 generates but drops `vllm_xargs` (module docstring): a body budget is refused.
 _XARGS_DROPPED = frozenset({"/generative_scoring", "/cohere/v2/chat"})
 # Routes where vLLM 0.32 generates but passes no budget on (module docstring): a budget alias is refused.
 # Audio routes take a multipart form: vLLM parses its `vllm_xargs` field (JSON text) and passes it on.
 _FORM_XARGS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 UNBUDGETED_GENERATION = _XARGS_DROPPED | _FORM_XARGS
-# The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
-_GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
-# A budget header, repeated or folded into one list (RFC 9110 §5.3), is refused past this size before it
-# is split or decoded: room for several copies of the longest budget text.
-_MAX_HEADER_BYTES = 256
-
-
-class BudgetRequestError(Exception):
-    """A request the middleware answers itself with HTTP 400."""
 
 
 class ActivationBudgetMiddleware:
@@ -180,8 +175,8 @@ class ActivationBudgetMiddleware:
         if disconnected:
             return
         content_type = next(iter(header_values(scope, "content-type")), b"")
-        model = _request_model(body, content_type)
-        form_budget = None
+        model = request_model(body, content_type)
+        in_form = None
         try:
             if model in self.aliases:
                 raise BudgetRequestError(
@@ -190,23 +185,21 @@ class ActivationBudgetMiddleware:
                     f"{', '.join(sorted(BUDGET_PATHS))}. Name the model {self.base_name(model)!r} here"
                 )
             if path in _XARGS_DROPPED:
-                _refuse_dropped_budget(
-                    _json_object(body),
+                refuse_dropped_budget(
+                    json_object(body),
                     settings.min_budget,
                     path,
                     f"activation budgets apply on {', '.join(sorted(BUDGET_PATHS))}. Send this request "
                     "without it",
                 )
             if path in _FORM_XARGS:
-                form_budget = _form_budget(body, content_type, settings.min_budget)
+                in_form = form_budget(body, content_type, settings.min_budget)
         except BudgetRequestError as e:
             await _send_400(send, str(e), path)
             return
         # A valid form budget reaches SamplingParams untouched (the engine salts the prefix cache for it,
         # integration/requests_check.py); echo it as on the budget routes.
-        await self.app(
-            scope, replay(body, receive), send if form_budget is None else _echoing(send, form_budget)
-        )
+        await self.app(scope, replay(body, receive), send if in_form is None else _echoing(send, in_form))
 
     def _starting(self, scope: Scope, send: Send) -> Send:
         """`send` for the lifespan: once vLLM has started, resolve the settings and serve the aliases."""
@@ -270,162 +263,6 @@ def serve_aliases(state: Any, settings: Settings) -> dict[str, float]:
         "vllm-alloc: serving budget aliases %s", ", ".join(f"{n} (b = {b!r})" for n, b in aliases.items())
     )
     return aliases
-
-
-def rewrite_body(
-    header_values: list[bytes],
-    body: bytes,
-    settings: Settings,
-    path: str,
-    aliases: Mapping[str, float] | None = None,
-) -> tuple[bytes, float | None]:
-    """(new body, applied b) for one request to `path`, given the values of its budget header(s) and the
-    budget aliases served ({model name: b}); (body, None) when the body is not a JSON object, holds the
-    budget's dict in something else than an object (left for vLLM to refuse), or is an /invocations body
-    vLLM does not generate for and that names no budget.
-
-    BudgetRequestError (HTTP 400) for an invalid header or body budget, when header, body and the model's
-    alias name different budgets, when a budget comes with an /invocations body that is not a
-    generation request, or sits in a top-level `vllm_xargs` on /inference/v1/generate.
-    """
-    lo = settings.min_budget
-    from_header = header_budget(header_values, lo)
-    data = _json_object(body)
-    *outer, leaf = _EXTRA_ARGS.get(path, _XARGS)
-    parent: Any = data  # the object that holds the budget's dict: the body, or its sampling_params
-    for name in outer:
-        parent = parent.get(name) if isinstance(parent, dict) else None
-    if data is None or not isinstance(parent, dict) or not isinstance(parent.get(leaf, {}), dict | None):
-        # vLLM's own validation answers malformed requests; a header budget is still checked above.
-        return body, None
-    field = ".".join((*outer, leaf, BUDGET_KEY))
-    xargs = dict(parent.get(leaf) or {})
-    raw = xargs.get(BUDGET_KEY)
-    from_body = None if raw is None else _parse(raw, lo, field)
-    if outer:  # GenerateRequest drops a top-level vllm_xargs
-        _refuse_dropped_budget(data, lo, path, f"send the budget as {field} or in the {BUDGET_HEADER} header")
-    model = data.get("model")
-    from_alias = (aliases or {}).get(model) if isinstance(model, str) else None
-    if path == INVOCATIONS_PATH and not any(key in data for key in _GENERATION_KEYS):
-        if from_header is None and from_body is None and from_alias is None:
-            return body, None  # a pooling request: no budget applies, and none was asked for
-        raise BudgetRequestError(
-            f"an activation budget applies only to text generation; this {INVOCATIONS_PATH} body has none "
-            f"of the keys {', '.join(_GENERATION_KEYS)}, so vLLM serves it with a pooling handler, which "
-            f"would ignore the budget. Send it without {BUDGET_HEADER} and {field}, "
-            "and with a model name that is not a budget alias"
-        )
-    if from_alias is not None:
-        for source, b in ((f"{BUDGET_HEADER} header", from_header), (field, from_body)):
-            if b is not None and b != from_alias:
-                raise BudgetRequestError(
-                    f"model {model!r} is a budget alias (b = {format_budget(from_alias)}), and the {source} "
-                    f"({format_budget(b)}) disagrees; send one of them, or the same budget"
-                )
-        from_header = from_alias
-    if from_header is not None and from_body is not None and from_header != from_body:
-        raise BudgetRequestError(
-            f"{BUDGET_HEADER} header ({format_budget(from_header)}) and {field} "
-            f"({format_budget(from_body)}) disagree; send one of them, or the same {valid_range(lo)}"
-        )
-    budget = from_header if from_header is not None else from_body
-    if budget is None:
-        budget = settings.default_budget
-    xargs[BUDGET_KEY] = budget
-    parent[leaf] = xargs
-    salt = cache_salt(data.get("cache_salt"), budget)
-    if salt is not None:
-        data["cache_salt"] = salt
-    return json.dumps(data).encode(), budget
-
-
-def header_budget(values: list[bytes], min_budget: float | None) -> float | None:
-    """b from the values of every X-Activation-Budget header of a request; None when there is none.
-
-    A proxy may fold repeated headers into one comma-separated list (RFC 9110 §5.3), so `0.5, 0.5` and
-    two headers of 0.5 are the same request: every element must be a valid budget and all must be equal
-    as numbers (`0.5, 0.50` is fine), else 400 naming the values. Empty elements are skipped, as RFC 9110
-    §5.6.1 asks of list headers.
-    """
-    if not values:
-        return None
-    size = sum(len(v) for v in values) + len(values) - 1  # as one folded header
-    if size > _MAX_HEADER_BYTES:  # checked before splitting, so a megabyte header costs nothing
-        raise BudgetRequestError(
-            f"{BUDGET_HEADER} header is {size} bytes long (at most {_MAX_HEADER_BYTES}); "
-            f"expected {valid_range(min_budget)}"
-        )
-    items = [item for v in values for item in (part.strip() for part in v.split(b",")) if item]
-    # Nothing but commas and spaces: one empty value, refused as not a number.
-    distinct = sorted({_parse(item, min_budget, f"{BUDGET_HEADER} header") for item in items or [b""]})
-    if len(distinct) > 1:
-        raise BudgetRequestError(
-            f"{BUDGET_HEADER} header has different values ({', '.join(map(format_budget, distinct))}), "
-            f"sent as repeated or comma-separated headers; send one value, {valid_range(min_budget)}"
-        )
-    return distinct[0]
-
-
-def _parse(raw: Any, min_budget: float | None, source: str) -> float:
-    try:
-        return parse_budget(raw, min_budget=min_budget, source=source)
-    except BudgetError as e:
-        raise BudgetRequestError(str(e)) from None
-
-
-def _refuse_dropped_budget(data: Any, min_budget: float | None, path: str, instead: str) -> None:
-    """400 for a `vllm_xargs` budget in a body whose route drops `vllm_xargs`: an invalid one with its
-    range, as on the budget routes; a valid one because nothing would apply it (`instead`: what to do)."""
-    xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
-    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
-    if raw is None:
-        return
-    source = f"vllm_xargs.{BUDGET_KEY}"
-    _parse(raw, min_budget, source)
-    raise BudgetRequestError(f"{source} is not applied on {path}: vLLM drops vllm_xargs there; {instead}")
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _form_field(body: bytes, content_type: bytes, name: str) -> str | None:
-    """The text of a multipart form's field `name`; None where the body is no such form or lacks it."""
-    if not content_type.lower().startswith(b"multipart/form-data"):
-        return None
-    from email import message_from_bytes, policy
-
-    form = message_from_bytes(b"Content-Type: " + content_type + b"\r\n\r\n" + body, policy=policy.HTTP)
-    for part in form.iter_parts() if form.is_multipart() else ():
-        if part.get_param("name", header="content-disposition") == name:
-            payload = part.get_payload(decode=True)
-            return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
-    return None
-
-
-def _request_model(body: bytes, content_type: bytes) -> Any:
-    """The `model` of a JSON object body, or the `model` field of a multipart form; None otherwise."""
-    if content_type.lower().startswith(b"multipart/form-data"):
-        return _form_field(body, content_type, "model")
-    data = _json_object(body)
-    return None if data is None else data.get("model")
-
-
-def _form_budget(body: bytes, content_type: bytes, min_budget: float | None) -> float | None:
-    """The budget in a form's `vllm_xargs` field (JSON text, as vLLM's audio routes parse it), checked as
-    on the budget routes: BudgetRequestError for an invalid one; None where the form names none (or its
-    `vllm_xargs` is not a JSON object, which vLLM refuses itself)."""
-    text = _form_field(body, content_type, "vllm_xargs")
-    try:
-        xargs = json.loads(text) if text is not None else None
-    except ValueError:
-        return None
-    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
-    return None if raw is None else _parse(raw, min_budget, f"vllm_xargs.{BUDGET_KEY}")
 
 
 def _echoing(send: Send, budget: float) -> Send:
