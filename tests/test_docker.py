@@ -375,9 +375,13 @@ def test_compose_works_with_v1() -> None:
     assert set(compose()) <= {"services", "volumes", "networks", "x-plugin-environment", "x-healthcheck"}
 
 
-def test_documented_docker_run_gives_shared_memory() -> None:
-    docs = (ROOT / "docs" / "docker.md").read_text(encoding="utf-8").replace("\\\n", " ")
-    runs = [line for line in docs.splitlines() if re.match(r"\s*docker run ", line)]
+@pytest.mark.parametrize("page", ["docs/docker.md", "README.md"])
+def test_documented_docker_run_gives_shared_memory(page: str) -> None:
+    """Every `docker run` in the page's code blocks, wherever it sits on its line (`build ... && docker
+    run ...` included)."""
+    docs = (ROOT / page).read_text(encoding="utf-8").replace("\\\n", " ")
+    code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", docs, re.S))
+    runs = re.findall(r"docker run [^\n]*", code)
     assert runs
     for run in runs:
         assert "--shm-size" in run or "--ipc=host" in run, run
