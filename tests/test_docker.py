@@ -538,8 +538,17 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
         "BUDGET_CONFIG": str(tmp_path / "no-such-budget-file.json"),
         "GPU_MEMORY_UTILIZATION": memory_fraction(),
     }
+    # The image's WORKDIR is the user's home, not a source tree: run there too. (From this repository's
+    # root, its top-level `kernels/` folder would shadow the package of that name that transformers probes
+    # for, and import Triton, which the image does not have.)
+    home = tmp_path / "home"
+    home.mkdir()
     help_run = subprocess.run(
-        [str(rootfs / ENTRYPOINT.lstrip("/")), "--help"], env=run_env, capture_output=True, text=True
+        [str(rootfs / ENTRYPOINT.lstrip("/")), "--help"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        cwd=home,
     )
     assert help_run.returncode == 0 and "--budget-config" in help_run.stdout, help_run.stderr
 
@@ -552,6 +561,7 @@ def test_cpu_image_install_and_entrypoint(tmp_path: Path, tiny_model: Any) -> No
             env=run_env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            cwd=home,
         )
     try:
         _wait_healthy(server, f"http://127.0.0.1:{port}/health", log)
