@@ -74,10 +74,10 @@ from vllm_alloc.serving.request_budget import (
     INVOCATIONS_PATH,
     BudgetRequestError,
     form_budget,
+    form_fields,
     header_budget,
     json_object,
     refuse_dropped_budget,
-    request_model,
     rewrite_body,
 )
 from vllm_alloc.values import format_budget
@@ -174,8 +174,11 @@ class ActivationBudgetMiddleware:
         body, disconnected = await read_body(receive)
         if disconnected:
             return
-        content_type = next(iter(header_values(scope, "content-type")), b"")
-        model = request_model(body, content_type)
+        form = form_fields(
+            body, next(iter(header_values(scope, "content-type")), b""), ("model", "vllm_xargs")
+        )
+        data = json_object(body) if form is None else None
+        model = (form if form is not None else data or {}).get("model")
         in_form = None
         try:
             if model in self.aliases:
@@ -186,14 +189,14 @@ class ActivationBudgetMiddleware:
                 )
             if path in _XARGS_DROPPED:
                 refuse_dropped_budget(
-                    json_object(body),
+                    data,
                     settings.min_budget,
                     path,
                     f"activation budgets apply on {', '.join(sorted(BUDGET_PATHS))}. Send this request "
                     "without it",
                 )
             if path in _FORM_XARGS:
-                in_form = form_budget(body, content_type, settings.min_budget)
+                in_form = form_budget(form.get("vllm_xargs") if form else None, settings.min_budget)
         except BudgetRequestError as e:
             await _send_400(send, str(e), path)
             return

@@ -21,6 +21,7 @@ INVOCATIONS_PATH = "/invocations"  # SageMaker: generation or pooling, by the bo
 GENERATE_PATH = "/inference/v1/generate"  # the budget sits in the body's sampling_params
 # Where a body's budget reaches SamplingParams.extra_args: `vllm_xargs` on every other budget route.
 XARGS = ("vllm_xargs",)
+XARGS_FIELD = f"vllm_xargs.{BUDGET_KEY}"  # the body's budget on those routes, as error messages name it
 EXTRA_ARGS = {GENERATE_PATH: ("sampling_params", "extra_args")}
 # The keys vLLM's ChatCompletionRequest / CompletionRequest need, the types /invocations tries first.
 GENERATION_KEYS = ("messages", "prompt", "prompt_embeds")
@@ -134,16 +135,20 @@ def parse_value(raw: Any, min_budget: float | None, source: str) -> float:
         raise BudgetRequestError(str(e)) from None
 
 
+def xargs_budget(xargs: Any, min_budget: float | None) -> float | None:
+    """The budget in a `vllm_xargs` dict, checked as on the budget routes (BudgetRequestError for an
+    invalid one); None where it names none, or `xargs` is no dict."""
+    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
+    return None if raw is None else parse_value(raw, min_budget, XARGS_FIELD)
+
+
 def refuse_dropped_budget(data: Any, min_budget: float | None, path: str, instead: str) -> None:
     """400 for a `vllm_xargs` budget in a body whose route drops `vllm_xargs`: an invalid one with its
     range, as on the budget routes; a valid one because nothing would apply it (`instead`: what to do)."""
-    xargs = data.get("vllm_xargs") if isinstance(data, dict) else None
-    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
-    if raw is None:
-        return
-    source = f"vllm_xargs.{BUDGET_KEY}"
-    parse_value(raw, min_budget, source)
-    raise BudgetRequestError(f"{source} is not applied on {path}: vLLM drops vllm_xargs there; {instead}")
+    if xargs_budget(data.get("vllm_xargs") if isinstance(data, dict) else None, min_budget) is not None:
+        raise BudgetRequestError(
+            f"{XARGS_FIELD} is not applied on {path}: vLLM drops vllm_xargs there; {instead}"
+        )
 
 
 def json_object(body: bytes) -> dict[str, Any] | None:
@@ -154,36 +159,30 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def form_field(body: bytes, content_type: bytes, name: str) -> str | None:
-    """The text of a multipart form's field `name`; None where the body is no such form or lacks it."""
+def form_fields(body: bytes, content_type: bytes, names: tuple[str, ...]) -> dict[str, str] | None:
+    """The text of a multipart form's fields among `names`, from one parse of the body (an audio upload
+    may be large); None where the body is no multipart form."""
     if not content_type.lower().startswith(b"multipart/form-data"):
         return None
     from email import message_from_bytes, policy
 
     form = message_from_bytes(b"Content-Type: " + content_type + b"\r\n\r\n" + body, policy=policy.HTTP)
+    fields: dict[str, str] = {}
     for part in form.iter_parts() if form.is_multipart() else ():
-        if part.get_param("name", header="content-disposition") == name:
+        name = part.get_param("name", header="content-disposition")
+        if name in names and name not in fields:  # the first of a repeated field, as before
             payload = part.get_payload(decode=True)
-            return payload.decode("utf-8", "replace") if isinstance(payload, bytes) else None
-    return None
+            if isinstance(payload, bytes):
+                fields[str(name)] = payload.decode("utf-8", "replace")
+    return fields
 
 
-def request_model(body: bytes, content_type: bytes) -> Any:
-    """The `model` of a JSON object body, or the `model` field of a multipart form; None otherwise."""
-    if content_type.lower().startswith(b"multipart/form-data"):
-        return form_field(body, content_type, "model")
-    data = json_object(body)
-    return None if data is None else data.get("model")
-
-
-def form_budget(body: bytes, content_type: bytes, min_budget: float | None) -> float | None:
+def form_budget(text: str | None, min_budget: float | None) -> float | None:
     """The budget in a form's `vllm_xargs` field (JSON text, as vLLM's audio routes parse it), checked as
     on the budget routes: BudgetRequestError for an invalid one; None where the form names none (or its
     `vllm_xargs` is not a JSON object, which vLLM refuses itself)."""
-    text = form_field(body, content_type, "vllm_xargs")
     try:
         xargs = json.loads(text) if text is not None else None
     except ValueError:
         return None
-    raw = xargs.get(BUDGET_KEY) if isinstance(xargs, dict) else None
-    return None if raw is None else parse_value(raw, min_budget, f"vllm_xargs.{BUDGET_KEY}")
+    return xargs_budget(xargs, min_budget)
