@@ -45,7 +45,6 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,8 +58,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import BENCH_MODEL, QUICK_MODEL, machine_info, model_shape
+from bench_serve import bench_model, machine_info, model_shape
 from lm_eval_bench import budgets_counted, model_name, settled_metrics
+from serve_lib import median_by_key
 from soak import ROOT, free_port, parse_metrics, stop_server, wait_healthy
 
 from vllm_alloc.metrics import BUDGET_BUCKETS, budget_label
@@ -236,11 +236,8 @@ def summarize(result: dict[str, Any]) -> dict[str, float]:
 
 def medians(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
     """Median of every number over the rounds, per (config, c), of the rows that passed their checks."""
-    grouped: dict[tuple[str, int], list[dict[str, float]]] = {}
-    for r in rows:
-        if not r["problems"] and r["metrics"] is not None:
-            grouped.setdefault((r["config"], r["concurrency"]), []).append(r["metrics"])
-    return {k: {m: statistics.median(s[m] for s in v) for m in v[0]} for k, v in grouped.items()}
+    passed = (r for r in rows if not r["problems"] and r["metrics"] is not None)
+    return median_by_key(((r["config"], r["concurrency"]), r["metrics"]) for r in passed)
 
 
 def times_better(value: float, base: float, higher: bool) -> float:
@@ -428,14 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
     deadline = t0 + 60 * args.max_minutes
-    if args.model:
-        model = Path(args.model).resolve()
-    else:
-        from vllm_alloc import tiny
-
-        model = tiny.cached_model(
-            "qwen3_moe", vocab_size=1024, **(QUICK_MODEL if args.quick else BENCH_MODEL)
-        )
+    model = Path(args.model).resolve() if args.model else bench_model(args.quick)
     shape = model_shape(model)
     machine = machine_info(model, shape)  # before the servers start: the code they run
     K = shape["K"]

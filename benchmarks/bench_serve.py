@@ -69,6 +69,14 @@ BENCH_MODEL = dict(
 QUICK_MODEL = dict(num_layers=2, hidden_size=256, num_experts=64, top_k=8, moe_intermediate_size=128)
 
 
+def bench_model(quick: bool = False) -> Path:
+    """The benchmark model (QUICK_MODEL's with quick), built once and cached (vllm_alloc.tiny); the HTTP
+    benchmark and the long soak serve the same one."""
+    from vllm_alloc import tiny
+
+    return tiny.cached_model("qwen3_moe", vocab_size=1024, **(QUICK_MODEL if quick else BENCH_MODEL))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="MoE checkpoint folder (default: build the benchmark model)")
@@ -244,16 +252,7 @@ def machine_info(model: Path, shape: dict[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.model:
-        model = Path(args.model)
-    else:
-        from vllm_alloc import tiny
-
-        model = tiny.cached_model(
-            "qwen3_moe",
-            vocab_size=1024,
-            **(QUICK_MODEL if args.quick else BENCH_MODEL),
-        )
+    model = Path(args.model) if args.model else bench_model(args.quick)
     shape = model_shape(model)
     machine = machine_info(model, shape)  # before the engines start: the code they run
     K = shape["K"]

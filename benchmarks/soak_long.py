@@ -218,15 +218,6 @@ def report(r: Result, done: Sequence[Done]) -> str:
 
 
 # -- the model and the load ------------------------------------------------------------------------------
-def bench_model() -> Path:
-    """bench_serve's benchmark model, built the same way (and so cached in the same folder)."""
-    import bench_serve
-
-    from vllm_alloc import tiny
-
-    return tiny.cached_model("qwen3_moe", vocab_size=1024, **bench_serve.BENCH_MODEL)
-
-
 def uniform_file(model: Path) -> BudgetFile:
     """The uniform budget file of a Qwen3-MoE checkpoint whose every decoder layer is MoE."""
     cfg = json.loads((model / "config.json").read_text())
@@ -322,7 +313,7 @@ async def run(
 def main(args: argparse.Namespace) -> int:
     import bench_serve
 
-    model = bench_model()
+    model = bench_serve.bench_model()
     bf = uniform_file(model)
     machine = bench_serve.machine_info(model, bench_serve.model_shape(model))  # before the server starts
     args.json = args.json or Path(tempfile.gettempdir()) / "vllm-alloc-soak-long.json"
