@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -61,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import bench_model, machine_info, model_shape
 from lm_eval_bench import budgets_counted, model_name, settled_metrics
 from serve_lib import median_by_key
-from soak import ROOT, free_port, parse_metrics, stop_server, wait_healthy
+from soak import ROOT, free_port, launch, parse_metrics, stop_server, wait_healthy
 
 from vllm_alloc.metrics import BUDGET_BUCKETS, budget_label
 from vllm_alloc.serving.middleware import APPLIED_HEADER, BUDGET_HEADER
@@ -334,14 +333,9 @@ def probe(url: str, model: str, headers: dict[str, str]) -> tuple[int, dict[str,
 
 def start(argv: list[str], env: dict[str, str], threads: int, log: Path) -> subprocess.Popen[bytes]:
     """A server in its own session (stop_server ends its whole tree), output to `log`."""
-    full = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
-    full.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", **env)
     if threads:  # as bench_serve's engines: a fixed team, unbound, so a busy neighbour core stalls no barrier
-        full.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            argv, cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        env = {**env, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return launch(argv, log, env)
 
 
 def schedule(

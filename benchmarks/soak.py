@@ -40,7 +40,7 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,12 +274,17 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """`vllm-alloc serve MODEL ARGS` on 127.0.0.1:port, from the repository root."""
     argv = [sys.executable, "-m", "vllm_alloc.cli", "serve", model, *args]
-    argv += ["--host", "127.0.0.1", "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    return launch([*argv, "--host", "127.0.0.1", "--port", str(port)], log)
+
+
+def launch(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A server process `argv` from the repository root, offline, with `env` on top of this one's, its
+    output to `log`."""
+    full = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the launcher makes one
+    full.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", **(env or {}))
     with log.open("wb") as out:  # own session: a Ctrl-C here reaches the server only through stop_server
         return subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=ROOT, env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
