@@ -12,6 +12,7 @@ from vllm_alloc.profiler.build import profile_to_file
 from vllm_alloc.profiler.cap_stage import add_caps
 from vllm_alloc.profiler.cli import parse_cap_options
 from vllm_alloc.profiler.errors import ProfileError
+from vllm_alloc.profiler import guard
 from vllm_alloc.profiler.guard import choose_cap
 from vllm_alloc.profiler.show import summary
 
@@ -57,10 +58,40 @@ def test_the_smallest_share_before_the_first_failure_ships() -> None:
 def test_no_cap_where_the_largest_share_fails_or_nothing_is_gained() -> None:
     fake = FakeCaps({8: dict.fromkeys(SHARES, 0.6), 64: dict.fromkeys(SHARES, 0.0)})
     assert choose_cap(5, 4, fake, BASE, (8, 64), SHARES)[0] is None
-    # The served configuration no better than the baseline: no gain to keep, no cap.
+    # The served configuration no better than the baseline (only noise): the capped run is not better
+    # with confidence either, so no cap.
     fake = FakeCaps({8: dict.fromkeys(SHARES, 0.0), 64: dict.fromkeys(SHARES, 0.0)}, gain=0.0)
     cap, tests = choose_cap(5, 4, fake, BASE, (8, 64), SHARES)
-    assert cap is None and tests[0]["kept"] == 0.0
+    assert cap is None and len(tests) == 1 and tests[0]["low"] < 0.0 < tests[0]["high"]
+    # A served run worse than the baseline has no gain to keep: `kept` is 0.
+    assert guard.cap_test(BASE + 0.01, BASE + 0.01, BASE)["kept"] == 0.0
+
+
+def test_a_chosen_cap_ships_only_if_the_confirmation_passes_it() -> None:
+    """The search runs on the first half of the held-out sequences; the share it chose is tested again
+    on the second half, at the corrected confidence, from the same runs."""
+    fake = FakeCaps({8: {0.75: 0.1, 0.5: 0.4, 0.25: 0.7}, 64: {0.75: 0.0, 0.5: 0.1, 0.25: 0.2}})
+    cap, tests = choose_cap(8, 4, fake, BASE, (8, 64), SHARES, keep=0.5)
+    confirmation = [t for t in tests if t["split"] == "confirmation"]
+    assert cap == [0.5] * 4 and [(t["share"], t["streams"]) for t in confirmation] == [(0.5, 8), (0.5, 64)]
+    assert len(fake.runs) == len(set(fake.runs)), "the confirmation reuses the search's runs"
+    wider = guard.corrected(guard.CONFIDENCE, guard.cap_comparisons(1, len(SHARES), 2))
+    assert wider == pytest.approx(1 - 0.05 / 6)
+    t = next(t for t in tests if t["split"] == "selection" and (t["share"], t["streams"]) == (0.5, 8))
+    assert confirmation[0]["high"] - confirmation[0]["low"] > t["high"] - t["low"], "corrected: wider"
+
+    class SecondHalfWorse(FakeCaps):
+        """The shares' gains hold on the first half only: luck the confirmation does not repeat."""
+
+        def __call__(self, B: int, share: float | None, streams: int) -> np.ndarray:
+            values = super().__call__(B, share, streams).copy()
+            if share is not None:
+                values[24:] = BASE[24:] + 0.01
+            return values
+
+    lucky = SecondHalfWorse({8: {0.75: 0.1, 0.5: 0.4, 0.25: 0.7}, 64: {0.75: 0.0, 0.5: 0.1, 0.25: 0.2}})
+    cap, tests = choose_cap(8, 4, lucky, BASE, (8, 64), SHARES, keep=0.5)
+    assert cap is None and [t["split"] for t in tests][-1] == "confirmation"
 
 
 @pytest.mark.parametrize(

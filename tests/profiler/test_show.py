@@ -47,19 +47,31 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
     text = capsys.readouterr().out
     assert "L = 4 MoE layers [0, 1, 2, 3], E = 16, K = 4" in text
     assert "sensitivity isolating: 288 tokens × seq_len 8 from test data" in text
-    assert "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode, paired 95% intervals" in text
-    assert "which resolves the 0.20% target" in text
+    assert (
+        "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode: the first 16 select (paired 95% "
+        "intervals), the other 16 confirm (paired 99.9653% intervals: 95% for the file's 144 comparisons "
+        "together)" in text
+    )
+    assert "which resolves the 0.20% target" in text and "WARNING" not in text
     row = next(line for line in text.splitlines() if line.lstrip().startswith("0.5 "))
-    assert row.split()[2:6] == ["4,2,1,1", "on", "off", "isolating"] and row.count("%") == 6  # two intervals
+    # The isolating DP (with or without Alloc-T: in this fake the two differ only by noise) and the
+    # confirmation's two intervals against uniform.
+    assert row.split()[2] == "4,2,1,1" and row.split()[5] == "isolating" and row.count("%") == 6
     full = next(line for line in text.splitlines() if line.lstrip().startswith("1 "))
     assert "4,4,4,4" in full
-    block = text.split("b = 0.5 (B = 8): held-out candidates")[1].split("\n\n")[0]
-    winner = next(line for line in block.splitlines() if line.startswith("isolating *"))
-    assert winner.split()[2:4] == ["4,2,1,1", "on"] and "same run" not in winner
+    block = text.split("b = 0.5 (B = 8): the selection's held-out candidates")[1].split("\n\n")[0]
+    winner = next(line for line in block.splitlines() if line.startswith("isolating") and " *" in line)
+    assert " 4,2,1,1 " in winner and "same run" not in winner
     assert (
         next(line for line in block.splitlines() if line.startswith("uniform (no Alloc-T)")).count("same run")
         == 1
     )  # decode: a lone stream gives Alloc-T nothing to move
+    confirmed = text.split("b = 0.5 (B = 8): confirmation on the 16 sequences the selection never saw, at ")[1]
+    line = next(x for x in confirmed.splitlines() if x.startswith("isolating"))
+    assert line.rstrip().endswith("]") and line.count("%") == 12 and "*" in line  # four intervals, shipped
+    # b = 0.33: the DPs land on uniform; nothing to confirm but Alloc-T, which the fake does not help.
+    b033 = next(line for line in text.splitlines() if line.lstrip().startswith("0.33 "))
+    assert "uniform (no Alloc-T)" in b033 and b033.split()[-2:] == ["baseline", "baseline"]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 

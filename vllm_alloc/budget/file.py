@@ -175,7 +175,8 @@ class BudgetFile(_Schema):
                 field = f"allocations[{i}].candidates[{j}].allocation"
                 _check_k(field, c.allocation, a.budget, K, self.k_base, L)
             if a.candidates:
-                _check_against_uniform(i, a, uniform(L, K, a.budget, k_min=self.k_base))
+                confirms = self.guard is not None and self.guard.confirms
+                _check_against_uniform(i, a, uniform(L, K, a.budget, k_min=self.k_base), confirms)
         first = lo + len(self.allocations)
         if first <= A:  # every listed B is in place, so only the tail can be missing
             gone = f"B = {first}" if first == A else f"B = {first} to {A}"
@@ -242,6 +243,18 @@ class BudgetFile(_Schema):
             flags[a.budget] = a.alloc_t
         return flags
 
+    def unconfirmed(self) -> list[int]:
+        """The B that ship a challenger (not a uniform baseline) in a file profiled before the guard's
+        confirmation split: chosen and certified on the same held-out sequences."""
+        if self.guard is None or self.guard.confirms:
+            return []
+        L, K = self.model.num_moe_layers, self.model.top_k
+        return [
+            a.budget
+            for a in self.allocations
+            if a.candidates and (a.k != uniform(L, K, a.budget, k_min=self.k_base) or a.carry is not None)
+        ]
+
     def carrying(self) -> list[bool]:
         """Per B from 0 to A: whether a lone decode token at B carries its request's balance."""
         flags = [False] * (self.model.full_activations + 1)
@@ -270,10 +283,11 @@ class BudgetFile(_Schema):
         if len(set(a.cap)) != 1:
             _fail(f"allocations[{i}].cap", f"ρ = {a.cap}: the profiler tests one share for every layer")
         share = a.cap[0]
-        tests = {t.streams: t for t in a.cap_tests if t.share == share}
+        split = "confirmation" if guard.confirms else "selection"  # before the split: the one search
+        tests = {t.streams: t for t in a.cap_tests if t.share == share and t.split == split}
         failed = [n for n in guard.cap_streams if n not in tests or not tests[n].passes(guard.cap_keep)]
         if failed:
-            what = f"ρ = {share:g} did not pass its cap tests at N = {failed} streams"
+            what = f"ρ = {share:g} did not pass its cap {split} at N = {failed} streams"
             _fail(f"allocations[{i}].cap", what, FIX_PROFILE)
 
     def cap_table(self, override: float | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,17 @@ def load_budget_file(path_or_name: str | Path) -> BudgetFile:
     """Load and validate a budget file by path, or by the name of a shipped one (`<name>[.json]` in
     CONFIGS_DIR; an existing path wins over a shipped name)."""
     path, text = read_budget_file(path_or_name)
-    return parse_budget_text(text, path)
+    budget_file = parse_budget_text(text, path)
+    unconfirmed = budget_file.unconfirmed()
+    if unconfirmed:
+        warnings.warn(
+            f"budget file {path}: B = {unconfirmed} ship allocations chosen and certified on the same "
+            "held-out sequences (profiled before the guard's confirmation split), which favours lucky "
+            "winners; profile the model again with this version of vllm-alloc",
+            UserWarning,
+            stacklevel=2,
+        )
+    return budget_file
 
 
 def read_budget_file(path_or_name: str | Path) -> tuple[Path, str]:

@@ -87,20 +87,35 @@ class Candidate(_Schema):
     alloc_t: bool = True  # Alloc-T reallocates at this B (False: every token keeps its top-K_l)
     carry: bool = False  # lone decode tokens carry their request's balance (the allocation's `carry`)
     decode: float | None = None  # held-out metric in the decode regime (a lone stream), where measured
-    # The paired tests against the baselines (empty for the baseline itself).
+    # The paired tests against the baselines (empty for the baseline itself): on the selection half of
+    # the held-out sequences (`Guard.selection_sequences`), at `Guard.confidence`; on every held-out
+    # sequence in files from before the confirmation split.
     tests: list[PairedTest] = Field(default=[])
+    # The confirmation's paired tests, on the held-out sequences the selection never saw, at
+    # `Guard.confirmation_confidence`: the candidate the selection picked against both baselines, and
+    # "uniform" against "uniform (no Alloc-T)" where nothing picked was confirmed (empty elsewhere).
+    confirmation: list[PairedTest] = Field(default=[])
 
     def passes(self) -> bool:
-        """The guard's rule: against every baseline it was tested with, it differs in some regime (it is
-        not that baseline's configuration), and is better with confidence in every regime where it
-        differs."""
-        by_baseline: dict[str, list[PairedTest]] = {}
-        for t in self.tests:
-            by_baseline.setdefault(t.baseline, []).append(t)
-        return bool(by_baseline) and all(
-            any(not t.same for t in tests) and all(t.better for t in tests if not t.same)
-            for tests in by_baseline.values()
-        )
+        """The selection's rule on `tests` (`holds`)."""
+        return holds(self.tests)
+
+    def confirmed(self) -> bool:
+        """The confirmation's rule on `confirmation` (`holds`)."""
+        return holds(self.confirmation)
+
+
+def holds(tests: list[PairedTest]) -> bool:
+    """The guard's rule over paired tests: against every baseline tested, the candidate differs in some
+    regime (it is not that baseline's configuration), and is better with the tests' confidence in every
+    regime where it differs."""
+    by_baseline: dict[str, list[PairedTest]] = {}
+    for t in tests:
+        by_baseline.setdefault(t.baseline, []).append(t)
+    return bool(by_baseline) and all(
+        any(not t.same for t in group) and all(t.better for t in group if not t.same)
+        for group in by_baseline.values()
+    )
 
 
 class CapTest(_Schema):
@@ -111,6 +126,9 @@ class CapTest(_Schema):
 
     share: float = Field(ge=CAP_MIN, lt=1.0)
     streams: int = Field(ge=2)  # a lone stream is never capped
+    # Which held-out sequences the test ran on (`Guard.selection_sequences`): the selection's search over
+    # the shares, or the confirmation of the share it chose (at `Guard.confirmation_confidence`).
+    split: Literal["selection", "confirmation"] = "selection"
     delta: float
     low: float
     high: float
@@ -182,18 +200,59 @@ class Guard(_Schema):
     # decode streams each share was measured at, and the least share of the gain a shipped cap keeps.
     cap_streams: list[typing.Annotated[int, Field(ge=2)]] = Field(default=[])
     cap_keep: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The confirmation split (absent in files from before it, whose winners were certified on the data
+    # that chose them): the first `selection_sequences` held-out sequences choose, the rest confirm, at
+    # `confirmation_confidence` = 1 − (1 − confidence) / `comparisons`, every paired comparison the
+    # profiler makes (candidates × baselines × regimes × budgets, and the cap's shares × streams ×
+    # budgets): `confidence` is then the file's, for all its claims together.
+    selection_sequences: int | None = Field(default=None, ge=1)
+    comparisons: int | None = Field(default=None, ge=1)
+    confirmation_confidence: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # Calibration tokens (at this held-out fraction) that would bring `resolution` to `target`, where
+    # the split does not resolve it.
+    tokens_to_resolve: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _split_complete(self) -> Guard:
+        fields = (self.selection_sequences, self.comparisons, self.confirmation_confidence)
+        if any(f is not None for f in fields) and any(f is None for f in fields):
+            _fail(
+                "guard.selection_sequences",
+                "selection_sequences, comparisons and confirmation_confidence come together",
+            )
+        if self.selection_sequences is not None and not self.selection_sequences < self.sequences:
+            _fail(
+                "guard.selection_sequences",
+                f"{self.selection_sequences} is outside the valid range [1, sequences - 1 = "
+                f"{self.sequences - 1}]: the confirmation needs sequences of its own",
+            )
+        return self
+
+    @property
+    def confirms(self) -> bool:
+        """The file was profiled with the confirmation split."""
+        return self.selection_sequences is not None
+
+    @property
+    def resolved(self) -> bool:
+        """The held-out split resolves the target difference."""
+        return self.resolution <= self.target
 
 
-def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
+def _check_against_uniform(i: int, a: Allocation, base: list[int], confirms: bool = False) -> None:
     """DESIGN.md §2: a file never serves an allocation that measured worse than uniform.
 
     Uniform is a vector, not a name: `base` = alloc_l.uniform(L, K, B, k_min=k_base), what the plugin
     serves without a budget file (with Alloc-T). So
     - a candidate called "uniform" with another vector, or without Alloc-T, is refused: it would be taken
       for the baseline (by `vllm-alloc show`, by a reader) while measuring something else;
-    - a chosen candidate that is the baseline (`base`, Alloc-T on) passes whatever it measured;
-    - a chosen candidate with paired tests (the guard's files) must pass them (`Candidate.passes`): better
-      with confidence than every baseline in every regime where the two differ;
+    - a chosen candidate that is the baseline (`base`, Alloc-T on) passes whatever it measured, and so,
+      in files with the confirmation split (`confirms`), does `base` without Alloc-T (the guard's
+      fallback where Alloc-T was not confirmed better);
+    - with the confirmation split, any other chosen candidate must be confirmed (`Candidate.confirmed`):
+      better with confidence than both baselines in every regime where they differ, on held-out
+      sequences its selection never saw;
+    - in files from before it, a chosen candidate with paired tests must pass them (`Candidate.passes`);
     - otherwise (files without tests) it must measure no worse than every measurement of the baseline
       (the profiler measures each configuration once and reuses the number, so they agree; where a
       hand-edited file has several, the best one binds);
@@ -214,16 +273,21 @@ def _check_against_uniform(i: int, a: Allocation, base: list[int]) -> None:
                 "'uniform (no Alloc-T)' and 'uniform + carry')",
             )
     chosen = next(c for c in a.candidates if c.name == a.chosen)  # there is one: Allocation checked it
-    if chosen.allocation == base and chosen.alloc_t and not chosen.carry:
+    if chosen.allocation == base and not chosen.carry and (chosen.alloc_t or confirms):
         return
-    if chosen.tests:
-        if not chosen.passes():
-            worst = max((t for t in chosen.tests if not t.same), key=lambda t: t.high, default=None)
+    if confirms or chosen.tests:
+        tests, ok, what_ran = (
+            (chosen.confirmation, chosen.confirmed(), "confirmation")
+            if confirms
+            else (chosen.tests, chosen.passes(), "paired tests")
+        )
+        if not ok:
+            worst = max((t for t in tests if not t.same), key=lambda t: t.high, default=None)
             what = (
                 f"against {worst.baseline!r} in the {worst.regime} regime its interval is "
                 f"[{worst.low:+.4%}, {worst.high:+.4%}], not below zero"
                 if worst is not None and not worst.better
-                else "it runs the same configuration as a baseline in every regime"
+                else f"its {what_ran} ran nothing that differs from a baseline"
             )
             _fail(
                 f"allocations[{i}].chosen",

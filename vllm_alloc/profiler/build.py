@@ -16,7 +16,7 @@ from vllm_alloc.budget import BudgetFile, ModelFingerprint, load_budget_file, pa
 from vllm_alloc.profiler.calibration import CalibrationData
 from vllm_alloc.profiler.carry_defaults import CARRY_GROUP, CARRY_POOL
 from vllm_alloc.profiler.errors import ProfileError
-from vllm_alloc.profiler.guard import CONFIDENCE, REGIMES, TARGET, Validate, Validations, half_widths
+from vllm_alloc.profiler.guard import CONFIDENCE, REGIMES, TARGET, Validate, Validations, split_at
 from vllm_alloc.profiler.protocols import PROTOCOLS, Evaluate
 from vllm_alloc.profiler.runner import Memo, ProfileResult, planned_profile_runs, profile
 
@@ -50,23 +50,34 @@ def build_budget_file(
         sensitivities.append({"protocol": "operating-point", "matrix": S, "budget": B})
     for s in sensitivities:
         s.update(metric=METRIC, calibration=provenance.model_dump())
-    widths = half_widths(result.allocations)
+    n = len(calib.heldout)
+    chose = split_at(n) if result.validated else 0
+    resolution = statistics.median(result.widths) if result.widths else 0.0
     guard = {
         "confidence": confidence,
-        "sequences": len(calib.heldout),
+        "sequences": n,
         "seq_len": calib.seq_len,
         "regimes": list(regimes),
         "target": target,
-        "resolution": statistics.median(widths) if widths else 0.0,
+        "resolution": resolution,
+        "selection_sequences": chose,
+        "comparisons": result.comparisons,
+        "confirmation_confidence": result.confirmation_confidence,
+        "tokens_to_resolve": (
+            math.ceil(calib.tokens * (resolution / target) ** 2) if resolution > target else None
+        ),
     }
     notes = (
         f"Profiled by vllm-alloc profile through vLLM (prefix caching off). Requested B: {list(requested)}. "
         f"At B = {result.validated}, the baselines (uniform with and without Alloc-T) and each candidate "
-        f"(the protocols' DPs, with and without Alloc-T) ran on the {len(calib.heldout)} held-out "
-        f"sequences in the regimes {list(regimes)} (prefill: scope 'budget'; decode: a lone stream, scope "
-        f"'token'). A candidate ships only where a paired per-sequence test at {confidence:.0%} confidence "
-        "puts it below both baselines in every regime where they differ; otherwise the B runs uniform "
-        "with Alloc-T. "
+        f"(the protocols' DPs, with and without Alloc-T) ran on the {n} held-out sequences in the regimes "
+        f"{list(regimes)} (prefill: scope 'budget'; decode: a lone stream, scope 'token'). The first "
+        f"{chose} sequences select one candidate per B; the other {n - chose}, which the selection never "
+        f"saw, confirm it: it ships only where paired per-sequence tests at "
+        f"{result.confirmation_confidence:.4%} confidence ({confidence:.0%} for the file's "
+        f"{result.comparisons} comparisons together) put it below both baselines in every regime where "
+        "they differ; otherwise the B runs uniform, with Alloc-T where the confirmation puts that below "
+        "uniform without it. "
         + (
             f"Candidates ' + carry' carry each lone decode token's request balance (pool {carry_pool}, "
             f"alpha {carry_alpha}; theta calibrated on the profile split), measured in decode order (one "
@@ -77,6 +88,12 @@ def build_budget_file(
         + "Every other B runs uniform: no allocation that was not measured is shipped. B = A runs all K "
         "(the stock model)."
     )
+    if guard["tokens_to_resolve"] is not None:
+        notes += (
+            f" WARNING: the confirmation resolves ±{resolution:.3%}, coarser than the {target:.2%} "
+            f"target; about {guard['tokens_to_resolve']} calibration tokens would resolve it. Smaller "
+            "gains than the resolution ship as uniform."
+        )
     if full_heldout is not None:
         notes += f" Held-out perplexity at b = 1.0: {full_heldout:.6g}."
     data = {
@@ -125,10 +142,13 @@ def profile_to_file(
     carry_alpha: float | None = None,
     carry_pool: str = CARRY_POOL,
     carry_group: int = CARRY_GROUP,
+    cap_tests_per_budget: int = 0,
 ) -> tuple[BudgetFile, int]:
     """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
     returns the file and the number of model runs. With `thresholds` the guard also tries carrying the
-    balance (`runner.profile`), at `carry_alpha` in `carry_pool`, written with `carry_group`."""
+    balance (`runner.profile`), at `carry_alpha` in `carry_pool`, written with `carry_group`. The cap
+    stage's comparisons to come, `cap_tests_per_budget` at each requested B below A
+    (`guard.cap_comparisons`), count in the confirmation's correction."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -183,6 +203,7 @@ def profile_to_file(
             validate=validations,
             confidence=confidence,
             thresholds=thresholds,
+            cap_tests=cap_tests_per_budget * sum(1 for B in requested if B < L * K),
         )
         full = math.exp(float(validations([K] * L, True, "prefill").mean()))
     finally:
@@ -206,11 +227,26 @@ def profile_to_file(
 def resolution_warning(budget_file: BudgetFile) -> str | None:
     """A line saying the held-out split cannot resolve the target difference, and what would; or None."""
     guard = budget_file.guard
-    if guard is None or guard.resolution <= guard.target:
+    if guard is None or guard.resolved:
         return None
-    needed = math.ceil(guard.sequences * (guard.resolution / guard.target) ** 2)
+    if guard.confirms:
+        what = (
+            f"the {guard.sequences - (guard.selection_sequences or 0)} confirmation sequences resolve "
+            f"±{guard.resolution:.3%} (median half-width of the paired intervals at "
+            f"{guard.confirmation_confidence:.4%}, {guard.confidence:.0%} for the file's "
+            f"{guard.comparisons} comparisons together)"
+        )
+    else:
+        what = (
+            f"the {guard.sequences} held-out sequences resolve ±{guard.resolution:.3%} (median half-width "
+            f"of the paired intervals at {guard.confidence:.0%})"
+        )
+    tokens = guard.tokens_to_resolve
+    if tokens is None and budget_file.sensitivities:  # a file from before tokens_to_resolve
+        calibrated = budget_file.sensitivities[0].calibration.tokens
+        tokens = math.ceil(calibrated * (guard.resolution / guard.target) ** 2)
+    more = f"about {tokens} calibration tokens" if tokens else "more held-out sequences"
     return (
-        f"the {guard.sequences} held-out sequences resolve ±{guard.resolution:.3%} (median half-width of "
-        f"the paired intervals at {guard.confidence:.0%}), coarser than the {guard.target:.2%} target: "
-        f"about {needed} held-out sequences would resolve it (raise --tokens or --heldout)"
+        f"{what}, coarser than the {guard.target:.2%} target: {more} would resolve it (raise --tokens or "
+        "--heldout). Gains smaller than that ship as uniform."
     )

@@ -34,6 +34,11 @@ def add_caps(
     guard = budget_file.guard
     if guard is None:
         raise ProfileError("the budget file has no guard (nothing was validated), so no cap can be chosen")
+    if not guard.confirms:
+        raise ProfileError(
+            "the budget file was profiled before the guard's confirmation split, so a cap cannot be "
+            "confirmed on sequences its choice never saw; profile the model again (without --caps-only)"
+        )
     L, A = budget_file.model.num_moe_layers, budget_file.model.full_activations
     lo = L * budget_file.k_base
     data = budget_file.model_dump(mode="json")
@@ -55,7 +60,17 @@ def add_caps(
         for B in capped:
             baseline = evaluator.baseline(B)
             bar.update(1)
-            cap, tests = choose_cap(B, L, measured, baseline, streams, shares, keep, guard.confidence)
+            cap, tests = choose_cap(
+                B,
+                L,
+                measured,
+                baseline,
+                streams,
+                shares,
+                keep,
+                guard.confidence,
+                confirmation_confidence=guard.confirmation_confidence,
+            )
             data["allocations"][B - lo].update(cap=cap, cap_tests=tests)
     finally:
         bar.close()
@@ -64,10 +79,11 @@ def add_caps(
     data["notes"] = data["notes"].split(" Distinct-expert caps:")[0] + (
         f" Distinct-expert caps: at B = {capped}, shares ρ = {sorted(shares, reverse=True)} were tried "
         f"largest first, the file's configuration decoding N = {sorted(streams)} streams together as "
-        f"served, on the held-out sequences; a share ships where at every N it is better than uniform "
-        f"without Alloc-T with {guard.confidence:.0%} confidence and keeps at least {keep:.0%} of the "
-        f"uncapped configuration's gain over it (the smallest such share before the first that fails). "
-        f"Chosen: "
+        f"served, on the selection's held-out sequences; a share passes where at every N it is better "
+        f"than uniform without Alloc-T with {guard.confidence:.0%} confidence and keeps at least "
+        f"{keep:.0%} of the uncapped configuration's gain over it, and the smallest such share before "
+        f"the first that fails ships only if it passes again on the confirmation's sequences, at "
+        f"{guard.confirmation_confidence:.4%}. Chosen: "
         + ", ".join(f"B = {B}: {'none' if c is None else f'ρ = {c[0]:g}'}" for B, c in chosen.items())
         + "."
     )

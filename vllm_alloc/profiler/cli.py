@@ -37,7 +37,7 @@ from vllm_alloc.profiler.carry_defaults import CARRY_ALPHA, CARRY_GROUP, CARRY_O
 from vllm_alloc.profiler.engine import fingerprint, on_cpu, read_moe_config, shutdown_llm, start_llm
 from vllm_alloc.profiler.errors import ProfileError
 from vllm_alloc.profiler.evaluator import CapEvaluator, VllmEvaluator
-from vllm_alloc.profiler.guard import CAP_KEEP, CAP_SHARES, CAP_STREAMS, CONFIDENCE, TARGET
+from vllm_alloc.profiler.guard import CAP_KEEP, CAP_SHARES, CAP_STREAMS, CONFIDENCE, TARGET, cap_comparisons
 from vllm_alloc.profiler.protocols import PROTOCOLS
 from vllm_alloc.routing.carry import CARRY_POOLS
 from vllm_alloc.values import BudgetError, caps, parse_budget
@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
             write_atomically(budget_file, args.out)
             runs, what = evaluator.runs, "cap measurements"
         else:
-            budget_file, runs, llm = _profile(args, config, calib, budgets, protocols)
+            per_budget = cap_comparisons(1, len(set(cap_shares)), len(cap_streams))
+            budget_file, runs, llm = _profile(args, config, calib, budgets, protocols, per_budget)
             shutdown_llm(llm)
             llm = None
             if cap_streams:
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary(budget_file, budgets))
     warning = resolution_warning(budget_file)
     if warning:
-        print(f"{name}: warning: {warning}", file=sys.stderr)
+        print(f"\n{name}: WARNING: {warning}\n", file=sys.stderr)
     return 0
 
 
@@ -323,8 +324,10 @@ def _profile(
     calib: CalibrationData,
     budgets: list[float],
     protocols: list[str],
+    cap_tests_per_budget: int,
 ) -> tuple[BudgetFile, int, Any]:
-    """The protocols and the guard in one engine, writing args.out: (the file, model runs, the engine)."""
+    """The protocols and the guard in one engine, writing args.out: (the file, model runs, the engine).
+    `cap_tests_per_budget`: the cap stage's comparisons at each requested B, for the correction."""
     # Decode-order validation (`decode_order`) runs every held-out sequence at once: a pass per position.
     llm = start_llm(args.model, calib.seq_len, args.dtype, max(args.max_num_seqs, len(calib.heldout)))
     try:
@@ -354,6 +357,7 @@ def _profile(
                 carry_alpha=args.carry_alpha,
                 carry_pool=args.carry_pool,
                 carry_group=args.carry_group,
+                cap_tests_per_budget=cap_tests_per_budget,
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")

@@ -4,36 +4,51 @@ over abstract held-out runs (no vLLM here).
 Selection rule (the guard), per absolute budget B from L·K_base to A:
   1. Baselines: "uniform" (alloc_l.uniform with Alloc-T: what the plugin serves without a budget file)
      and "uniform (no Alloc-T)" (every token keeps its top-K_l: at B = L·k this is vLLM's own top-k).
-     Challengers: "uniform (no Alloc-T)", the isolating DP at B and, at requested budgets only, the
-     operating-point DP at B, each with and without Alloc-T; and where the profiler calibrated the
-     carried balance (`vllm_alloc.routing.carry`), uniform and each DP with Alloc-T carrying it (" + carry").
+     Challengers: the isolating DP at B and, at requested budgets only, the operating-point DP at B,
+     each with and without Alloc-T; and where the profiler calibrated the carried balance
+     (`vllm_alloc.routing.carry`), uniform and each DP with Alloc-T carrying it (" + carry").
   2. Every configuration is run on the held-out split in each regime it is served in: prefill (scope
      `budget`: a step's tokens at one B share a pool) and decode of a lone stream (scope `token`: groups
-     of one token, where Alloc-T has nothing to move, so with and without it are one run; scope
-     `stream` where it carries the balance). Nothing carries in prefill, so there a carrying candidate
-     is its twin's run. A run gives the mean NLL of each held-out sequence.
-  3. Paired test: a challenger against a baseline, in one regime, is the per-sequence difference of mean
-     NLL; its mean and normal-approximation interval at `confidence`, as relative changes of perplexity
-     (`paired_test`). A challenger *passes* when against each baseline (other than itself) it differs in
-     some regime, and in every regime where the two differ the whole interval is below zero (better with
-     that confidence). A challenger that runs a baseline's configuration therefore never ships under
-     its own name. The passing challenger with the best worst-regime change against "uniform" ships;
-     with none, B runs "uniform". The loader checks the same rule (`budget.Candidate.passes`).
-  4. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
+     of one token, where Alloc-T has nothing to move, so with and without it are one run; carrying, in
+     decode order with the θ and pool it ships with). Nothing carries in prefill, so there a carrying
+     candidate is its twin's run. A run gives the mean NLL of each held-out sequence.
+  3. The held-out sequences are cut in two (`split_at`): the first half *selects*, the second half,
+     which the selection never saw, *confirms*. Picking the best of several noisy estimates favours
+     luck (the winner's curse); a confirmation on other data does not.
+  4. Paired test: a configuration against a baseline, in one regime, is the per-sequence difference of
+     mean NLL; its mean and normal-approximation interval, as relative changes of perplexity
+     (`paired_test`). A configuration *holds* against the baselines when against each it differs in
+     some regime and, in every regime where the two differ, the whole interval is below zero
+     (`budget.records.holds`).
+  5. Selection (first half, intervals at `confidence`, recorded as each candidate's `tests`): among the
+     challengers that differ from both baselines, the one whose worst estimate (over both baselines
+     and every regime where they differ) is lowest, if that is below zero.
+  6. Confirmation (second half, recorded as `confirmation`): the selected challenger against both
+     baselines, with intervals at `confirmation_confidence` = 1 − (1 − confidence) / m, where m counts
+     every paired comparison the profiler makes (`comparisons`: candidates × baselines × regimes ×
+     budgets, plus the cap's shares × streams × budgets), so `confidence` bounds the chance that the
+     file holds any false claim. It ships if it holds. Otherwise B ships uniform: with Alloc-T where the
+     confirmation shows "uniform" holding against "uniform (no Alloc-T)", else without. The loader
+     checks the same rule (`budget.records._check_against_uniform`).
+  7. Candidates are measured only at the *validated* budgets: the requested ones, plus every B when
      there are at most `all_budgets_up_to` budgets in the range, else every multiple of L (b = k/K).
      Every other B keeps uniform, with no candidates recorded: an allocation nobody measured is never
      shipped. B = A is always all K (the stock model), and no candidate is measured there.
-  5. Resolution: the median half-width of the intervals that compare different runs. The profiler
-     reports it against the difference the split should resolve (`TARGET`, 0.2 %).
+  8. Resolution: the median half-width of the confirmation's intervals, at its confidence, over every
+     challenger-baseline comparison that differs (`Selected.widths`). The profiler reports it against
+     the difference the split should resolve (`TARGET`, 0.2 %) and, where it does not, the tokens that
+     would.
 
-The distinct-expert cap (`choose_cap`) is chosen by the same kind of paired test, per requested B, in
-the decode regime, once the file's allocations are known (`profiler.cap_stage`).
+The distinct-expert cap (`choose_cap`) is chosen the same way, per requested B, in the decode regime,
+once the file's allocations are known (`profiler.cap_stage`): the shares searched on the first half,
+the chosen one confirmed on the second.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -48,13 +63,17 @@ __all__ = [
     "CARRY",
     "REGIMES",
     "CapValidate",
+    "Selected",
     "Validate",
     "Validations",
+    "cap_comparisons",
     "cap_test",
     "choose_cap",
-    "half_widths",
+    "comparisons",
+    "corrected",
     "paired_test",
     "select",
+    "split_at",
     "validated_budgets",
 ]
 
@@ -152,18 +171,55 @@ class Validations:
         return self.cache[key]
 
 
+def split_at(sequences: int) -> int:
+    """How many of the held-out sequences select (the first ones); the rest confirm (rule 3)."""
+    if sequences < 4:
+        raise ValueError(
+            f"{sequences} held-out sequences are too few: the guard needs ≥ 2 to select and ≥ 2 to confirm"
+        )
+    return sequences // 2
+
+
+def corrected(confidence: float, comparisons: int) -> float:
+    """The confidence of each confirmation interval (rule 6, Bonferroni): 1 − (1 − confidence) / m."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence = {confidence} is outside the valid range (0, 1)")
+    if comparisons < 1:
+        raise ValueError(f"comparisons = {comparisons} is outside the valid range [1, inf)")
+    return 1.0 - (1.0 - confidence) / comparisons
+
+
+def comparisons(candidates_per_budget: Iterable[int], regimes: int, cap_tests: int = 0) -> int:
+    """m of rule 6: per validated B, each challenger against both baselines in every regime and uniform
+    against uniform without Alloc-T in every regime; plus `cap_tests` (`cap_comparisons`)."""
+    return sum((n - 2) * 2 * regimes + regimes for n in candidates_per_budget) + cap_tests
+
+
+@dataclass
+class Selected:
+    """`select`'s result: the `Allocation` dict, and the confirmation's half-widths of every
+    challenger-baseline comparison that differs (rule 8)."""
+
+    allocation: dict[str, Any]
+    widths: list[float] = field(default_factory=list)
+
+
 def select(
     candidates: Sequence[tuple[str, Sequence[int], bool, bool]],
     validations: Validations,
     regimes: Sequence[str] = REGIMES,
     confidence: float = CONFIDENCE,
     thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
-) -> dict[str, Any]:
-    """Run each candidate in each regime and pick the winner (rules 1 to 3): an `Allocation` dict.
+    *,
+    confirmation_confidence: float | None = None,
+) -> Selected:
+    """Run each candidate in each regime, select on the first half of the held-out sequences and confirm
+    on the second (rules 1 to 6).
 
     `candidates` are (name, K vector, Alloc-T, carry) and must start with the two baselines:
     ("uniform", u, True, False) and ("uniform (no Alloc-T)", u, False, False). Where the winner carries,
-    `thresholds(K)` gives its θ per layer (the allocation's `carry`)."""
+    `thresholds(K)` gives its θ per layer (the allocation's `carry`). `confirmation_confidence` defaults
+    to `confidence` corrected for this budget's own comparisons alone."""
     names = [c[0] for c in candidates]
     baselines_ok = len(candidates) >= 2 and candidates[0][2] and not (candidates[0][3] or candidates[1][3])
     if not baselines_ok or names[:2] != [UNIFORM, UNIFORM + NO_ALLOC_T]:
@@ -175,35 +231,62 @@ def select(
         raise ValueError(f"candidate names must be unique, got {names}")
     if thresholds is None and any(c[3] for c in candidates):
         raise ValueError("candidates that carry need thresholds (their θ per layer)")
-    baselines = candidates[:2]
+    if confirmation_confidence is None:
+        confirmation_confidence = corrected(confidence, comparisons([len(candidates)], len(regimes)))
+    nll = [{r: validations(ks, on, r, carry) for r in regimes} for _, ks, on, carry in candidates]
+    cut = split_at(nll[0][regimes[0]].size)
+    first, second = slice(0, cut), slice(cut, None)
+
+    def tests(c: int, against: Sequence[int], half: slice, level: float) -> list[dict[str, Any]]:
+        return [
+            {"regime": r, "baseline": names[b], **paired_test(nll[c][r][half], nll[b][r][half], level)}
+            for b in against
+            if b != c
+            for r in regimes
+        ]
+
     rows: list[dict[str, Any]] = []
-    for name, ks, alloc_t, carry in candidates:
-        nll = {r: validations(ks, alloc_t, r, carry) for r in regimes}
+    for c, (name, ks, alloc_t, carry) in enumerate(candidates):
         row: dict[str, Any] = {
             "name": name,
             "allocation": [int(k) for k in ks],
             "alloc_t": bool(alloc_t),
             "carry": bool(carry),
-            "measured": math.exp(float(nll[regimes[0]].mean())),
+            "measured": math.exp(float(nll[c][regimes[0]].mean())),
         }
         if "decode" in regimes:
-            row["decode"] = math.exp(float(nll["decode"].mean()))
-        row["tests"] = [
-            {"regime": r, "baseline": b_name, **paired_test(nll[r], validations(b_ks, b_on, r), confidence)}
-            for b_name, b_ks, b_on, _ in baselines
-            if b_name != name
-            for r in regimes
-        ]
+            row["decode"] = math.exp(float(nll[c]["decode"].mean()))
+        row["tests"] = tests(c, (0, 1), first, confidence)
         rows.append(row)
 
-    def worst_vs_uniform(row: dict[str, Any]) -> float:
-        return max(t["delta"] for t in row["tests"] if t["baseline"] == UNIFORM)
+    from vllm_alloc.budget.records import PairedTest, holds  # the file's own rule: profiler and loader agree
 
-    from vllm_alloc.budget import Candidate  # the file's own rule, so profiler and loader agree
+    def worst(c: int) -> float:
+        """The selection's worst estimate against the baselines; +inf where against one of them it ran
+        the same configuration in every regime (it is that baseline)."""
+        differ = {b: [t for t in rows[c]["tests"] if t["baseline"] == b and not _same(t)] for b in names[:2]}
+        return max(t["delta"] for ts in differ.values() for t in ts) if all(differ.values()) else math.inf
 
-    passing = [row for row in rows[1:] if Candidate.model_validate(row).passes()]
-    best = min(passing, key=worst_vs_uniform) if passing else rows[0]  # min keeps the earliest of ties
-    chosen = {
+    def confirmed(found: list[dict[str, Any]]) -> bool:
+        return holds([PairedTest.model_validate(t) for t in found])
+
+    picked = min(range(2, len(rows)), key=worst, default=None)  # min keeps the earliest of ties
+    chosen = 0
+    if picked is not None and worst(picked) < 0.0:
+        rows[picked]["confirmation"] = tests(picked, (0, 1), second, confirmation_confidence)
+        if confirmed(rows[picked]["confirmation"]):
+            chosen = picked
+    if chosen == 0:
+        rows[0]["confirmation"] = tests(0, (1,), second, confirmation_confidence)
+        chosen = 0 if confirmed(rows[0]["confirmation"]) else 1
+    widths = [
+        (t["high"] - t["low"]) / 2
+        for c in range(len(rows))
+        for t in tests(c, (0, 1) if c >= 2 else (1,), second, confirmation_confidence)
+        if c != 1 and not _same(t)
+    ]
+    best = rows[chosen]
+    allocation = {
         "budget": sum(candidates[0][1]),
         "k": best["allocation"],
         "chosen": best["name"],
@@ -212,19 +295,13 @@ def select(
     }
     if best["carry"]:
         assert thresholds is not None
-        chosen["carry"] = thresholds(best["allocation"])
-    return chosen
+        allocation["carry"] = thresholds(best["allocation"])
+    return Selected(allocation, widths)
 
 
-def half_widths(allocations: Iterable[dict[str, Any]]) -> list[float]:
-    """Half-widths of every recorded interval that compares different runs (rule 5)."""
-    return [
-        (t["high"] - t["low"]) / 2
-        for a in allocations
-        for c in a.get("candidates", [])
-        for t in c.get("tests", [])
-        if not t["low"] == t["high"] == 0.0
-    ]
+def _same(test: dict[str, Any]) -> bool:
+    """The two ran the same configuration in the test's regime (`PairedTest.same`)."""
+    return test["low"] == test["high"] == 0.0
 
 
 # The distinct-expert cap (`vllm_alloc.routing.cap`), chosen per requested B in the decode regime
@@ -255,6 +332,11 @@ def cap_test(
     return {**paired_test(capped, baseline, confidence), "kept": kept}
 
 
+def cap_comparisons(budgets: int, shares: int, streams: int) -> int:
+    """The cap's part of m (rule 6): every share at every stream count, at each capped B."""
+    return budgets * shares * streams
+
+
 def choose_cap(
     B: int,
     L: int,
@@ -264,15 +346,20 @@ def choose_cap(
     shares: Sequence[float] = CAP_SHARES,
     keep: float = CAP_KEEP,
     confidence: float = CONFIDENCE,
+    *,
+    confirmation_confidence: float | None = None,
 ) -> tuple[list[float] | None, list[dict[str, Any]]]:
     """The cap of B: (ρ for every layer, or None for no cap; the tests run).
 
-    Shares are tried from the largest down, each at every stream count N (smallest first); a share
-    passes where at every N the capped run is better than `baseline` (uniform without Alloc-T at B,
-    the same in every regime) with confidence, and keeps at least `keep` of the served configuration's
-    gain over it. The search stops at the first share that fails (cutting more does not give quality
-    back), and the smallest share that passed ships. The served configuration is the file's at B,
-    carrying and Alloc-T as they ship."""
+    Selection, on the first half of the held-out sequences (`split_at`), at `confidence`: shares are
+    tried from the largest down, each at every stream count N (smallest first); a share passes where at
+    every N the capped run is better than `baseline` (uniform without Alloc-T at B, the same in every
+    regime) with confidence, and keeps at least `keep` of the served configuration's gain over it. The
+    search stops at the first share that fails (cutting more does not give quality back), and the
+    smallest share that passed is chosen. Confirmation, on the second half, at `confirmation_confidence`
+    (default: `confidence` corrected for this B's shares × streams): the chosen share ships only if it
+    passes there too at every N. The served configuration is the file's at B, carrying and Alloc-T as
+    they ship. Both halves come from the same runs."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep = {keep} is outside the valid range [0, 1]")
     bad = [r for r in shares if not 0.001 <= r < 1.0]
@@ -281,22 +368,37 @@ def choose_cap(
             f"shares {list(shares)} must be in [0.001, 1) and streams {list(streams)} at least 2 (a lone "
             "stream is never capped)"
         )
-    served = {n: validate(B, None, n) for n in sorted(streams)}
+    if confirmation_confidence is None:
+        m = cap_comparisons(1, len(set(shares)), len(set(streams)))
+        confirmation_confidence = corrected(confidence, m)
+    base = np.asarray(baseline, dtype=np.float64)
+    cut = split_at(base.size)
+    first, second = slice(0, cut), slice(cut, None)
+    served = {n: np.asarray(validate(B, None, n), dtype=np.float64) for n in sorted(streams)}
+    runs: dict[tuple[float, int], np.ndarray] = {}
+
+    def test(share: float, n: int, half: slice, level: float, split: str) -> dict[str, Any]:
+        if (share, n) not in runs:
+            runs[share, n] = np.asarray(validate(B, share, n), dtype=np.float64)
+        found = cap_test(runs[share, n][half], served[n][half], base[half], level)
+        return {"share": share, "streams": n, "split": split, **found}
+
+    def passes(t: dict[str, Any]) -> bool:
+        return bool(t["high"] < 0.0 and t["kept"] >= keep)
+
     tests: list[dict[str, Any]] = []
     chosen: float | None = None
     for share in sorted(set(shares), reverse=True):
         passed = True
         for n in sorted(streams):
-            test = {
-                "share": share,
-                "streams": n,
-                **cap_test(validate(B, share, n), served[n], baseline, confidence),
-            }
-            tests.append(test)
-            if not (test["high"] < 0.0 and test["kept"] >= keep):
+            tests.append(test(share, n, first, confidence, "selection"))
+            if not passes(tests[-1]):
                 passed = False
                 break
         if not passed:
             break
         chosen = share
-    return ([chosen] * L if chosen is not None else None), tests
+    if chosen is None:
+        return None, tests
+    confirmation = [test(chosen, n, second, confirmation_confidence, "confirmation") for n in sorted(streams)]
+    return ([chosen] * L if all(map(passes, confirmation)) else None), tests + confirmation

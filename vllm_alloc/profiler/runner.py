@@ -20,6 +20,8 @@ from vllm_alloc.profiler.guard import (
     UNIFORM,
     Validate,
     Validations,
+    comparisons,
+    corrected,
     select,
     validated_budgets,
 )
@@ -48,6 +50,9 @@ class ProfileResult:
     operating_point: dict[int, list[list[float]]] = field(default_factory=dict)  # B -> S
     allocations: list[dict[str, Any]] = field(default_factory=list)  # one per B, Allocation schema
     validated: list[int] = field(default_factory=list)  # the B whose candidates were measured
+    comparisons: int = 1  # m: every paired comparison the profiler makes (`guard.comparisons`)
+    confirmation_confidence: float = CONFIDENCE  # of each confirmation interval (`guard.corrected`)
+    widths: list[float] = field(default_factory=list)  # the confirmation's half-widths (guard rule 8)
 
 
 class Memo:
@@ -101,6 +106,7 @@ def profile(
     regimes: Sequence[str] = REGIMES,
     confidence: float = CONFIDENCE,
     thresholds: Callable[[Sequence[int]], list[float | None]] | None = None,
+    cap_tests: int = 0,
 ) -> ProfileResult:
     """Run the protocols on the profile split (`evaluate`), then choose K(B) and Alloc-T for every B by
     the guard on the held-out split (`validate`; module docstring).
@@ -110,7 +116,8 @@ def profile(
     still to come once the sensitivities are known (progress bars). With `thresholds` (θ per layer of a
     K vector, `vllm_alloc.routing.carry`), every candidate with Alloc-T also runs carrying the balance in
     decode
-    (" + carry"), against the same baselines."""
+    (" + carry"), against the same baselines. `cap_tests`: the paired comparisons the cap stage will
+    make (`guard.cap_comparisons`), counted in the confirmation's correction."""
     check_shape(L, K, k_base)
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown or not protocols:
@@ -155,9 +162,20 @@ def profile(
         }
         on_plan(len(keys - set(validations.cache)))
 
+    result.comparisons = comparisons([len(candidates(B)) for B in validated], len(regimes), cap_tests)
+    result.confirmation_confidence = corrected(confidence, result.comparisons)
     for B in range(lo, A + 1):
         if B in validated:
-            result.allocations.append(select(candidates(B), validations, regimes, confidence, thresholds))
+            selected = select(
+                candidates(B),
+                validations,
+                regimes,
+                confidence,
+                thresholds,
+                confirmation_confidence=result.confirmation_confidence,
+            )
+            result.allocations.append(selected.allocation)
+            result.widths += selected.widths
         else:
             k = uniform(L, K, B, k_min=k_base)
             result.allocations.append({"budget": B, "k": k, "chosen": UNIFORM, "alloc_t": True})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from vllm_alloc.budget import (
     load_budget_file,
 )
 from vllm_alloc.budget.alloc_l import uniform
+from vllm_alloc.profiler.build import resolution_warning
 from vllm_alloc.profiler.guard import NO_ALLOC_T, REGIMES
 from vllm_alloc.values import BudgetError, parse_budget
 
@@ -53,8 +55,9 @@ def _span(t: PairedTest | CapTest) -> str:
     return f"{t.delta:+.2%} [{t.low:+.2%}, {t.high:+.2%}]"
 
 
-def _test(c: Candidate, baseline: str, regime: str) -> PairedTest | None:
-    return next((t for t in c.tests if t.baseline == baseline and t.regime == regime), None)
+def _test(c: Candidate, baseline: str, regime: str, confirmation: bool = False) -> PairedTest | None:
+    tests = c.confirmation if confirmation else c.tests
+    return next((t for t in tests if t.baseline == baseline and t.regime == regime), None)
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
@@ -88,12 +91,31 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
         lines.append(f"split: {bf.sensitivities[0].calibration.split}")
     g = bf.guard
     if g is not None:
-        verdict = "resolves" if g.resolution <= g.target else "does NOT resolve"
-        lines.append(
-            f"guard: {g.sequences} held-out sequences × {g.seq_len} tokens, regimes "
-            f"{', '.join(g.regimes)}, paired {g.confidence:.0%} intervals of the change in perplexity; "
-            f"resolution ±{g.resolution:.3%} (median half-width), which {verdict} the {g.target:.2%} target"
-        )
+        verdict = "resolves" if g.resolved else "does NOT resolve"
+        if g.confirms:
+            lines.append(
+                f"guard: {g.sequences} held-out sequences × {g.seq_len} tokens, regimes "
+                f"{', '.join(g.regimes)}: the first {g.selection_sequences} select (paired "
+                f"{g.confidence:.0%} intervals), the other {g.sequences - (g.selection_sequences or 0)} "
+                f"confirm (paired {g.confirmation_confidence:.4%} intervals: {g.confidence:.0%} for the "
+                f"file's {g.comparisons} comparisons together); resolution ±{g.resolution:.3%} (median "
+                f"half-width of the confirmation's), which {verdict} the {g.target:.2%} target"
+            )
+        else:
+            lines.append(
+                f"guard: {g.sequences} held-out sequences × {g.seq_len} tokens, regimes "
+                f"{', '.join(g.regimes)}, paired {g.confidence:.0%} intervals of the change in "
+                f"perplexity; resolution ±{g.resolution:.3%} (median half-width), which {verdict} the "
+                f"{g.target:.2%} target"
+            )
+        warning = resolution_warning(bf)
+        if warning:
+            lines.append(f"WARNING: {warning}")
+        if bf.unconfirmed():
+            lines.append(
+                f"WARNING: profiled before the guard's confirmation split: B = {bf.unconfirmed()} ship "
+                "candidates chosen and certified on the same held-out sequences; profile again"
+            )
     if any(bf.carrying()):
         lines.append(
             f"carried balance (decode streams): pool {bf.carry_pool} ("
@@ -117,15 +139,16 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
         if chosen is None:
             name = a.chosen if a.budget == m.full_activations else f"{a.chosen} (unmeasured)"
             cells = ["—", "—"]
-        elif chosen.name == UNIFORM:
+        elif chosen.name in (UNIFORM, UNIFORM + NO_ALLOC_T):
             name, cells = a.chosen, ["baseline", "baseline"]
         else:
             name = a.chosen
             base = next((c for c in a.candidates if c.name == UNIFORM), None)
             if not chosen.tests and base is not None:  # a file from before the guard's paired tests
                 cells = [f"{chosen.measured / base.measured - 1:+.2%}", "—"]
-            else:
-                cells = [_interval(_test(chosen, UNIFORM, r)) for r in REGIMES]
+            else:  # the confirmation's intervals where the file has them
+                confirms = g is not None and g.confirms
+                cells = [_interval(_test(chosen, UNIFORM, r, confirms)) for r in REGIMES]
         theta = (
             "off"
             if a.carry is None
@@ -168,14 +191,38 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
                     ),
                 ]
             )
-        lines += ["", f"b = {b:g} (B = {a.budget}): held-out candidates", *_table(rows, {3, 4})]
+        where = "the selection's" if g is not None and g.confirms else "the"
+        lines += ["", f"b = {b:g} (B = {a.budget}): {where} held-out candidates", *_table(rows, {3, 4})]
+        confirmed = [c for c in a.candidates if c.confirmation]
+        if confirmed and g is not None:
+            rows = [
+                ["confirmed", *(f"vs {x}: {r}" for x in (UNIFORM, UNIFORM + NO_ALLOC_T) for r in REGIMES)]
+            ]
+            rows += [
+                [
+                    c.name + (" *" if c.name == a.chosen else ""),
+                    *(
+                        _interval(_test(c, x, r, True))
+                        for x in (UNIFORM, UNIFORM + NO_ALLOC_T)
+                        for r in REGIMES
+                    ),
+                ]
+                for c in confirmed
+            ]
+            n = g.sequences - (g.selection_sequences or 0)
+            title = (
+                f"b = {b:g} (B = {a.budget}): confirmation on the {n} sequences the selection never saw, "
+                f"at {g.confirmation_confidence:.4%}"
+            )
+            lines += ["", title, *_table(rows, set())]
         if a.cap_tests:
             keep = bf.guard.cap_keep if bf.guard is not None else None
-            caps = [["cap ρ", "streams", "vs uniform (no Alloc-T)", "gain kept"]]
+            caps = [["cap ρ", "streams", "split", "vs uniform (no Alloc-T)", "gain kept"]]
             caps += [
                 [
                     f"{t.share:g}",
                     str(t.streams),
+                    t.split,
                     _span(t),
                     f"{t.kept:.0%}" + (" *" if keep is not None and t.passes(keep) else ""),
                 ]
@@ -185,17 +232,19 @@ def summary(bf: BudgetFile, budgets: Sequence[float] = DEFAULT_BUDGETS) -> str:
             title = (
                 f"b = {b:g} (B = {a.budget}): distinct-expert cap, N streams decoding (shipped ρ: {shipped})"
             )
-            lines += ["", title, *_table(caps, {1, 3})]
+            lines += ["", title, *_table(caps, {1, 4})]
     lines.append(
         "(* = chosen; ppl = held-out perplexity, lower is better; intervals: change in perplexity against "
-        "the baseline, paired over the held-out sequences; a candidate ships only with every interval "
-        "below zero where the runs differ)"
+        "the baseline, paired over the held-out sequences; a candidate ships only with every "
+        + ("confirmation " if g is not None and g.confirms else "")
+        + "interval below zero where the runs differ)"
     )
-    wins = sum(1 for a in bf.allocations if a.chosen != UNIFORM)
+    wins = sum(1 for a in bf.allocations if a.chosen not in (UNIFORM, UNIFORM + NO_ALLOC_T))
+    off = sum(1 for a in bf.allocations if a.chosen == UNIFORM + NO_ALLOC_T)
     validated = sum(1 for a in bf.allocations if a.candidates)
     lines.append(
-        f"{validated} of {len(bf.allocations)} budgets validated on held-out data; "
-        f"{wins} ship something other than uniform with Alloc-T"
+        f"{validated} of {len(bf.allocations)} budgets validated on held-out data; {wins} ship a challenger "
+        f"of uniform, {off} uniform without Alloc-T"
     )
     if bf.notes:
         lines.append(f"notes: {bf.notes}")
@@ -269,7 +318,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        bf = load_budget_file(args.file)
+        with warnings.catch_warnings():  # an unconfirmed file's warning is a line of the summary
+            warnings.simplefilter("ignore", UserWarning)
+            bf = load_budget_file(args.file)
         if args.budgets:
             budgets = [
                 parse_budget(x, min_budget=bf.min_budget, source="--budgets") for x in args.budgets.split(",")
