@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration split: {n} tokens -> {calib} (profile uses the first {args.tokens})", flush=True)
     common = dict(tokens=args.tokens, seq_len=args.seq_len, heldout=args.heldout, model=args.model)
     if not args.no_shipped:
-        profile(calib, args.out, **common, extra=("--caps-only",) if args.caps_only else ())
+        # Every held-out run's per-sequence NLL beside the variants (tests/profiler/guard_noise.py fits the
+        # guard's false-winner test to them).
+        dump = ("--dump-heldout", str(args.scratch / f"{args.out.stem}-heldout.npz"))
+        profile(calib, args.out, **common, extra=("--caps-only",) if args.caps_only else dump)
     if args.variants:
         # Per-protocol allocations need no extra profile: the shipped file keeps each protocol's DP
         # vector per validated B as a candidate, and the benchmark installs those vectors directly.

@@ -143,12 +143,14 @@ def profile_to_file(
     carry_pool: str = CARRY_POOL,
     carry_group: int = CARRY_GROUP,
     cap_tests_per_budget: int = 0,
+    dump_heldout: Path | None = None,
 ) -> tuple[BudgetFile, int]:
     """Profile with `evaluate` (profile split) and `validate` (held-out split, the guard), write `out`;
     returns the file and the number of model runs. With `thresholds` the guard also tries carrying the
     balance (`runner.profile`), at `carry_alpha` in `carry_pool`, written with `carry_group`. The cap
     stage's comparisons to come, `cap_tests_per_budget` at each requested B below A
-    (`guard.cap_comparisons`), count in the confirmation's correction."""
+    (`guard.cap_comparisons`), count in the confirmation's correction. `dump_heldout`: where to write
+    every held-out run (`dump_runs`)."""
     from tqdm import tqdm
 
     from vllm_alloc.budget import uniform_budget_file
@@ -221,7 +223,23 @@ def profile_to_file(
         carry_group=carry_group,
     )
     write_atomically(budget_file, out)
+    if dump_heldout is not None:
+        dump_runs(validations, dump_heldout)
     return budget_file, memo.runs + validations.runs
+
+
+def dump_runs(validations: Validations, path: Path) -> None:
+    """Every held-out run's per-sequence mean NLL as a numpy .npz: one array per run, named
+    `K=2,1,1,1|alloc_t=1|prefill|carry=0` (the run's `Validations.key`)."""
+    import numpy as np
+
+    arrays = {
+        f"K={','.join(map(str, ks))}|alloc_t={int(on)}|{regime}|carry={int(carry)}": values
+        for (ks, on, regime, carry), values in validations.cache.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # (numpy types allow_pickle as a kwarg)
 
 
 def resolution_warning(budget_file: BudgetFile) -> str | None:

@@ -155,6 +155,13 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="budget file to write (e.g. configs/NAME.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dump-heldout",
+        type=Path,
+        metavar="NPZ",
+        help="also write every held-out run's per-sequence mean NLL (numpy .npz, one array per "
+        "configuration and regime), to audit or re-analyse the guard",
+    )
     p.set_defaults(func=run)
 
 
@@ -358,6 +365,7 @@ def _profile(
                 carry_pool=args.carry_pool,
                 carry_group=args.carry_group,
                 cap_tests_per_budget=cap_tests_per_budget,
+                dump_heldout=args.dump_heldout,
             )
         finally:
             llm.collective_rpc("vllm_alloc_reset_allocation")
