@@ -57,9 +57,10 @@ kernel-test: venv
 # On a CUDA machine with torch and Triton only (no vLLM, no venv: the lent GPU machine): the kernel tests
 # (fp32, fp16, bf16), the CUDA-graph capture and replay of the budget path, the compiled fused routing
 # kernel against the torch path over 400 random passes, each run three times (a result that moves between
-# runs fails: tests/kernels/test_fused_routing.py), and both kernel benchmarks,
-# whose tables land in $(GPU_CHECK_OUT). docs/design.md, "GPU path", says what each part proves. Where
-# vllm-ref/ is carried along (`make vllm-ref` here), bench_graph times vLLM's own kernel beside ours.
+# runs fails: tests/kernels/test_fused_routing.py), the kernel benchmarks and one decode step of a small
+# stack (bench_step), whose tables land in $(GPU_CHECK_OUT). docs/design.md, "GPU path", says what each part
+# proves. Where vllm-ref/ is carried along (`make vllm-ref` here), bench_graph and bench_step time vLLM's own
+# kernel beside ours.
 GPU_PYTHON    ?= python3
 GPU_CHECK_OUT ?= gpu-check-out
 gpu-check:
@@ -70,6 +71,8 @@ gpu-check:
 		'CUDA', torch.version.cuda, 'triton', triton.__version__)" | tee $(GPU_CHECK_OUT)/device.txt
 	PYTHONPATH=. $(GPU_PYTHON) -m pytest -q -rs -p no:cacheprovider tests/kernels
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_graph.py --out $(GPU_CHECK_OUT)/bench_graph.md \
+		$(if $(wildcard vllm-ref/fused_moe.py),--vllm-ref vllm-ref)
+	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_step.py --out $(GPU_CHECK_OUT)/bench_step.md \
 		$(if $(wildcard vllm-ref/fused_moe.py),--vllm-ref vllm-ref)
 	PYTHONPATH=. $(GPU_PYTHON) benchmarks/bench_kernel.py --caps 0.5 0.25 --out $(GPU_CHECK_OUT)/bench_kernel.md
 

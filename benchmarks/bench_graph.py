@@ -71,6 +71,18 @@ def row(shape: LayerShape, T: int, graph: str, us: float, base_us: float, vllm_u
     return f"| {shape.name} | {T} | {graph} | {us / LAYERS:.1f} | {us / base_us:.2f} | {over_vllm} |"
 
 
+def uniform_table(L: int, K: int, device: torch.device) -> torch.Tensor:
+    """K_l(B) [A + 1, L] int32 for A = L·K: uniform, ceil(B / L) capped at K; rows below L (one expert per
+    layer) are padding (0)."""
+    rows = [[0 if B < L else min(K, math.ceil(B / L))] * L for B in range(L * K + 1)]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def absolute_budget(b: float, L: int, K: int) -> int:
+    """B = floor(b·A), at least L (one expert per layer: the table's first real row)."""
+    return max(L, math.floor(b * (L * K)))
+
+
 def graph_time_us(
     fn: Callable[..., torch.Tensor], replays: int, with_graph: bool = False
 ) -> tuple[float, torch.Tensor]:
@@ -296,12 +308,7 @@ def bench_shape(
         for _ in range(LAYERS)
     ]
     A = LAYERS * shape.K
-    # K_l(B): uniform, ceil(B / L) capped at K; rows below L (one expert per layer) are padding (0).
-    table = torch.tensor(
-        [[0 if B < LAYERS else min(shape.K, math.ceil(B / LAYERS))] * LAYERS for B in range(A + 1)],
-        dtype=torch.int32,
-        device="cuda",
-    )
+    table = uniform_table(LAYERS, shape.K, torch.device("cuda"))
     rows = []
     for T in Ts:
         logits = torch.randn(LAYERS, T, shape.E, device="cuda", generator=g)
@@ -325,12 +332,12 @@ def bench_shape(
             *stock,
             row(shape, T, "routing", route_us, base_us, vllm_us),
         ]
-        p.token_budget.fill_(max(LAYERS, math.floor(0.5 * A)))  # the routing rows at b = 0.5
+        p.token_budget.fill_(absolute_budget(0.5, LAYERS, shape.K))  # the routing rows at b = 0.5
         new += routing_rows(shape, T, p, replays, base_us, vllm_us)
         full = torch.ones((), dtype=torch.bool, device="cuda")
         not_full = torch.zeros((), dtype=torch.bool, device="cuda")
         for b in budgets:
-            p.token_budget.fill_(max(LAYERS, math.floor(b * A)))
+            p.token_budget.fill_(absolute_budget(b, LAYERS, shape.K))
             if b < 1.0:
                 routed = [p.routing(layer) for layer in range(LAYERS)]
                 us, out = graph_time_us(functools.partial(kernel_pruned, p, layers, routed), replays)
@@ -362,6 +369,33 @@ def bench_shape(
     return rows
 
 
+def add_vllm_ref_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vllm-ref",
+        type=Path,
+        metavar="PATH",
+        help="a copy of vLLM 0.32's fused_moe.py and configs/ (benchmarks/copy_vllm_ref.py): adds vLLM rows",
+    )
+
+
+def vllm_note(path: Path | None, rows: str) -> str:
+    """The header's sentence on the vLLM yardstick (the rows named `rows`): what × vLLM is over, or why
+    there is none."""
+    if path:
+        return f" × vLLM = over `{rows}` (vLLM 0.32's kernel from {path}, same T)."
+    return (
+        f" No `{rows}` rows and no × vLLM (—): run with `--vllm-ref PATH`, a copy made by "
+        "`benchmarks/copy_vllm_ref.py`."
+    )
+
+
+def write_table(out: Path | None, header: list[str], rows: list[str]) -> None:
+    """The markdown table (header, then rows) to out, where one was asked for."""
+    if out:
+        out.write_text("\n".join([*header, *rows]) + "\n")
+        print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -376,12 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.5])
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
-    parser.add_argument(
-        "--vllm-ref",
-        type=Path,
-        metavar="PATH",
-        help="a copy of vLLM 0.32's fused_moe.py and configs/ (benchmarks/copy_vllm_ref.py): adds vLLM rows",
-    )
+    add_vllm_ref_argument(parser)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_graph.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
@@ -399,12 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             if conditional_nodes_available()
             else " No `conditional` rows: this torch lacks CUDA-graph conditional nodes."
         )
-        + (
-            f" × vLLM = over `vLLM stock` (vLLM 0.32's kernel from {args.vllm_ref}, same T)."
-            if ref
-            else " No `vLLM stock` rows and no × vLLM (—): run with `--vllm-ref PATH`, a copy made by "
-            "`benchmarks/copy_vllm_ref.py`."
-        ),
+        + vllm_note(args.vllm_ref, "vLLM stock"),
         "",
         "| model | T | graph | µs / layer | × | × vLLM |",
         "|---|---|---|---|---|---|",
@@ -414,9 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.models:
         rows += bench_shape(MODELS[key], args.T, args.budgets, args.replays, ref)
         torch.cuda.empty_cache()
-    if args.out:
-        args.out.write_text("\n".join([*header, *rows]) + "\n")
-        print(f"wrote {args.out}")
+    write_table(args.out, header, rows)
     return 0
 
 
