@@ -568,18 +568,29 @@ def test_profile_gives_the_scaled_layer_more_experts(profiled: dict) -> None:
         ks = by_name[name].allocation
         assert ks[0] >= max(ks[1:]), (name, ks)
     assert a.k[0] >= max(a.k[1:])
-    for alloc in bf.allocations:  # the guard held everywhere
+    for alloc in bf.allocations:  # the guard held everywhere: a shipped challenger was confirmed
         chosen = next((c for c in alloc.candidates if c.name == alloc.chosen), None)
-        if chosen is not None and chosen.name != "uniform":
-            assert chosen.passes() and chosen.measured < alloc.candidates[0].measured
-    assert bf.guard is not None and bf.guard.sequences == N_SEQ // 2 and bf.guard.resolution > 0
+        if chosen is not None and chosen.name not in ("uniform", "uniform (no Alloc-T)"):
+            assert chosen.confirmed() and all(t.high < 0 for t in chosen.confirmation if not t.same)
+    g = bf.guard
+    assert g is not None and g.sequences == N_SEQ // 2 and g.resolution > 0
+    assert g.selection_sequences == N_SEQ // 4 and g.comparisons is not None and g.comparisons > 10
+    assert g.confirmation_confidence == pytest.approx(1 - 0.05 / g.comparisons)
+    # 8 confirmation sequences cannot resolve 0.2 %: said on stderr, in the file and by `show`.
+    assert not g.resolved and g.tokens_to_resolve is not None and g.tokens_to_resolve > N_SEQ * SEQ_LEN
+    assert "WARNING: the 8 confirmation sequences resolve" in profiled["stderr"]
+    assert f"about {g.tokens_to_resolve} calibration tokens would resolve it" in profiled["stderr"]
+    assert "WARNING: the confirmation resolves" in bf.notes
     assert "chosen" in profiled["stdout"] and "operating-point" in profiled["stdout"]  # the summary table
     # The cap was chosen at the requested B only, from its tests (N = 2 first; N = 4 where 2 passed).
     assert bf.guard.cap_streams == [2, 4] and bf.guard.cap_keep == 0.5
     assert "choosing the distinct-expert caps" in profiled["stderr"]
-    tests = [(t.share, t.streams) for t in a.cap_tests]
+    tests = [(t.share, t.streams) for t in a.cap_tests if t.split == "selection"]
     assert tests in ([(0.5, 2)], [(0.5, 2), (0.5, 4)]), tests
-    assert (a.cap is not None) == (all(t.passes(0.5) for t in a.cap_tests) and len(tests) == 2)
+    chose = all(t.passes(0.5) for t in a.cap_tests if t.split == "selection") and len(tests) == 2
+    confirmation = [t for t in a.cap_tests if t.split == "confirmation"]
+    assert [(t.share, t.streams) for t in confirmation] == ([(0.5, 2), (0.5, 4)] if chose else [])
+    assert (a.cap is not None) == (chose and all(t.passes(0.5) for t in confirmation))
     assert all(not x.cap_tests and x.cap is None for x in bf.allocations if x is not a)
 
 
@@ -590,11 +601,12 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
     # Start the engine with the written budget file: the integration validates it against the model. (Its
     # engine core runs in a process of its own: in-process, the worker would share this test process,
     # where vLLM's worker start-up trips over numba modules other tests loaded.)
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
-    from vllm_alloc.profiler.calibration import load_calibration
+    from vllm_alloc.profiler.calibration import load_calibration, nll_sum
     from vllm_alloc.profiler.engine import fingerprint, read_moe_config, shutdown_llm
-    from vllm_alloc.profiler.evaluator import VllmEvaluator
+    from vllm_alloc.profiler.evaluator import VllmEvaluator, request_budget
 
     llm = LLM(
         model=str(profiled["model"]),
@@ -640,6 +652,20 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
             nll = evaluate.validate(chosen.k, alloc_t, regime)
             assert len(nll) == len(calib.heldout)
             assert math.exp(sum(nll) / len(nll)) == pytest.approx(recorded, rel=1e-4), regime
+        # Served as a lone stream, the file's configuration at b = 0.5 (its vector, Alloc-T, θ, pool and
+        # cap as loaded: nothing set by RPC) gives the decode figure the profiler recorded for the
+        # candidate that ships: one request at a time, a token per pass, under the file's scope.
+        llm.collective_rpc("vllm_alloc_reset_allocation")
+        llm.collective_rpc("vllm_alloc_set_scope", args=(bf.scope,))
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": request_budget(bf, 8)}
+        )
+        served = []
+        with decode_order(llm):
+            for ids in calib.heldout:
+                out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+                served.append(nll_sum(out.prompt_logprobs, ids) / (len(ids) - 1))
+        assert math.exp(float(np.mean(served))) == pytest.approx(by_name[chosen.chosen].decode, rel=1e-4)
     finally:
         llm.collective_rpc("vllm_alloc_reset_allocation")
         shutdown_llm(llm)
