@@ -1,8 +1,9 @@
 """Tune the launch configs of vllm_alloc.kernels.fused_moe for one layer shape on this GPU (GPU only).
 
-For each T bucket it sweeps BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages, checks every candidate
-against `vllm_alloc.routing.reference.moe_forward` first (a wrong or failing config is dropped, never timed),
-times the survivors with CUDA events (median) and writes the fastest per bucket to
+For each T bucket it sweeps BLOCK_M / BLOCK_N / BLOCK_K / num_warps / num_stages, with the untuned default
+(`default_config`: vLLM 0.32's default tiles) among them, checks every candidate against
+`vllm_alloc.routing.reference.moe_forward` first (a wrong or failing config is dropped, never timed), times
+the survivors with CUDA events (median) and writes the fastest per bucket to
 `kernels/configs/E=..,H=..,I=..,dtype=..,device=...json`, the table `pick_config` reads at run time.
 Serving never runs this: it only reads the tables.
 
@@ -54,7 +55,10 @@ def tune_bucket(
     x = torch.randn(T, shape.H, device="cuda", dtype=w13.dtype)
     ids, weights = make_routing(T, shape, args.budget, "ceil")
     best: tuple[dict[str, int], float] | None = None
-    for cfg in candidates(T, shape, args.quick):
+    # The untuned default always competes, so a written bucket is never slower than running without one.
+    default = config_mod.device_default(T, w13.dtype, w13.device)
+    sweep = candidates(T, shape, args.quick)
+    for cfg in [default, *(c for c in sweep if c != default)]:
         run = functools.partial(fused_moe, x, w13, w2, ids, weights, config=cfg)
         try:
             error = check(run(), x, w13, w2, ids, weights)
@@ -64,6 +68,8 @@ def tune_bucket(
             print(f"  T={T} {cfg}: dropped ({error})", file=sys.stderr)
             continue
         ms = time_cuda(run, args.warmup, args.iters)
+        if cfg is default:
+            print(f"  T={T} default {cfg}: {ms * 1e3:.1f} µs", file=sys.stderr)
         if best is None or ms < best[1]:
             best = (cfg, ms)
     if best is None:

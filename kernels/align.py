@@ -12,6 +12,9 @@ Why this shape of algorithm:
 - Pruned pairs (id −1) are dropped here, before any GEMM: they occupy no slot, no block, and no expert
   whose every pair was pruned gets a block, so its weights are never read.
 - Deterministic: within an expert, pairs appear in increasing p (token order), with no atomics.
+- The used blocks are a prefix of the max_blocks (`num_blocks` of them). The grouped GEMMs map their
+  1-D grid onto (block, N-tile) with the N-tile fastest (`block_tile`), so the programs that do work
+  are a prefix of the grid too: dispatched first and spread evenly over the SMs, as vLLM's grid is.
 
 Three launches over the pairs cut into chunks of CHUNK (NC = ceil(T·K / CHUNK) chunks; CHUNK = 128 for
 E ≤ 64, smaller for larger E, see TILE):
@@ -39,6 +42,14 @@ TILE = 8192
 SCAN_TILE = 4096
 # Sentinel slots written per iteration of the scan program's fill loop.
 FILL = 1024
+
+
+@triton.jit
+def block_tile(pid, N, BLOCK_N: tl.constexpr):
+    """(aligned block, N-tile) of program pid of a grouped GEMM's grid (max_blocks·cdiv(N, BLOCK_N),):
+    a block's N-tiles are consecutive programs, so the used blocks' programs are the grid's prefix."""
+    tiles = tl.cdiv(N, BLOCK_N)
+    return pid // tiles, pid % tiles
 
 
 @triton.jit

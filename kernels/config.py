@@ -4,7 +4,7 @@ Serving never autotunes (STYLE.md rule 8). `benchmarks/tune_kernel.py` writes on
 and device into `kernels/configs/`, named by `table_name(E, H, I, dtype, device)`; its content maps a T
 bucket ("1", "16", "256", ...) to a config, and non-numeric keys (e.g. "meta") are ignored. `pick_config`
 takes, in order: the config pinned by `VLLM_ALLOC_KERNEL_CONFIG` (JSON, for debugging), the nearest T
-bucket of the matching table, or `default_config(T, K, E)`.
+bucket of the matching table, or `device_default`: `default_config(T)` fitted to the device's shared memory.
 
 One config holds BLOCK_M (pairs per block: the alignment pads each expert's pairs to it), BLOCK_N,
 BLOCK_K (GEMM tile), num_warps and num_stages; both grouped GEMMs use it, because both walk the same
@@ -27,16 +27,67 @@ KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 KernelConfig = dict[str, int]
 
 
-def default_config(T: int, K: int, E: int) -> KernelConfig:
-    """The untuned default: vLLM's own untuned fused-MoE default, so b = 1.0 compares like with like.
+def default_config(T: int) -> KernelConfig:
+    """The untuned default: vLLM 0.32's own default for unquantized weights (`get_default_config`, its
+    general branch, at M = T tokens), so that b = 1.0 against vLLM's stock kernel compares like with like
+    (the same numbers as a table: kernels/configs/README.md). `pick_config` fits its pipeline to the
+    device (`fit_shared_memory`).
 
-    While T ≤ E an expert averages at most K pairs (decode): BLOCK_M = 16 (the smallest tile tl.dot takes)
-    wastes the least padding and BLOCK_N = 32 spreads each expert's weights over more programs (the step
-    is weight-bandwidth bound). Past that, 64×64×32 tiles reuse each weight tile across more pairs.
+    Small T is weight-bandwidth bound: a 16-row tile wastes the least padding, and tall K tiles in a deep
+    pipeline keep more weight bytes in flight per program (the older 16×32×64, 3-stage default held about
+    8 KB of weights per stage, which the research notes' estimate blames for b = 0.5 streaming slower than
+    b = 1.0 at T = 1: gpu-perf-notes §3.1–3.2). Large T trades that for wider output tiles. vLLM's
+    GROUP_SIZE_M (16 only past 128 tokens per expert) has no counterpart here: the grid runs one block's
+    N-tiles back to back (`align.block_tile`), which is vLLM's order at GROUP_SIZE_M = 1.
     """
-    if T <= E:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    return {
+        "BLOCK_M": 16 if T <= 32 else 32 if T <= 96 else 64 if T <= 512 else 128,
+        "BLOCK_N": 64 if T <= 64 else 128,
+        "BLOCK_K": 128 if T <= 64 else 64,
+        "num_warps": 4 if T <= 128 else 8,
+        "num_stages": 4 if T <= 32 else 3,
+    }
+
+
+def stage_bytes(config: KernelConfig, dtype: torch.dtype) -> int:
+    """Shared memory one pipeline stage of the gate/up kernel holds (the larger of the two GEMMs): the
+    [BLOCK_M, BLOCK_K] tile of x and two [BLOCK_K, BLOCK_N] weight tiles, gate and up (vLLM's kernel one)."""
+    return (config["BLOCK_M"] + 2 * config["BLOCK_N"]) * config["BLOCK_K"] * dtype.itemsize
+
+
+def fit_shared_memory(config: KernelConfig, dtype: torch.dtype, limit: int | None) -> KernelConfig:
+    """`config` with num_stages cut to what `limit` bytes of shared memory per program hold (None: as is).
+
+    Why: with two weight tiles per stage, vLLM's tiles need about twice the shared memory here that they
+    need in vLLM's kernel. Compiled for an H100 (sm_90, Triton 3.9), the bf16 decode default takes 108 KB
+    (3 buffered stages of 36 KB): within an H100's 227 KB and an A100's 163 KB, over the 99 KB of sm_86 and
+    sm_89 GPUs; float32 at the same tiles takes 216 KB. Every stage is counted as a buffer: what Triton
+    allocates where it uses Hopper's wgmma (BLOCK_M ≥ 64), one more than it allocates elsewhere
+    (tests/kernels/test_expert_kernel_aot.py holds the count against the compiler's).
+    """
+    if limit is None:
+        return config
+    return {**config, "num_stages": max(1, min(config["num_stages"], limit // stage_bytes(config, dtype)))}
+
+
+@functools.cache
+def _shared_memory_limit(index: int) -> int | None:
+    props = torch.cuda.get_device_properties(index)
+    # What a program may opt into (what Triton checks a launch against); older torch lacks the field.
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    return int(limit) if limit else None
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on `device`; None off CUDA (the interpreter has none)."""
+    if device.type != "cuda":
+        return None
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_default(T: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """`default_config(T)` with its pipeline fitted to `device`'s shared memory: what runs without a table."""
+    return fit_shared_memory(default_config(T), dtype, shared_memory_limit(device))
 
 
 def validate_config(config: dict[str, Any], source: str) -> KernelConfig:
@@ -99,7 +150,9 @@ def _pinned(raw: str) -> KernelConfig:
 def pick_config(
     T: int, K: int, E: int, H: int, I: int, dtype: torch.dtype, device: torch.device
 ) -> KernelConfig:
-    """The launch config for one call: env pin, else the nearest T bucket of a tuned table, else default."""
+    """The launch config for one call: env pin, else the nearest T bucket of a tuned table, else the default
+    fitted to the device's shared memory (a table is tuned on its device, a pin is the user's word). K does
+    not enter the default (vLLM's ignores top-k as well)."""
     raw = envs.VLLM_ALLOC_KERNEL_CONFIG
     if raw:
         return dict(_pinned(raw))
@@ -107,4 +160,4 @@ def pick_config(
     if table:
         # Nearest bucket by |T − bucket|, ties to the smaller bucket (smaller BLOCK_M pads less).
         return dict(table[min(table, key=lambda bucket: (abs(bucket - T), bucket))])
-    return default_config(T, K, E)
+    return device_default(T, dtype, device)

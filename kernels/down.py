@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import AlignedPairs
+from .align import AlignedPairs, block_tile
 
 
 @triton.jit
@@ -36,11 +36,11 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (max_blocks, cdiv(H, BLOCK_N)); program (m, n) owns the BLOCK_M pairs of aligned block m and
-    hidden columns [n·BLOCK_N, (n+1)·BLOCK_N). An unused block (expert −1) returns before any other load.
+    """Grid (max_blocks·cdiv(H, BLOCK_N),); program (m, n) = `block_tile(pid)` owns the BLOCK_M pairs of
+    aligned block m and hidden columns [n·BLOCK_N, (n+1)·BLOCK_N); the used blocks' programs come first.
+    An unused block (expert −1) returns before any other load.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = block_tile(tl.program_id(0), H, BLOCK_N)
     e = tl.load(block_expert_ids_ptr + pid_m)
     if e == -1:
         return
@@ -93,7 +93,7 @@ def grouped_down(
         raise ValueError(
             f"out must be a row-major [T*K, H] = {(num_pairs, H)} tensor; got {tuple(out.shape)}"
         )
-    grid = (aligned.block_expert_ids.shape[0], triton.cdiv(H, config["BLOCK_N"]))
+    grid = (aligned.block_expert_ids.shape[0] * triton.cdiv(H, config["BLOCK_N"]),)
     _down_kernel[grid](
         inter,
         w2,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import AlignedPairs
+from .align import AlignedPairs, block_tile
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -53,13 +53,12 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (max_blocks, cdiv(I, BLOCK_N)); program (m, n) owns the BLOCK_M pairs of aligned block m and
-    intermediate columns [n·BLOCK_N, (n+1)·BLOCK_N). Block m fastest, so the programs that reuse one
-    expert's weight tile run next to each other (L2). An unused block (expert −1) returns before any load
-    of x or weights: pruned pairs and experts nobody kept cost one int32 load per program, nothing else.
+    """Grid (max_blocks·cdiv(I, BLOCK_N),); program (m, n) = `block_tile(pid)` owns the BLOCK_M pairs of
+    aligned block m and intermediate columns [n·BLOCK_N, (n+1)·BLOCK_N). The N-tile runs fastest, so the
+    used blocks' programs come first (align.py). An unused block (expert −1) returns before any load of x
+    or weights: pruned pairs and experts nobody kept cost one int32 load per program, nothing else.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = block_tile(tl.program_id(0), I, BLOCK_N)
     e = tl.load(block_expert_ids_ptr + pid_m)
     if e == -1:
         return
@@ -116,7 +115,7 @@ def grouped_gate_up(
         out = torch.empty((T * K, I), dtype=x.dtype, device=x.device)
     if tuple(out.shape) != (T * K, I) or out.stride(1) != 1:
         raise ValueError(f"out must be a row-major [T*K, I] = {(T * K, I)} tensor; got {tuple(out.shape)}")
-    grid = (aligned.block_expert_ids.shape[0], triton.cdiv(I, config["BLOCK_N"]))
+    grid = (aligned.block_expert_ids.shape[0] * triton.cdiv(I, config["BLOCK_N"]),)
     _gate_up_kernel[grid](
         x,
         w13,

@@ -50,6 +50,15 @@ def check_inputs(
         raise ValueError(f"all inputs must be on one device; got {sorted(map(str, devices))}")
 
 
+def check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    """`out` can take y: x's shape, dtype and device, rows contiguous (the combine's store)."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(
+            f"out must be a row-major {tuple(x.shape)} {x.dtype} tensor on {x.device} (x's); got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}"
+        )
+
+
 def fused_moe_eager(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -60,14 +69,19 @@ def fused_moe_eager(
     activation: str = "silu",
     config: dict[str, Any] | None = None,
     aligned: AlignedPairs | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [T, H] (dtype of x) = Σ over kept pairs of w · down(act(gate) · up); see module docstring.
 
     config: a launch config (kernels/config.py KEYS); None picks env pin → tuned table → default.
     aligned: `align_pairs(topk_ids, E, BLOCK_M)` computed already (the fused routing kernel emits it), so
     the three alignment launches are skipped; its block_m must be the config's BLOCK_M.
+    out: a row-major [T, H] tensor of x's dtype and device that the combine writes y into (and returns),
+    e.g. the layer's output, which saves copying y there; None: a new tensor.
     """
     check_inputs(x, w13, w2, topk_ids, topk_weights)
+    if out is not None:
+        check_out(out, x)
     if activation not in ACTIVATION_CODES:
         raise ValueError(
             f"activation={activation!r} is not supported; expected one of {list(ACTIVATION_CODES)}"
@@ -76,7 +90,7 @@ def fused_moe_eager(
     K = topk_ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
     if T == 0 or K == 0:
-        return torch.zeros((T, H), dtype=x.dtype, device=x.device)
+        return out.zero_() if out is not None else torch.zeros((T, H), dtype=x.dtype, device=x.device)
     cfg = (
         validate_config(config, "fused_moe(config=...)")
         if config is not None
@@ -90,4 +104,4 @@ def fused_moe_eager(
         )
     inter = grouped_gate_up(x, w13, aligned, K, activation=activation, config=cfg)
     pair_out = grouped_down(inter, w2, topk_weights, aligned, config=cfg)
-    return combine_pairs(pair_out, topk_ids, E)
+    return combine_pairs(pair_out, topk_ids, E, out=out)

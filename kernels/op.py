@@ -2,6 +2,8 @@
 
 torch.compile and CUDA-graph capture then see one opaque op with a static output shape [T, H]; the launch
 config is picked inside, on concrete shapes, so a symbolic T never reaches the config tables.
+`vllm_alloc::fused_moe_out` is the same computation written into a given [T, H] tensor
+(`fused_moe(out=...)`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,31 @@ import torch
 
 from .align import AlignedPairs
 from .config import KEYS
-from .moe import fused_moe_eager
+from .moe import check_out, fused_moe_eager
 from .routing import budget_routing
+
+
+def _eager(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    activation: str,
+    config: list[int] | None,
+    aligned: list[torch.Tensor],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Both ops' body: the packed arguments back into `fused_moe_eager`'s."""
+    cfg = dict(zip(KEYS, config, strict=True)) if config is not None else None
+    pairs = None
+    if aligned:
+        sorted_pair_ids, block_expert_ids, num_blocks, expert_counts = aligned
+        block_m = sorted_pair_ids.numel() // max(block_expert_ids.numel(), 1)
+        pairs = AlignedPairs(sorted_pair_ids, block_expert_ids, num_blocks, expert_counts, block_m)
+    return fused_moe_eager(
+        x, w13, w2, topk_ids, topk_weights, activation=activation, config=cfg, aligned=pairs, out=out
+    )
 
 
 @torch.library.custom_op("vllm_alloc::fused_moe", mutates_args=())
@@ -27,15 +52,24 @@ def _fused_moe_op(
     config: list[int] | None,
     aligned: list[torch.Tensor],  # empty: align here; else AlignedPairs' four tensors
 ) -> torch.Tensor:
-    cfg = dict(zip(KEYS, config, strict=True)) if config is not None else None
-    pairs = None
-    if aligned:
-        sorted_pair_ids, block_expert_ids, num_blocks, expert_counts = aligned
-        block_m = sorted_pair_ids.numel() // max(block_expert_ids.numel(), 1)
-        pairs = AlignedPairs(sorted_pair_ids, block_expert_ids, num_blocks, expert_counts, block_m)
-    return fused_moe_eager(
-        x, w13, w2, topk_ids, topk_weights, activation=activation, config=cfg, aligned=pairs
-    )
+    return _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, None)
+
+
+# A custom op may not return an alias of its input, so writing y into a given tensor is its own op, which
+# mutates `out` and returns nothing.
+@torch.library.custom_op("vllm_alloc::fused_moe_out", mutates_args=("out",))
+def _fused_moe_out_op(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    activation: str,
+    config: list[int] | None,
+    aligned: list[torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, out)
 
 
 @_fused_moe_op.register_fake
@@ -52,6 +86,12 @@ def _(
     return x.new_empty(x.shape)
 
 
+@_fused_moe_out_op.register_fake
+def _(*args: object) -> None:
+    """Nothing to make: the op only writes its `out` argument (the schema above names the arguments)."""
+    return None
+
+
 def fused_moe(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -62,6 +102,7 @@ def fused_moe(
     activation: str = "silu",
     config: dict[str, Any] | None = None,
     aligned: AlignedPairs | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Budget-aware fused MoE: y [T, H] (dtype of x) = Σ_{k: topk_ids[t,k] ≠ −1} w[t,k] · expert(x[t]).
 
@@ -70,13 +111,19 @@ def fused_moe(
     activation: "silu", "gelu" or "gelu_tanh". config: pin a launch config {BLOCK_M, BLOCK_N, BLOCK_K,
     num_warps, num_stages}; None → VLLM_ALLOC_KERNEL_CONFIG, else the tuned table, else the default.
     aligned: the kept pairs already aligned for this config's BLOCK_M (`budget_routing(block_m=...)`),
-    which skips the alignment's three launches.
+    which skips the alignment's three launches. out: a row-major [T, H] tensor of x's dtype to write y
+    into (the `vllm_alloc::fused_moe_out` op), returned; it saves copying y into the layer's output.
     """
     packed = None if config is None else [int(config[key]) for key in KEYS if key in config]
     if config is not None and (packed is None or len(packed) != len(KEYS) or set(config) - set(KEYS)):
         raise ValueError(f"config {config} must have exactly the keys {list(KEYS)}")
     tensors = [] if aligned is None else list(aligned[:4])
-    return torch.ops.vllm_alloc.fused_moe(x, w13, w2, topk_ids, topk_weights, activation, packed, tensors)
+    args = (x, w13, w2, topk_ids, topk_weights, activation, packed, tensors)
+    if out is None:
+        return torch.ops.vllm_alloc.fused_moe(*args)
+    check_out(out, x)  # here too, so the fake op (which checks nothing) fails the same way
+    torch.ops.vllm_alloc.fused_moe_out(*args, out)
+    return out
 
 
 @torch.library.custom_op(

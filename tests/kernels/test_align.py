@@ -6,11 +6,23 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm_alloc.kernels import align_pairs
+from vllm_alloc.kernels.align import block_tile
 
 from tests.kernels.moe_cases import DEVICE, routing
+
+
+@triton.jit
+def _block_tile_probe(m_ptr, n_ptr, N, BLOCK_N: tl.constexpr):
+    """Grid as the grouped GEMMs' (max_blocks·cdiv(N, BLOCK_N),): writes each program's (block, N-tile)."""
+    pid = tl.program_id(0)
+    m, n = block_tile(pid, N, BLOCK_N)
+    tl.store(m_ptr + pid, m)
+    tl.store(n_ptr + pid, n)
 
 
 def check_alignment(ids: torch.Tensor, E: int, block_m: int) -> None:
@@ -113,3 +125,29 @@ def test_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         align_pairs(args["topk_ids"], args["E"], args["block_m"])
+
+
+@pytest.mark.parametrize(
+    "T, K, E, pattern, seed, N, block_n",
+    [
+        (1, 6, 64, "budget", 2, 1408, 64),  # decode at b = 0.33: 2 of 6 blocks used, 22 N-tiles each
+        (9, 3, 7, "random", 0, 40, 16),  # N not a multiple of BLOCK_N: the last tile is partial
+        (8, 4, 8, "all", 0, 64, 32),  # nothing kept: every program exits
+    ],
+)
+def test_grid_runs_used_blocks_first(T, K, E, pattern, seed, N, block_n):
+    """`block_tile` (the grouped GEMMs' program → (block, N-tile)) covers every pair once, a block's
+    N-tiles are consecutive programs, and so the programs of used blocks are the grid's prefix."""
+    ids, _ = routing(T, K, E, pattern, seed)
+    a = align_pairs(ids.to(DEVICE), E, 16)
+    tiles = triton.cdiv(N, block_n)
+    grid = a.block_expert_ids.numel() * tiles
+    m = torch.full((grid,), -1, dtype=torch.int32, device=DEVICE)
+    n = torch.full((grid,), -1, dtype=torch.int32, device=DEVICE)
+    _block_tile_probe[(grid,)](m, n, N, BLOCK_N=block_n)
+    m, n = m.cpu().long(), n.cpu().long()
+    assert sorted((m * tiles + n).tolist()) == list(range(grid))  # every (block, tile) exactly once
+    assert (n == torch.arange(grid) % tiles).all()  # the N-tile runs fastest
+    works = a.block_expert_ids.cpu()[m] != -1
+    used = int(a.num_blocks.item()) * tiles
+    assert works[:used].all() and not works[used:].any()

@@ -11,6 +11,7 @@ and padding count; and both must equal the fp32 oracle within the dtype's tolera
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -94,10 +95,18 @@ def routing(inputs: Inputs, used: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     )
 
 
-def budget_layer(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The device-side budget path of one MoE layer: routing from the buffers, then the expert kernel."""
+def budget_layer(
+    inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The device-side budget path of one MoE layer: routing from the buffers, then the expert kernel
+    (writing into `out` where given, as into the stock body's output under conditional nodes)."""
     weights, ids = routing(inputs, inputs["used"])
-    return fused_moe(inputs["x"], w13, w2, ids, weights, config=SMALL_CONFIG)
+    return fused_moe(inputs["x"], w13, w2, ids, weights, config=SMALL_CONFIG, out=out)
+
+
+def budget_layer_into(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`budget_layer` writing into a tensor made in the region (the mutating `fused_moe_out` op)."""
+    return budget_layer(inputs, w13, w2, out=torch.full_like(inputs["x"], float("nan")))
 
 
 class NoHostReads(TorchDispatchMode):
@@ -167,10 +176,11 @@ def check_replays(replay: Callable[[Inputs], torch.Tensor], dtype: torch.dtype, 
             assert weights.dtype == inputs["weights"].dtype and ids.dtype == inputs["ids"].dtype
 
 
+@pytest.mark.parametrize("body", [budget_layer, budget_layer_into], ids=["new_y", "into_out"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_traced_budget_path_replays_eager_results(dtype):
+def test_traced_budget_path_replays_eager_results(dtype, body):
     w13, w2 = expert_weights(dtype)
-    replay = traced(budget_layer, pass_contents(0, T_PAD, dtype), w13, w2)
+    replay = traced(body, pass_contents(0, T_PAD, dtype), w13, w2)
     check_replays(replay, dtype, w13, w2)
 
 
@@ -258,10 +268,12 @@ def stock_twin(inputs: Inputs, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     not conditional_nodes_available(),
     reason=f"torch {torch.__version__} lacks CUDA-graph conditional nodes (vLLM 0.32's torch 2.13 has them)",
 )
+@pytest.mark.parametrize("into_stock", [False, True], ids=["copy", "into_stock"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
+def test_cuda_graph_conditional_runs_stock_or_budget(dtype, into_stock):
     """One graph, two bodies (device_budget.stock_or_budget): a replay with the flag set runs the stock
-    call on the stock routing and counts nothing; with it clear, the budget path and its counts."""
+    call on the stock routing and counts nothing; with it clear, the budget path and its counts (written
+    straight into the stock body's output with into_stock, as `integration.cuda` does)."""
     from vllm_alloc.routing.device_budget import stock_or_budget
 
     w13, w2 = expert_weights(dtype)
@@ -273,7 +285,11 @@ def test_cuda_graph_conditional_runs_stock_or_budget(dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = stock_or_budget(
-            flag, lambda: stock_twin(static, w13, w2), lambda: budget_layer(static, w13, w2), graph
+            flag,
+            lambda: stock_twin(static, w13, w2),
+            functools.partial(budget_layer, static, w13, w2),  # given the stock output with into_stock
+            graph,
+            into_stock=into_stock,
         )
     with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
         stock_or_budget(flag, lambda: static["x"], lambda: static["x"])

@@ -51,9 +51,20 @@ def test_activations(activation):
     _check(y, p, activation)
 
 
-def test_default_config_and_int64_ids():
-    # config=None: the env pin / tuned table / default path (default tiles are 16×32×64 at T ≤ E).
-    p = make_problem(5, 3, 8, 64, 48, "random", torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "T",
+    [
+        5,  # decode row of the default: 16×64×128, 4 stages; BLOCK_K > H = 64, one masked K step
+        40,  # BLOCK_M 32: the padding per expert doubles
+        100,  # BLOCK_M 64, BLOCK_N 128 > I: one masked N tile
+        600,  # BLOCK_M 128, 8 warps: experts hold several blocks
+    ],
+)
+def test_default_config_and_int64_ids(T, dtype, monkeypatch):
+    # config=None and no pin: the default (no table matches these shapes), one case per row of it.
+    monkeypatch.delenv("VLLM_ALLOC_KERNEL_CONFIG", raising=False)
+    p = make_problem(T, 3, 8, 64, 48, "random", dtype)
     y = fused_moe(p["x"], p["w13"], p["w2"], p["topk_ids"].long(), p["topk_weights"])
     _check(y, p)
 
@@ -82,10 +93,38 @@ def test_pieces_never_touch_pruned_rows(dtype):
 @pytest.mark.skipif(not ON_CUDA, reason="default-config timings shapes only matter on CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_default_config_larger_shapes_cuda(dtype):
-    # Shapes where the tuned/default tiles (BLOCK_M 64, BLOCK_K 32) are what runs in serving.
+    # Shapes where the tuned/default tiles (T = 300: BLOCK_M 64, BLOCK_N 128, 8 warps) run in serving.
     p = make_problem(300, 8, 64, 256, 192, "budget", dtype)
     y = fused_moe(p["x"], p["w13"], p["w2"], p["topk_ids"], p["topk_weights"])
     _check(y, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, K, E, H, I, pattern", [SHAPES[2], SHAPES[6], SHAPES[7]])
+def test_out_is_written_in_place(T, K, E, H, I, pattern, dtype):
+    """fused_moe(out=...) writes y into out (the layer's output, no copy) and returns it: every row,
+    all-pruned tokens included, the same bits as a new y."""
+    p = make_problem(T, K, E, H, I, pattern, dtype)
+    args = (p["x"], p["w13"], p["w2"], p["topk_ids"], p["topk_weights"])
+    out = torch.full_like(p["x"], float("nan"))
+    y = fused_moe(*args, config=SMALL_CONFIG, out=out)
+    assert y is out
+    assert torch.equal(out, fused_moe(*args, config=SMALL_CONFIG))
+    _check(out, p)
+
+
+def test_out_is_checked():
+    p = make_problem(3, 2, 4, 32, 32, "none", torch.float32)
+    args = (p["x"], p["w13"], p["w2"], p["topk_ids"], p["topk_weights"])
+    for bad in (torch.empty(3, 16), torch.empty(3, 32, dtype=torch.float16), torch.empty(32, 3).t()):
+        with pytest.raises(ValueError, match=r"out must be a row-major \(3, 32\) torch.float32 tensor"):
+            fused_moe(*args, config=SMALL_CONFIG, out=bad.to(DEVICE))
+    # K = 0 (nothing routed): out is zeroed, not left as it was.
+    out = torch.full((3, 32), float("nan"), device=DEVICE)
+    assert (
+        fused_moe(p["x"], p["w13"], p["w2"], p["topk_ids"][:, :0], p["topk_weights"][:, :0], out=out) is out
+    )
+    assert (out == 0).all()
 
 
 def test_empty_batch():

@@ -9,8 +9,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from vllm_alloc.kernels import config as config_mod
 from vllm_alloc.kernels import default_config, fused_moe, pick_config
+from vllm_alloc.kernels.config import device_default, fit_shared_memory, stage_bytes
 
 from tests.kernels.moe_cases import DEVICE, SMALL_CONFIG, make_problem
+
+H100, SM89 = 227 * 1024, 99 * 1024  # shared memory a program may opt into (bytes)
 
 
 def _args(p: dict[str, torch.Tensor]) -> tuple:
@@ -24,12 +27,25 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vllm_alloc.fused_moe.default, (*_args(p), "silu", packed, []))
 
 
+def test_opcheck_out():
+    """The same for `vllm_alloc::fused_moe_out`, which writes y into its `out` argument."""
+    p = make_problem(5, 2, 4, 32, 32, "random", torch.float16)
+    packed = [SMALL_CONFIG[k] for k in config_mod.KEYS]
+    out = torch.empty_like(p["x"])
+    torch.library.opcheck(torch.ops.vllm_alloc.fused_moe_out.default, (*_args(p), "silu", packed, [], out))
+
+
 def test_fake_impl_shapes():
     p = make_problem(7, 3, 5, 32, 24, "random", torch.float16)
+    outs = (torch.empty_like(p["x"]), torch.empty(7, 32, dtype=torch.float32, device=DEVICE))
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in _args(p)]
         y = fused_moe(*fake)
         assert y.shape == (7, 32) and y.dtype == torch.float16 and y.device == p["x"].device
+        out, wrong = (mode.from_tensor(t) for t in outs)
+        assert fused_moe(*fake, out=out) is out
+        with pytest.raises(ValueError, match=r"out must be a row-major \(7, 32\) torch.float16"):
+            fused_moe(*fake, out=wrong)
 
 
 def test_compiled_graph_keeps_op_opaque():
@@ -43,9 +59,39 @@ def test_default_config_when_no_table(monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_ALLOC_KERNEL_CONFIG", raising=False)
     monkeypatch.setattr(config_mod, "CONFIG_DIR", tmp_path)
     got = pick_config(4, 8, 64, 2048, 1408, torch.bfloat16, DEVICE)
-    assert got == default_config(4, 8, 64)
-    assert got["BLOCK_M"] == 16  # decode: T ≤ E
-    assert pick_config(4096, 8, 64, 2048, 1408, torch.bfloat16, DEVICE)["BLOCK_M"] == 64
+    assert got == device_default(4, torch.bfloat16, DEVICE)
+    # Decode (T ≤ 32): vLLM 0.32's default, tall K tiles in a 4-stage pipeline (36 KB a stage in bf16:
+    # all 4 fit every GPU the kernels serve on, H100 and H200 at 227 KB, A100 at 163 KB).
+    assert default_config(4) == {
+        "BLOCK_M": 16,
+        "BLOCK_N": 64,
+        "BLOCK_K": 128,
+        "num_warps": 4,
+        "num_stages": 4,
+    }
+    big = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    assert default_config(4096) == big
+    if DEVICE.type == "cpu":  # the interpreter has no shared-memory limit: the default as it is
+        assert got == default_config(4)
+        assert pick_config(4096, 8, 64, 2048, 1408, torch.float32, DEVICE) == big
+
+
+@pytest.mark.parametrize(
+    "T, dtype, limit, stages",
+    [
+        (4, torch.bfloat16, H100, 4),  # 4 × 36 KB: the whole pipeline fits
+        (4, torch.float32, H100, 3),  # 4 × 72 KB > 227 KB: one stage less
+        (40, torch.float32, H100, 2),  # 3 × 80 KB > 227 KB
+        (4, torch.bfloat16, SM89, 2),  # 99 KB: two stages of 36 KB
+        (4096, torch.float32, 64 * 1024, 1),  # not even one 96 KB stage: 1, the least there is
+        (4, torch.bfloat16, None, 4),  # no limit (CPU): as it is
+    ],
+)
+def test_default_pipeline_fits_shared_memory(T, dtype, limit, stages):
+    cfg = default_config(T)
+    fitted = fit_shared_memory(cfg, dtype, limit)
+    assert fitted == {**cfg, "num_stages": stages}
+    assert limit is None or stages == 1 or stages * stage_bytes(cfg, dtype) <= limit
 
 
 def test_table_nearest_bucket(monkeypatch, tmp_path):
@@ -58,7 +104,7 @@ def test_table_nearest_bucket(monkeypatch, tmp_path):
     assert pick_config(3, 2, 8, 32, 16, torch.float32, DEVICE) == small
     assert pick_config(900, 2, 8, 32, 16, torch.float32, DEVICE) == big
     # Another shape or dtype has no table: the default.
-    assert pick_config(3, 2, 8, 32, 16, torch.float16, DEVICE) == default_config(3, 2, 8)
+    assert pick_config(3, 2, 8, 32, 16, torch.float16, DEVICE) == device_default(3, torch.float16, DEVICE)
 
 
 def test_env_pin(monkeypatch):

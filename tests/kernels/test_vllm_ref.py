@@ -110,6 +110,27 @@ def test_default_config_restates_vllm_small_m() -> None:
     assert default_config(40_000, 64)["GROUP_SIZE_M"] == 16  # > 128 tokens per expert
 
 
+# Every boundary of vLLM 0.32's default table (M ≤ 32, 64, 96, 128, 512) and one past it.
+BOUNDARY_T = [1, 2, 16, 32, 33, 64, 65, 96, 97, 128, 129, 512, 513, 4096]
+
+
+@pytest.mark.parametrize("T", BOUNDARY_T)
+def test_kernel_default_is_vllms_default(T: int) -> None:
+    """`vllm_alloc.kernels.default_config` is vLLM 0.32's default (as restated here), GROUP_SIZE_M aside
+    (the kernels have no grouping)."""
+    from vllm_alloc.kernels import default_config as kernel_default
+
+    vllm = default_config(T, 64)
+    want = {
+        "BLOCK_M": vllm["BLOCK_SIZE_M"],
+        "BLOCK_N": vllm["BLOCK_SIZE_N"],
+        "BLOCK_K": vllm["BLOCK_SIZE_K"],
+        "num_warps": vllm["num_warps"],
+        "num_stages": vllm["num_stages"],
+    }
+    assert kernel_default(T) == want
+
+
 @needs_vllm
 def test_tuned_table_wins_where_vllm_has_one(ref: VllmRef) -> None:
     # Qwen3-30B-A3B (E=128, I=768) has an H200 table in vLLM 0.32; any H200 variant reads it.

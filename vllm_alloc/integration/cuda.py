@@ -42,11 +42,13 @@ def budget_experts(
     topk_ids: torch.Tensor,
     *,
     singleton_groups: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Alloc-T on the device for this layer call (counting into `Plan.used`), then the kept pairs.
 
     Where the fused routing kernel runs (CUDA, `device_budget.fused_fits`) it also aligns the kept pairs for
-    the expert kernel's config, so the layer is 4 launches: routing, gate_up, down, combine."""
+    the expert kernel's config, so the layer is 4 launches: routing, gate_up, down, combine. out: where the
+    combine writes the result (`kernels.fused_moe(out=...)`), else a new tensor."""
     from vllm_alloc.kernels import fused_moe, pick_config
 
     plan = STATE.plan
@@ -79,7 +81,7 @@ def budget_experts(
         num_experts=E,
         block_m=config["BLOCK_M"] if config is not None else 0,
     )
-    return fused_moe(x, w13, w2, ids, weights, activation=activation, config=config, aligned=aligned)
+    return fused_moe(x, w13, w2, ids, weights, activation=activation, config=config, aligned=aligned, out=out)
 
 
 def captured_experts(
@@ -91,12 +93,23 @@ def captured_experts(
     shared_in: torch.Tensor | None,
 ) -> torch.Tensor:
     """Both paths of one layer call, recorded into the CUDA graph being captured (see module docstring).
-    Nothing here may read per-pass host state: which body runs is decided on the device at replay."""
+    Nothing here may read per-pass host state: which body runs is decided on the device at replay. The
+    budget body's combine writes straight into the stock body's output where that is a row-major [T, H]
+    tensor of x's dtype (else its result is copied there)."""
     plan = STATE.plan
     assert plan is not None
+
+    def budget(out: torch.Tensor) -> torch.Tensor:
+        fits = (
+            out.shape == x.shape and out.dtype == x.dtype and out.device == x.device and out.stride(-1) == 1
+        )
+        inputs = runner.budget_inputs(router_logits, topk_weights, topk_ids)
+        return budget_experts(runner, x, *inputs, out=out if fits else None)
+
     return stock_or_budget(
         plan.all_full,
         lambda: runner.stock_experts(x, topk_weights, topk_ids, shared_in),
-        lambda: budget_experts(runner, x, *runner.budget_inputs(router_logits, topk_weights, topk_ids)),
+        budget,
         not_full=plan.not_full,
+        into_stock=True,
     )

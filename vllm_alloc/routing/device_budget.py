@@ -285,9 +285,11 @@ def conditional_nodes_available() -> bool:
 def stock_or_budget(
     all_full: torch.Tensor,
     stock: Callable[[], torch.Tensor],
-    budget: Callable[[], torch.Tensor],
+    budget: Callable[..., torch.Tensor],
     graph: torch.cuda.CUDAGraph | None = None,
     not_full: torch.Tensor | None = None,
+    *,
+    into_stock: bool = False,
 ) -> torch.Tensor:
     """Inside a CUDA-graph capture: `stock()` where the device flag `all_full` (a CUDA bool scalar) is
     true at replay, else `budget()`, as two conditional nodes of the graph being captured.
@@ -297,7 +299,9 @@ def stock_or_budget(
     on the host (it knows the pass), so this raises rather than guess. graph: the graph being captured;
     None asks torch (`CUDAGraph.get_currently_capturing_graph`, which older torch releases lack).
     not_full: the negated flag, kept by the host beside `all_full` (`Plan.not_full`); None records a
-    `logical_not` per call instead, one more launch per layer at every replay.
+    `logical_not` per call instead, one more launch per layer at every replay. into_stock: `budget` is
+    called with the stock body's output and may write its result there and return it (the expert kernel's
+    combine does: `fused_moe(out=...)`), which saves the copy; a result elsewhere is still copied.
     """
     if not (all_full.is_cuda and torch.cuda.is_current_stream_capturing()):
         raise RuntimeError("stock_or_budget branches inside a CUDA-graph capture only")
@@ -312,7 +316,7 @@ def stock_or_budget(
                 "(no CUDAGraph.get_currently_capturing_graph); pass graph= explicitly"
             )
         graph = current()
-    return branches(graph, all_full, not_full, stock, budget)
+    return branches(graph, all_full, not_full, stock, budget, into_stock=into_stock)
 
 
 def branches(
@@ -320,11 +324,15 @@ def branches(
     all_full: torch.Tensor,
     not_full: torch.Tensor | None,
     stock: Callable[[], torch.Tensor],
-    budget: Callable[[], torch.Tensor],
+    budget: Callable[..., torch.Tensor],
+    *,
+    into_stock: bool = False,
 ) -> torch.Tensor:
     """The two IF nodes of `stock_or_budget`, recorded into `graph`. The scaffolding around the bodies is
-    one launch at replay (the budget body's result copied into the stock body's output), plus the
-    `logical_not` where `not_full` is None (tests/kernels/test_launch_count.py counts both)."""
+    the copy of the budget body's result into the stock body's output, none where the budget body wrote it
+    there (into_stock), plus the `logical_not` where `not_full` is None (tests/kernels/test_launch_count.py
+    counts them). Writing into the stock body's output is safe: it is alive across both captures, so the
+    budget body's intermediates never share its memory, and only one body runs per replay."""
     if not_full is None:
         not_full = torch.logical_not(all_full)  # recorded before the bodies, in the enclosing graph
     graph.begin_capture_to_if_node(all_full)
@@ -334,7 +342,9 @@ def branches(
         graph.end_capture_to_conditional_node()
     graph.begin_capture_to_if_node(not_full)
     try:
-        out.copy_(budget())
+        result = budget(out) if into_stock else budget()
+        if result is not out:
+            out.copy_(result)
     finally:
         graph.end_capture_to_conditional_node()
     return out
