@@ -8,11 +8,11 @@ import pytest
 
 from tests.profiler.test_profile import additive, calibration, fingerprint, paired
 from vllm_alloc.budget import load_budget_file
+from vllm_alloc.profiler import guard
 from vllm_alloc.profiler.build import profile_to_file
 from vllm_alloc.profiler.cap_stage import add_caps
 from vllm_alloc.profiler.cli import parse_cap_options
 from vllm_alloc.profiler.errors import ProfileError
-from vllm_alloc.profiler import guard
 from vllm_alloc.profiler.guard import choose_cap
 from vllm_alloc.profiler.show import summary
 

@@ -66,7 +66,8 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
         next(line for line in block.splitlines() if line.startswith("uniform (no Alloc-T)")).count("same run")
         == 1
     )  # decode: a lone stream gives Alloc-T nothing to move
-    confirmed = text.split("b = 0.5 (B = 8): confirmation on the 16 sequences the selection never saw, at ")[1]
+    title = "b = 0.5 (B = 8): confirmation on the 16 sequences the selection never saw, at "
+    confirmed = text.split(title)[1]
     line = next(x for x in confirmed.splitlines() if x.startswith("isolating"))
     assert line.rstrip().endswith("]") and line.count("%") == 12 and "*" in line  # four intervals, shipped
     # b = 0.33: the DPs land on uniform; nothing to confirm but Alloc-T, which the fake does not help.
