@@ -15,6 +15,11 @@ Why this shape of algorithm:
 - The used blocks are a prefix of the max_blocks (`num_blocks` of them). The grouped GEMMs map their
   1-D grid onto (block, N-tile) with the N-tile fastest (`block_tile`), so the programs that do work
   are a prefix of the grid too: dispatched first and spread evenly over the SMs, as vLLM's grid is.
+- Split-K (decode): the grid is sized by max_blocks whatever the routing, so where pruning leaves few
+  used blocks, most of it would exit. `split_factor` turns the surplus into a split of the reduction:
+  S = clamp(⌊max_blocks / num_blocks⌋, 1, SPLIT), read on the device from `num_blocks`, and program slot
+  m' < num_blocks·S computes block m' mod num_blocks over the S-th part ⌊m' / num_blocks⌋ of the reduction
+  (`split_slot`). The grid stays what it was at capture; a different pruning only changes S.
 
 Three launches over the pairs cut into chunks of CHUNK (NC = ceil(T·K / CHUNK) chunks; CHUNK = 128 for
 E ≤ 64, smaller for larger E, see TILE):
@@ -50,6 +55,25 @@ def block_tile(pid, N, BLOCK_N: tl.constexpr):
     a block's N-tiles are consecutive programs, so the used blocks' programs are the grid's prefix."""
     tiles = tl.cdiv(N, BLOCK_N)
     return pid // tiles, pid % tiles
+
+
+@triton.jit
+def split_factor(num_blocks, max_blocks, SPLIT: tl.constexpr):
+    """S, the split of a grouped GEMM's reduction: ⌊max_blocks / num_blocks⌋ clamped to [1, SPLIT], so that
+    num_blocks·S ≤ max_blocks program slots work. Every program of the GEMM, and the combine that sums the
+    parts, computes it from the same `num_blocks` (what the alignment or the routing kernel wrote), so
+    they agree; SPLIT is the launch's static bound (the leading dimension of its parts, `split_bound`)."""
+    return tl.maximum(tl.minimum(max_blocks // tl.maximum(num_blocks, 1), SPLIT), 1)
+
+
+@triton.jit
+def split_slot(slot, num_blocks, S, steps):
+    """(block m, part s, first step, end step) of program slot `slot` < num_blocks·S: part s of the
+    reduction's `steps` BLOCK_K-steps is [⌊s·steps / S⌋, ⌊(s+1)·steps / S⌋), so the parts differ by at
+    most one step where S does not divide steps, and none is empty (S ≤ steps, `split_bound`)."""
+    m = slot % num_blocks
+    s = slot // num_blocks
+    return m, s, s * steps // S, (s + 1) * steps // S
 
 
 @triton.jit
@@ -157,6 +181,13 @@ def _scatter_kernel(
     base = tl.sum(tl.where(onehot, seg[None, :], 0), axis=1)
     valid = tl.sum(onehot_i, axis=1) > 0  # pruned (−1), out-of-range and tail pairs write nothing
     tl.store(sorted_pair_ids_ptr + base + rank, offs, mask=valid)
+
+
+def split_bound(split: int, steps: int, max_blocks: int) -> int:
+    """The static bound SPLIT of one grouped GEMM's split factor (host side, from shapes only): at most
+    `split` (what the caller allows), `steps` (BLOCK_K-steps of its reduction: no part is empty) and
+    max_blocks (S·num_blocks ≤ max_blocks with num_blocks ≥ 1). 1 = not split."""
+    return max(1, min(split, steps, max_blocks))
 
 
 class AlignedPairs(NamedTuple):

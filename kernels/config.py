@@ -25,6 +25,10 @@ from vllm_alloc import envs
 CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 KernelConfig = dict[str, int]
+# Split-K of the down GEMM (kernels/align.py): the largest split factor allowed, and the largest T it
+# is allowed at (`default_split`). Both estimates until a GPU times them (research notes §3.3).
+SPLIT_MAX = 8
+SPLIT_TOKENS = 8
 
 
 def default_config(T: int) -> KernelConfig:
@@ -47,6 +51,19 @@ def default_config(T: int) -> KernelConfig:
         "num_warps": 4 if T <= 128 else 8,
         "num_stages": 4 if T <= 32 else 3,
     }
+
+
+def default_split(T: int) -> int:
+    """How far the down GEMM may split its reduction over I at T tokens (1 = never; the device picks S up
+    to it from the used blocks, align.py).
+
+    Why decode only: up to about T = 8 the grid has a slot per pair (max_blocks = T·K for E ≥ T·K), so a
+    budget that prunes half the pairs leaves half the programs idle and each working one with too few bytes
+    in flight (research notes §3.1); the split hands the idle slots part of a used block's reduction.
+    SPLIT_MAX = 8 covers T = 1 at K = 8 down to one used block. Larger T fills the grid with used blocks
+    anyway, while the split's fp32 parts ([SPLIT, T·K, H], allocated whether or not S > 1) grow with T.
+    """
+    return SPLIT_MAX if T <= SPLIT_TOKENS else 1
 
 
 def stage_bytes(config: KernelConfig, dtype: torch.dtype) -> int:

@@ -4,6 +4,8 @@
 `vllm_alloc.kernels.fused_moe` (kernels/op.py), the same computation behind a torch custom op.
 Work and weight traffic scale with the valid pairs and the distinct experts they use: the alignment drops
 pruned pairs (id −1) on device, and a GEMM block exists only for an expert with at least one valid pair.
+At decode sizes the down GEMM may split its reduction over I across the programs that pruned blocks leave
+idle (split-K, align.py), still in four launches: the combine sums the parts with the token's pairs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from .align import AlignedPairs, align_pairs
 from .combine import combine_pairs
-from .config import pick_config, validate_config
+from .config import default_split, pick_config, validate_config
 from .down import grouped_down
 from .gate_up import ACTIVATION_CODES, grouped_gate_up
 
@@ -70,6 +72,7 @@ def fused_moe_eager(
     config: dict[str, Any] | None = None,
     aligned: AlignedPairs | None = None,
     out: torch.Tensor | None = None,
+    split: int | None = None,
 ) -> torch.Tensor:
     """y [T, H] (dtype of x) = Σ over kept pairs of w · down(act(gate) · up); see module docstring.
 
@@ -78,6 +81,7 @@ def fused_moe_eager(
     the three alignment launches are skipped; its block_m must be the config's BLOCK_M.
     out: a row-major [T, H] tensor of x's dtype and device that the combine writes y into (and returns),
     e.g. the layer's output, which saves copying y there; None: a new tensor.
+    split: the largest split factor of the down GEMM's reduction (1 = not split); None: `default_split(T)`.
     """
     check_inputs(x, w13, w2, topk_ids, topk_weights)
     if out is not None:
@@ -102,6 +106,9 @@ def fused_moe_eager(
         raise ValueError(
             f"aligned.block_m={aligned.block_m} differs from the config's BLOCK_M={cfg['BLOCK_M']}"
         )
+    split = default_split(T) if split is None else split
     inter = grouped_gate_up(x, w13, aligned, K, activation=activation, config=cfg)
-    pair_out = grouped_down(inter, w2, topk_weights, aligned, config=cfg)
-    return combine_pairs(pair_out, topk_ids, E, out=out)
+    pair_out = grouped_down(inter, w2, topk_weights, aligned, config=cfg, split=split)
+    if out is None:
+        out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    return combine_pairs(pair_out, topk_ids, E, aligned=aligned, out=out)

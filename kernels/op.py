@@ -28,6 +28,7 @@ def _eager(
     config: list[int] | None,
     aligned: list[torch.Tensor],
     out: torch.Tensor | None,
+    split: int | None,
 ) -> torch.Tensor:
     """Both ops' body: the packed arguments back into `fused_moe_eager`'s."""
     cfg = dict(zip(KEYS, config, strict=True)) if config is not None else None
@@ -37,7 +38,16 @@ def _eager(
         block_m = sorted_pair_ids.numel() // max(block_expert_ids.numel(), 1)
         pairs = AlignedPairs(sorted_pair_ids, block_expert_ids, num_blocks, expert_counts, block_m)
     return fused_moe_eager(
-        x, w13, w2, topk_ids, topk_weights, activation=activation, config=cfg, aligned=pairs, out=out
+        x,
+        w13,
+        w2,
+        topk_ids,
+        topk_weights,
+        activation=activation,
+        config=cfg,
+        aligned=pairs,
+        out=out,
+        split=split,
     )
 
 
@@ -51,8 +61,9 @@ def _fused_moe_op(
     activation: str,
     config: list[int] | None,
     aligned: list[torch.Tensor],  # empty: align here; else AlignedPairs' four tensors
+    split: int | None = None,  # None: `default_split(T)`
 ) -> torch.Tensor:
-    return _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, None)
+    return _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, None, split)
 
 
 # A custom op may not return an alias of its input, so writing y into a given tensor is its own op, which
@@ -68,8 +79,9 @@ def _fused_moe_out_op(
     config: list[int] | None,
     aligned: list[torch.Tensor],
     out: torch.Tensor,
+    split: int | None = None,
 ) -> None:
-    _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, out)
+    _eager(x, w13, w2, topk_ids, topk_weights, activation, config, aligned, out, split)
 
 
 @_fused_moe_op.register_fake
@@ -82,6 +94,7 @@ def _(
     activation: str,
     config: list[int] | None,
     aligned: list[torch.Tensor],
+    split: int | None = None,
 ) -> torch.Tensor:
     return x.new_empty(x.shape)
 
@@ -103,6 +116,7 @@ def fused_moe(
     config: dict[str, Any] | None = None,
     aligned: AlignedPairs | None = None,
     out: torch.Tensor | None = None,
+    split: int | None = None,
 ) -> torch.Tensor:
     """Budget-aware fused MoE: y [T, H] (dtype of x) = Σ_{k: topk_ids[t,k] ≠ −1} w[t,k] · expert(x[t]).
 
@@ -113,6 +127,8 @@ def fused_moe(
     aligned: the kept pairs already aligned for this config's BLOCK_M (`budget_routing(block_m=...)`),
     which skips the alignment's three launches. out: a row-major [T, H] tensor of x's dtype to write y
     into (the `vllm_alloc::fused_moe_out` op), returned; it saves copying y into the layer's output.
+    split: the largest split factor of the down GEMM's reduction over I; the device picks S up to it from
+    the used blocks (kernels/align.py; 1 = never split). None: `default_split(T)`, up to 8 at decode sizes.
     """
     packed = None if config is None else [int(config[key]) for key in KEYS if key in config]
     if config is not None and (packed is None or len(packed) != len(KEYS) or set(config) - set(KEYS)):
@@ -120,9 +136,9 @@ def fused_moe(
     tensors = [] if aligned is None else list(aligned[:4])
     args = (x, w13, w2, topk_ids, topk_weights, activation, packed, tensors)
     if out is None:
-        return torch.ops.vllm_alloc.fused_moe(*args)
+        return torch.ops.vllm_alloc.fused_moe(*args, split)
     check_out(out, x)  # here too, so the fake op (which checks nothing) fails the same way
-    torch.ops.vllm_alloc.fused_moe_out(*args, out)
+    torch.ops.vllm_alloc.fused_moe_out(*args, out, split)
     return out
 
 

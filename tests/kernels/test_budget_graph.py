@@ -25,7 +25,9 @@ from vllm_alloc.routing.alloc_t import reallocate
 from vllm_alloc.routing.device_budget import conditional_nodes_available, layer_routing
 from vllm_alloc.routing.reference import moe_forward
 
-T_PAD, K, E, H, I, L = 8, 4, 8, 64, 32, 3  # graph size T_PAD; L MoE layers; A = L·K
+# Graph size T_PAD; L MoE layers; A = L·K. I = 64 is 2 steps of SMALL_CONFIG's BLOCK_K, so the down kernel
+# splits I (a decode T_PAD): S, read on the device from the used blocks, changes between replays of a trace.
+T_PAD, K, E, H, I, L = 8, 4, 8, 64, 64, 3
 A = L * K
 K_BASE = 1
 COLUMN = 1
