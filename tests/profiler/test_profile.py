@@ -601,12 +601,11 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
     # Start the engine with the written budget file: the integration validates it against the model. (Its
     # engine core runs in a process of its own: in-process, the worker would share this test process,
     # where vLLM's worker start-up trips over numba modules other tests loaded.)
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
-    from vllm_alloc.profiler.calibration import load_calibration, nll_sum
+    from vllm_alloc.profiler.calibration import load_calibration
     from vllm_alloc.profiler.engine import fingerprint, read_moe_config, shutdown_llm
-    from vllm_alloc.profiler.evaluator import VllmEvaluator, request_budget
+    from vllm_alloc.profiler.evaluator import VllmEvaluator
 
     llm = LLM(
         model=str(profiled["model"]),
@@ -652,23 +651,48 @@ def test_served_model_accepts_the_file_and_counts_the_vector(
             nll = evaluate.validate(chosen.k, alloc_t, regime)
             assert len(nll) == len(calib.heldout)
             assert math.exp(sum(nll) / len(nll)) == pytest.approx(recorded, rel=1e-4), regime
-        # Served as a lone stream, the file's configuration at b = 0.5 (its vector, Alloc-T, θ, pool and
-        # cap as loaded: nothing set by RPC) gives the decode figure the profiler recorded for the
-        # candidate that ships: one request at a time, a token per pass, under the file's scope.
-        llm.collective_rpc("vllm_alloc_reset_allocation")
-        llm.collective_rpc("vllm_alloc_set_scope", args=(bf.scope,))
-        params = SamplingParams(
-            max_tokens=1, prompt_logprobs=0, extra_args={"activation_budget": request_budget(bf, 8)}
-        )
-        served = []
-        with decode_order(llm):
-            for ids in calib.heldout:
-                out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-                served.append(nll_sum(out.prompt_logprobs, ids) / (len(ids) - 1))
-        assert math.exp(float(np.mean(served))) == pytest.approx(by_name[chosen.chosen].decode, rel=1e-4)
     finally:
         llm.collective_rpc("vllm_alloc_reset_allocation")
         shutdown_llm(llm)
+
+
+@pytest.mark.e2e
+def test_a_served_lone_stream_decodes_as_the_profiler_validated_it(profiled: dict, tmp_path: Path) -> None:
+    """Served as a lone stream, the file's configuration at b = 0.5 (its vector, Alloc-T, θ, pool and cap
+    as loaded: nothing set by RPC, the file's scope) gives the decode figure the profiler recorded for the
+    candidate that ships: each held-out sequence its own request, a token per pass (decode order: equal to
+    a real decode loop, tests/integration), in an engine serving the file."""
+    from transformers import AutoTokenizer
+
+    from tests.integration.test_engines_e2e import drive
+    from vllm_alloc.profiler.calibration import load_calibration
+    from vllm_alloc.profiler.evaluator import request_budget
+
+    bf = load_budget_file(profiled["out"])
+    calib = load_calibration(
+        profiled["calib"],
+        AutoTokenizer.from_pretrained(str(profiled["model"])),
+        tokens=N_SEQ * SEQ_LEN,
+        seq_len=SEQ_LEN,
+        vocab_size=1024,
+        profile_fraction=0.5,
+    )
+    b = request_budget(bf, 8)
+    runs = [
+        {"prompts": [{"prompt_token_ids": ids}], "budgets": [b], "max_tokens": 1, "decode_order": True}
+        for ids in calib.heldout
+    ]
+    engine = {
+        "llm_kwargs": {"dtype": "float32"},
+        "additional_config": {"vllm_alloc": {"budget_file": str(profiled["out"])}},
+        "runs": runs,
+    }
+    results, _ = drive(tmp_path, profiled["model"], [engine], name="lone")
+    served = [-float(np.mean(run["prompt_logprobs"][0])) for run in results[0]["runs"]]
+    a = bf.allocations[8 - 4]
+    shipped = next(c for c in a.candidates if c.name == a.chosen)
+    assert len(served) == len(calib.heldout) and shipped.decode is not None
+    assert math.exp(float(np.mean(served))) == pytest.approx(shipped.decode, rel=1e-4), (a.chosen, a.carry)
 
 
 def test_decode_order_sets_and_restores_the_prefill_chunk() -> None:
