@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+ROUNDING = 1e-4  # per-sequence deviations below this are float rounding, not another configuration
+
 
 def parse_key(key: str) -> tuple[tuple[int, ...], bool, str, bool]:
     """`K=2,1,1,1|alloc_t=1|prefill|carry=0` (profiler.build.dump_runs) -> (K, Alloc-T, regime, carry)."""
@@ -53,6 +55,8 @@ def fit(runs: dict[str, np.ndarray]) -> dict[str, Any]:
                 continue  # the same configuration in this regime
             r = d - d.mean()
             sd = float(r.std(ddof=1))
+            if sd < ROUNDING:
+                continue  # the same configuration up to float rounding (e.g. every K_l at K_base)
             sds[regime][B].append(sd)
             scaled[regime].append(r / sd)
     if not sds:

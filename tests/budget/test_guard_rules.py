@@ -36,7 +36,7 @@ def at(data: dict[str, Any], B: int) -> dict[str, Any]:
 def test_a_profiled_file_records_the_split_and_confirms_its_winners(profiled: dict[str, Any]) -> None:
     bf = parse_budget_file(profiled)
     g = bf.guard
-    assert g is not None and g.confirms and g.sequences == 48 and g.selection_sequences == 24
+    assert g is not None and g.confirms and g.sequences == 48 and g.selection_sequences == 12
     assert g.comparisons is not None and g.confirmation_confidence == pytest.approx(1 - 0.05 / g.comparisons)
     a = bf.allocations[8 - 4]
     chosen = next(c for c in a.candidates if c.name == a.chosen)

@@ -77,8 +77,10 @@ def test_a_chosen_cap_ships_only_if_the_confirmation_passes_it() -> None:
     assert len(fake.runs) == len(set(fake.runs)), "the confirmation reuses the search's runs"
     wider = guard.corrected(guard.CONFIDENCE, guard.cap_comparisons(1, len(SHARES), 2))
     assert wider == pytest.approx(1 - 0.05 / 6)
-    t = next(t for t in tests if t["split"] == "selection" and (t["share"], t["streams"]) == (0.5, 8))
-    assert confirmation[0]["high"] - confirmation[0]["low"] > t["high"] - t["low"], "corrected: wider"
+    cut = guard.split_at(BASE.size)  # the first quarter selects, the rest confirms
+    assert cut == 12
+    redone = guard.cap_test(fake(8, 0.5, 8)[cut:], fake(8, None, 8)[cut:], BASE[cut:], wider)
+    assert {k: confirmation[0][k] for k in redone} == pytest.approx(redone)
 
     class SecondHalfWorse(FakeCaps):
         """The shares' gains hold on the first half only: luck the confirmation does not repeat."""
@@ -86,7 +88,7 @@ def test_a_chosen_cap_ships_only_if_the_confirmation_passes_it() -> None:
         def __call__(self, B: int, share: float | None, streams: int) -> np.ndarray:
             values = super().__call__(B, share, streams).copy()
             if share is not None:
-                values[24:] = BASE[24:] + 0.01
+                values[12:] = BASE[12:] + 0.01
             return values
 
     lucky = SecondHalfWorse({8: {0.75: 0.1, 0.5: 0.4, 0.25: 0.7}, 64: {0.75: 0.0, 0.5: 0.1, 0.25: 0.2}})

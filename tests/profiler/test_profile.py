@@ -118,7 +118,8 @@ def test_unequal_layers_get_more_experts_where_they_matter() -> None:
     w = [8.0, 1.0, 1.0, 1.0]
     result = runner.profile(additive(w), L, K, budgets=[B], validate=paired(w))
     alloc = result.allocations[B - L]
-    assert alloc["chosen"] in ("isolating", "operating-point") and alloc["alloc_t"]
+    # A DP ships; in this fake Alloc-T changes nothing, so with or without it is the selection's noise.
+    assert alloc["chosen"].removesuffix(" (no Alloc-T)") in ("isolating", "operating-point")
     assert alloc["k"][0] > max(alloc["k"][1:])
     assert alloc["k"][0] == K
 
@@ -377,14 +378,16 @@ def test_written_file_round_trips_through_the_loader(tmp_path: Path) -> None:
     assert [s.budget for s in loaded.sensitivities] == [None, 5, 8, 12]
     assert loaded.sensitivities[0].calibration.split == "first 3 / last 48"
     chosen = loaded.allocations[8 - 4]
-    assert loaded.k_vector(0.5)[0] == 4 and chosen.chosen in ("isolating", "operating-point")
+    assert loaded.k_vector(0.5)[0] == 4
+    assert chosen.chosen.removesuffix(" (no Alloc-T)") in ("isolating", "operating-point")
     winner = next(c for c in chosen.candidates if c.name == chosen.chosen)
-    assert winner.passes() and {(t.baseline, t.regime) for t in winner.tests} == {
-        (b, r) for b in ("uniform", "uniform (no Alloc-T)") for r in ("prefill", "decode")
-    }
+    pairs = {(b, r) for b in ("uniform", "uniform (no Alloc-T)") for r in ("prefill", "decode")}
+    assert {(t.baseline, t.regime) for t in winner.tests} == pairs
+    assert winner.confirmed() and {(t.baseline, t.regime) for t in winner.confirmation} == pairs
     assert loaded.guard is not None and loaded.guard.sequences == 48 and loaded.guard.confidence == 0.95
     assert loaded.guard.regimes == ["prefill", "decode"] and 0 < loaded.guard.resolution < 0.002
-    assert "paired per-sequence test" in loaded.notes and "Held-out perplexity at b = 1.0" in loaded.notes
+    assert "The first 12 sequences select one candidate per B; the other 36" in loaded.notes
+    assert "Held-out perplexity at b = 1.0" in loaded.notes
     assert not list(out.parent.glob(".*tmp"))  # the temporary file is gone
     # Every profile-split configuration once, every held-out (configuration, regime) once, b = 1.0 included.
     assert len(calls) == len(set(calls)) and ((4,) * 4, True, "prefill") in calls
@@ -574,11 +577,11 @@ def test_profile_gives_the_scaled_layer_more_experts(profiled: dict) -> None:
             assert chosen.confirmed() and all(t.high < 0 for t in chosen.confirmation if not t.same)
     g = bf.guard
     assert g is not None and g.sequences == N_SEQ // 2 and g.resolution > 0
-    assert g.selection_sequences == N_SEQ // 4 and g.comparisons is not None and g.comparisons > 10
+    assert g.selection_sequences == N_SEQ // 8 and g.comparisons is not None and g.comparisons > 10
     assert g.confirmation_confidence == pytest.approx(1 - 0.05 / g.comparisons)
-    # 8 confirmation sequences cannot resolve 0.2 %: said on stderr, in the file and by `show`.
+    # 12 confirmation sequences cannot resolve 0.2 %: said on stderr, in the file and by `show`.
     assert not g.resolved and g.tokens_to_resolve is not None and g.tokens_to_resolve > N_SEQ * SEQ_LEN
-    assert "WARNING: the 8 confirmation sequences resolve" in profiled["stderr"]
+    assert "WARNING: the 12 confirmation sequences resolve" in profiled["stderr"]
     assert f"about {g.tokens_to_resolve} calibration tokens would resolve it" in profiled["stderr"]
     assert "WARNING: the confirmation resolves" in bf.notes
     assert "chosen" in profiled["stdout"] and "operating-point" in profiled["stdout"]  # the summary table

@@ -48,8 +48,8 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
     assert "L = 4 MoE layers [0, 1, 2, 3], E = 16, K = 4" in text
     assert "sensitivity isolating: 288 tokens × seq_len 8 from test data" in text
     assert (
-        "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode: the first 16 select (paired 95% "
-        "intervals), the other 16 confirm (paired 99.9653% intervals: 95% for the file's 144 comparisons "
+        "guard: 32 held-out sequences × 8 tokens, regimes prefill, decode: the first 8 select (paired 95% "
+        "intervals), the other 24 confirm (paired 99.9653% intervals: 95% for the file's 144 comparisons "
         "together)" in text
     )
     assert "which resolves the 0.20% target" in text and "WARNING" not in text
@@ -66,7 +66,7 @@ def test_show_prints_the_table_and_draws(budget_file_path: Path, tmp_path: Path,
         next(line for line in block.splitlines() if line.startswith("uniform (no Alloc-T)")).count("same run")
         == 1
     )  # decode: a lone stream gives Alloc-T nothing to move
-    title = "b = 0.5 (B = 8): confirmation on the 16 sequences the selection never saw, at "
+    title = "b = 0.5 (B = 8): confirmation on the 24 sequences the selection never saw, at "
     confirmed = text.split(title)[1]
     line = next(x for x in confirmed.splitlines() if x.startswith("isolating"))
     assert line.rstrip().endswith("]") and line.count("%") == 12 and "*" in line  # four intervals, shipped

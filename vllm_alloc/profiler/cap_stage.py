@@ -70,6 +70,7 @@ def add_caps(
                 keep,
                 guard.confidence,
                 confirmation_confidence=guard.confirmation_confidence,
+                selection=guard.selection_sequences,
             )
             data["allocations"][B - lo].update(cap=cap, cap_tests=tests)
     finally:
