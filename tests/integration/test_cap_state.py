@@ -98,21 +98,24 @@ def test_budget_file_caps_validate_and_fill_the_table() -> None:
 
 
 def test_a_measured_cap_must_have_passed_its_tests() -> None:
-    """The loader checks the profiler's rule: a cap with tests ships only where its share passed at
-    every stream count the guard names (better than the baseline, keeping cap_keep of the gain)."""
+    """The loader checks the profiler's rule: a cap with tests ships only where its share passed its
+    confirmation at every stream count the guard names (better than the baseline, keeping cap_keep of
+    the gain); the selection's tests alone do not ship it."""
     doc = json.loads((ROOT / "configs" / "default.json").read_text())
+    assert doc["guard"]["selection_sequences"], "the shipped file was profiled with the confirmation split"
     doc["guard"].update(cap_streams=[8, 64], cap_keep=0.5)
     row = doc["allocations"][8 - 4]
-    good = {"share": 0.5, "delta": -0.02, "low": -0.03, "high": -0.01, "kept": 0.6}
+    good = {"share": 0.5, "delta": -0.02, "low": -0.03, "high": -0.01, "kept": 0.6, "split": "confirmation"}
     row["cap"], row["cap_tests"] = [0.5] * 4, [good | {"streams": 8}, good | {"streams": 64}]
     assert parse_budget_text(json.dumps(doc), "ok.json").allocations[4].cap == [0.5] * 4
     for tests in (
         [good | {"streams": 8}],  # never measured at N = 64
         [good | {"streams": 8}, good | {"streams": 64, "kept": 0.4}],  # keeps too little of the gain
         [good | {"streams": 8}, good | {"streams": 64, "high": 0.001, "delta": 0.0}],  # not better
+        [good | {"streams": n, "split": "selection"} for n in (8, 64)],  # chosen, never confirmed
     ):
         row["cap_tests"] = tests
-        with pytest.raises(BudgetFileError, match="did not pass its cap tests") as err:
+        with pytest.raises(BudgetFileError, match="did not pass its cap confirmation") as err:
             parse_budget_text(json.dumps(doc), "bad.json")
         assert "allocations[4].cap" in str(err.value)
     # A test record itself is checked: a share that caps, two or more streams, an ordered interval.
