@@ -695,7 +695,15 @@ def test_a_served_lone_stream_decodes_as_the_profiler_validated_it(profiled: dic
     a = bf.allocations[8 - 4]
     shipped = next(c for c in a.candidates if c.name == a.chosen)
     assert len(served) == len(calib.heldout) and shipped.decode is not None
-    assert math.exp(float(np.mean(served))) == pytest.approx(shipped.decode, rel=1e-4), (a.chosen, a.carry)
+    # A candidate that carries was validated in decode order too (every held-out sequence in each pass,
+    # not one: float32 rounding apart). One that does not was validated in one teacher-forced pass
+    # (scope `token`), whose rounding differs from a token per pass by a few 1e-4 (seen: 3.1e-4 on
+    # CI), far inside the guard's intervals.
+    tolerance = 1e-4 if shipped.carry else 1e-3
+    assert math.exp(float(np.mean(served))) == pytest.approx(shipped.decode, rel=tolerance), (
+        a.chosen,
+        a.carry,
+    )
 
 
 def test_decode_order_sets_and_restores_the_prefill_chunk() -> None:
