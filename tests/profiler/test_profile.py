@@ -439,6 +439,13 @@ def test_unreadable_calibration_names_the_path(
     assert cli_main(["profile", str(model), "--calib", str(bad), "--out", str(tmp_path / "o.json")]) == 2
     assert 'line 2 has no string field "text"' in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+    # Too few held-out sequences for the guard's split: refused before vLLM starts, naming the flags.
+    args = ["profile", str(model), "--tokens", "768", "--seq-len", "128", "--out", str(tmp_path / "o.json")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "--tokens 768 with --seq-len 128 and --heldout 0.5 gives 3 held-out sequences" in err
+    assert "the guard needs at least 4 (2 to select, 2 to confirm)" in err
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_calibration_formats_agree(tiny_model: Callable[..., Path], tmp_path: Path) -> None:

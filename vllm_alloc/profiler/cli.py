@@ -201,6 +201,12 @@ def run(args: argparse.Namespace) -> int:
             vocab_size=int(config.get("vocab_size") or len(tokenizer)),
             profile_fraction=1.0 - args.heldout,
         )
+        if len(calib.heldout) < 4:
+            raise ProfileError(
+                f"--tokens {args.tokens} with --seq-len {args.seq_len} and --heldout {args.heldout} gives "
+                f"{len(calib.heldout)} held-out sequences; the guard needs at least 4 (2 to select, 2 to "
+                "confirm): raise --tokens or --heldout"
+            )
         print(
             f"{name}: {len(calib.profile)} profile + {len(calib.heldout)} held-out sequences of "
             f"{calib.seq_len} tokens from {calib.source}",
