@@ -63,9 +63,9 @@ def build_budget_file(
         "selection_sequences": chose,
         "comparisons": result.comparisons,
         "confirmation_confidence": result.confirmation_confidence,
-        "tokens_to_resolve": (
-            math.ceil(calib.tokens * (resolution / target) ** 2) if resolution > target else None
-        ),
+        "tokens_to_resolve": tokens_to_resolve(calib.tokens, resolution, target)
+        if resolution > target
+        else None,
     }
     notes = (
         f"Profiled by vllm-alloc profile through vLLM (prefix caching off). Requested B: {list(requested)}. "
@@ -242,6 +242,12 @@ def dump_runs(validations: Validations, path: Path) -> None:
         np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # (numpy types allow_pickle as a kwarg)
 
 
+def tokens_to_resolve(tokens: int, resolution: float, target: float) -> int:
+    """Calibration tokens (at the same held-out fraction) that would bring `resolution` to `target`: a
+    half-width falls as one over the square root of the sequences."""
+    return math.ceil(tokens * (resolution / target) ** 2)
+
+
 def resolution_warning(budget_file: BudgetFile) -> str | None:
     """A line saying the held-out split cannot resolve the target difference, and what would; or None."""
     guard = budget_file.guard
@@ -262,7 +268,7 @@ def resolution_warning(budget_file: BudgetFile) -> str | None:
     tokens = guard.tokens_to_resolve
     if tokens is None and budget_file.sensitivities:  # a file from before tokens_to_resolve
         calibrated = budget_file.sensitivities[0].calibration.tokens
-        tokens = math.ceil(calibrated * (guard.resolution / guard.target) ** 2)
+        tokens = tokens_to_resolve(calibrated, guard.resolution, guard.target)
     more = f"about {tokens} calibration tokens" if tokens else "more held-out sequences"
     return (
         f"{what}, coarser than the {guard.target:.2%} target: {more} would resolve it (raise --tokens or "

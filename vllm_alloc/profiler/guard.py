@@ -274,21 +274,23 @@ def select(
     def confirmed(found: list[dict[str, Any]]) -> bool:
         return holds([PairedTest.model_validate(t) for t in found])
 
+    # Every comparison on the confirmation's sequences: the resolution reads them all (rule 8), the
+    # picked challenger's and, where it fails, uniform's are recorded.
+    confirming = {
+        c: tests(c, (0, 1) if c >= 2 else (1,), second, confirmation_confidence)
+        for c in range(len(rows))
+        if c != 1
+    }
+    widths = [(t["high"] - t["low"]) / 2 for found in confirming.values() for t in found if not _same(t)]
     picked = min(range(2, len(rows)), key=worst, default=None)  # min keeps the earliest of ties
     chosen = 0
     if picked is not None and worst(picked) < 0.0:
-        rows[picked]["confirmation"] = tests(picked, (0, 1), second, confirmation_confidence)
-        if confirmed(rows[picked]["confirmation"]):
+        rows[picked]["confirmation"] = confirming[picked]
+        if confirmed(confirming[picked]):
             chosen = picked
     if chosen == 0:
-        rows[0]["confirmation"] = tests(0, (1,), second, confirmation_confidence)
-        chosen = 0 if confirmed(rows[0]["confirmation"]) else 1
-    widths = [
-        (t["high"] - t["low"]) / 2
-        for c in range(len(rows))
-        for t in tests(c, (0, 1) if c >= 2 else (1,), second, confirmation_confidence)
-        if c != 1 and not _same(t)
-    ]
+        rows[0]["confirmation"] = confirming[0]
+        chosen = 0 if confirmed(confirming[0]) else 1
     best = rows[chosen]
     allocation = {
         "budget": sum(candidates[0][1]),
